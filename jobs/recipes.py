@@ -1,0 +1,88 @@
+"""Named runs: each recipe is a function returning a validated `RunConfig`.
+
+- `tiny_cpu`: what tests and the demo use; seconds on a 2-core CPU.
+- `dev`: the sizes used to train and report results on a CPU machine (minutes).
+- `full`: real checkpoints on a GPU cluster: a Qwen3-VL teacher and student and Z-Image-Turbo. Weights are
+  loaded from the Hugging Face hub (or a local mirror given with `--set teacher.checkpoint=/path`), so this
+  recipe builds its config anywhere but runs only where the weights can be reached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from zray.config import ConfigError, GeneratorConfig, RunConfig, VLLMConfig, VLMConfig, WorldConfig
+
+
+def tiny_cpu() -> RunConfig:
+    return RunConfig(
+        name="tiny_cpu",
+        size="tiny",
+        out_dir="runs/tiny_cpu",
+        world=WorldConfig(
+            num_train_prompts=24, num_test_prompts=8, num_heldout_prompts=6, candidates_per_prompt=4,
+            num_caption_images=64, num_caption_test_images=16, num_generator_images=64,
+            num_generator_test_prompts=16,
+        ),
+        teacher=VLMConfig(hidden_size=128, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=64,
+                          intermediate_size=256, vision_hidden_size=64, vision_depth=2, vision_num_heads=2),
+        student=VLMConfig(hidden_size=64, num_layers=2, num_heads=1, num_kv_heads=1, head_dim=64,
+                          intermediate_size=128, vision_hidden_size=32, vision_depth=1, vision_num_heads=1),
+        generator=GeneratorConfig(dim=64, num_layers=2, num_refiner_layers=1, num_heads=2,
+                                  vae_block_channels=(32, 64), text_hidden_size=64, text_num_layers=2),
+        vllm=VLLMConfig(kv_cache_gib=1, enforce_eager=True, in_process=True, max_model_len=1024),
+    )
+
+
+def dev() -> RunConfig:
+    return RunConfig(
+        name="dev",
+        size="dev",
+        out_dir="runs/dev",
+        world=WorldConfig(
+            num_train_prompts=400, num_test_prompts=100, num_heldout_prompts=60, candidates_per_prompt=6,
+            num_caption_images=20000, num_caption_test_images=500, num_generator_images=20000,
+            num_generator_test_prompts=200,
+        ),
+        teacher=VLMConfig(hidden_size=128, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=64,
+                          intermediate_size=256, vision_hidden_size=64, vision_depth=2, vision_num_heads=2),
+        student=VLMConfig(hidden_size=64, num_layers=2, num_heads=1, num_kv_heads=1, head_dim=64,
+                          intermediate_size=128, vision_hidden_size=32, vision_depth=1, vision_num_heads=1),
+        generator=GeneratorConfig(dim=128, num_layers=4, num_refiner_layers=1, num_heads=4,
+                                  vae_block_channels=(64, 128), text_hidden_size=64, text_num_layers=2),
+        vllm=VLLMConfig(kv_cache_gib=2, enforce_eager=True, in_process=True, max_model_len=1024),
+    )
+
+
+def full() -> RunConfig:
+    return RunConfig(
+        name="full",
+        size="full",
+        out_dir="runs/full",
+        world=WorldConfig(
+            image_size=512, num_train_prompts=20000, num_test_prompts=2000, num_heldout_prompts=1000,
+            candidates_per_prompt=8, num_caption_images=200000, num_caption_test_images=5000,
+            num_generator_images=200000, num_generator_test_prompts=2000,
+        ),
+        # Z-Reward uses a large reasoning teacher and a compact student of the same family.
+        teacher=VLMConfig(arch="qwen3_vl", checkpoint="Qwen/Qwen3-VL-32B-Instruct", hidden_size=5120,
+                          num_layers=64, num_heads=64, num_kv_heads=8, head_dim=128, intermediate_size=25600,
+                          vision_hidden_size=1152, vision_depth=27, vision_num_heads=16, vision_patch_size=16),
+        student=VLMConfig(arch="qwen3_vl", checkpoint="Qwen/Qwen3-VL-8B-Instruct", hidden_size=4096,
+                          num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128, intermediate_size=12288,
+                          vision_hidden_size=1152, vision_depth=27, vision_num_heads=16, vision_patch_size=16),
+        generator=GeneratorConfig(checkpoint="Tongyi-MAI/Z-Image-Turbo", dim=3840, num_layers=30,
+                                  num_refiner_layers=2, num_heads=30, vae_block_channels=(128, 256, 512, 512),
+                                  text_hidden_size=2560, text_num_layers=36),
+        vllm=VLLMConfig(kv_cache_gib=40, enforce_eager=False, in_process=False, max_model_len=8192,
+                        gpu_memory_utilization=0.85),
+    )
+
+
+RECIPES: dict[str, Callable[[], RunConfig]] = {"tiny_cpu": tiny_cpu, "dev": dev, "full": full}
+
+
+def get_recipe(name: str) -> RunConfig:
+    if name not in RECIPES:
+        raise ConfigError(f"--recipe {name!r} is not allowed: expected one of {', '.join(RECIPES)}")
+    return RECIPES[name]()

@@ -1,0 +1,64 @@
+"""Test-session environment: offline hub, tiny vLLM KV cache, in-process vLLM engines."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+# ------------------------------------------------------------------ tiny model zoo (built once per session)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo_config():
+    """The zoo the model tests build: a Qwen2.5-VL teacher, a smaller Qwen3-VL student, a tiny Z-Image."""
+    from zray.config import GeneratorConfig, RunConfig, VLMConfig
+
+    return RunConfig(
+        teacher=VLMConfig(arch="qwen2_5_vl", hidden_size=128, num_heads=2, num_kv_heads=1, head_dim=64,
+                          num_layers=2, intermediate_size=256, seed=1),
+        student=VLMConfig(arch="qwen3_vl", hidden_size=64, num_heads=1, num_kv_heads=1, head_dim=64,
+                          num_layers=1, intermediate_size=128, seed=2),
+        generator=GeneratorConfig(seed=3),
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tiny_zoo_config, tmp_path_factory):
+    """{role: {"path", "num_params", "build_s", "built"}} for teacher, student, generator."""
+    from zray.models.tiny import build_zoo
+
+    return build_zoo(tiny_zoo_config, tmp_path_factory.mktemp("zoo"))
+
+
+@pytest.fixture(scope="session")
+def sharp_teacher_dir(tiny_zoo, tmp_path_factory):
+    """The tiny teacher with its score-token rows of lm_head sharpened, so that q is clearly non-uniform."""
+    from zray.models.tiny import sharpen_score_head
+    from zray.models.vlm import load_vlm
+    from zray.scores import score_token_ids
+
+    model, processor = load_vlm(tiny_zoo["teacher"]["path"])
+    sharpen_score_head(model, score_token_ids(processor), scale=6.0, seed=0)
+    out = tmp_path_factory.mktemp("sharp_teacher")
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def teacher_engine(sharp_teacher_dir):
+    """One vLLM engine per test session, on the sharpened tiny teacher (float32, in-process)."""
+    from actors.teacher_engine import TeacherEngine
+    from zray.config import VLLMConfig
+
+    engine = TeacherEngine(sharp_teacher_dir, VLLMConfig(max_model_len=1024))
+    yield engine
+    engine.shutdown()

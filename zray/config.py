@@ -1,0 +1,269 @@
+"""Frozen, keyword-only run configuration, validated on construction.
+
+A run is one `RunConfig`; named runs are Python functions in `jobs/recipes.py`. Overrides from the CLI
+(`--set world.seed=3`) go through `apply_overrides`, which type-checks each value against the dataclass
+field and rejects unknown keys with the list of valid ones.
+
+Import-light: standard library only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Size = Literal["tiny", "dev", "full"]
+
+# vLLM's CPU attention backend accepts these head sizes (stack notes).
+VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+
+
+class ConfigError(ValueError):
+    """A configuration value is not allowed. The message names the field, the value and what is allowed."""
+
+
+def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}={value!r} is not allowed: expected {allowed}")
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _require(isinstance(value, int) and value > 0, f"{type(obj).__name__}.{name}", value, "an integer > 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorldConfig:
+    """The Shapes world (../shared/spec/shapes-world.md): sizes of every split and the annotator model."""
+
+    seed: int = 0
+    image_size: int = 64
+    num_train_prompts: int = 40
+    num_test_prompts: int = 12
+    num_heldout_prompts: int = 8
+    candidates_per_prompt: int = 4
+    relation_prob: float = 0.3
+    max_objects: int = 3
+    train_label_noise: float = 0.2
+    num_annotators: int = 5
+    annotator_bias: float = 0.25
+    annotator_noise: float = 0.35
+    num_caption_images: int = 200
+    num_caption_test_images: int = 50
+    num_generator_images: int = 200
+    num_generator_test_prompts: int = 50
+
+    def __post_init__(self) -> None:
+        _positive(self, "image_size", "num_train_prompts", "num_test_prompts", "num_heldout_prompts",
+                  "candidates_per_prompt", "num_annotators", "num_caption_images", "num_caption_test_images",
+                  "num_generator_images", "num_generator_test_prompts")
+        _require(self.image_size % 16 == 0 and self.image_size >= 32, "WorldConfig.image_size", self.image_size,
+                 "a multiple of 16, at least 32 (the generator's VAE needs multiples of 16)")
+        _require(self.candidates_per_prompt >= 2, "WorldConfig.candidates_per_prompt", self.candidates_per_prompt,
+                 "at least 2 (pairs are formed within a prompt)")
+        _require(self.num_annotators >= 3, "WorldConfig.num_annotators", self.num_annotators,
+                 "at least 3 (the highest and lowest are dropped)")
+        _require(1 <= self.max_objects <= 3, "WorldConfig.max_objects", self.max_objects, "1, 2 or 3")
+        _require(0.0 <= self.relation_prob <= 1.0, "WorldConfig.relation_prob", self.relation_prob, "in [0, 1]")
+        for name in ("train_label_noise", "annotator_bias", "annotator_noise"):
+            value = getattr(self, name)
+            _require(0.0 <= value <= 2.0, f"WorldConfig.{name}", value, "in [0, 2]")
+
+
+@dataclass(frozen=True, kw_only=True)
+class VLMConfig:
+    """A Qwen-VL model: either built tiny from this architecture, or loaded from `checkpoint`."""
+
+    arch: Literal["qwen2_5_vl", "qwen3_vl"] = "qwen2_5_vl"
+    checkpoint: str = ""  # Hugging Face id or local dir; empty = build tiny locally
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 1
+    num_kv_heads: int = 1
+    head_dim: int = 64
+    intermediate_size: int = 128
+    vision_hidden_size: int = 32
+    vision_depth: int = 1
+    vision_num_heads: int = 1
+    vision_patch_size: int = 8
+    spatial_merge_size: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.arch in ("qwen2_5_vl", "qwen3_vl"), "VLMConfig.arch", self.arch, "'qwen2_5_vl' or 'qwen3_vl'")
+        _positive(self, "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
+                  "vision_hidden_size", "vision_depth", "vision_num_heads", "vision_patch_size", "spatial_merge_size")
+        _require(self.head_dim in VLLM_CPU_HEAD_DIMS, "VLMConfig.head_dim", self.head_dim,
+                 f"one of {VLLM_CPU_HEAD_DIMS} (vLLM CPU attention)")
+        _require(self.num_heads % self.num_kv_heads == 0, "VLMConfig.num_kv_heads", self.num_kv_heads,
+                 f"a divisor of num_heads={self.num_heads}")
+        _require(self.vision_hidden_size % self.vision_num_heads == 0, "VLMConfig.vision_num_heads",
+                 self.vision_num_heads, f"a divisor of vision_hidden_size={self.vision_hidden_size}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GeneratorConfig:
+    """A Z-Image pipeline: either built tiny from these sizes, or loaded from `checkpoint`."""
+
+    checkpoint: str = ""  # Hugging Face id or local dir; empty = build tiny locally
+    dim: int = 64
+    num_layers: int = 2
+    num_refiner_layers: int = 1
+    num_heads: int = 2
+    vae_block_channels: tuple[int, ...] = (32, 64)
+    vae_latent_channels: int = 16
+    text_hidden_size: int = 64
+    text_num_layers: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive(self, "dim", "num_layers", "num_refiner_layers", "num_heads", "vae_latent_channels",
+                  "text_hidden_size", "text_num_layers")
+        _require(self.dim % self.num_heads == 0 and (self.dim // self.num_heads) % 2 == 0, "GeneratorConfig.num_heads",
+                 self.num_heads, f"a divisor of dim={self.dim} leaving an even head size")
+        _require(len(self.vae_block_channels) >= 1 and all(c > 0 for c in self.vae_block_channels),
+                 "GeneratorConfig.vae_block_channels", self.vae_block_channels, "a non-empty tuple of positive ints")
+        _require(self.text_num_layers >= 2, "GeneratorConfig.text_num_layers", self.text_num_layers,
+                 "at least 2 (the pipeline reads hidden_states[-2])")
+
+
+@dataclass(frozen=True, kw_only=True)
+class VLLMConfig:
+    """How vLLM engines are started (CPU build here, CUDA build on clusters)."""
+
+    kv_cache_gib: int = 1
+    enforce_eager: bool = True
+    in_process: bool = True  # VLLM_ENABLE_V1_MULTIPROCESSING=0: faster start, less memory
+    max_model_len: int = 1024
+    gpu_memory_utilization: float = 0.5
+
+    def __post_init__(self) -> None:
+        _positive(self, "kv_cache_gib", "max_model_len")
+        _require(0.0 < self.gpu_memory_utilization <= 1.0, "VLLMConfig.gpu_memory_utilization",
+                 self.gpu_memory_utilization, "in (0, 1]")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """One run: the world, the model zoo and where outputs go."""
+
+    name: str = "tiny_cpu"
+    size: Size = "tiny"
+    out_dir: str = "runs/tiny_cpu"
+    seed: int = 0
+    world: WorldConfig = field(default_factory=WorldConfig)
+    teacher: VLMConfig = field(default_factory=VLMConfig)
+    student: VLMConfig = field(default_factory=VLMConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.size in ("tiny", "dev", "full"), "RunConfig.size", self.size, "'tiny', 'dev' or 'full'")
+        _require(bool(self.out_dir), "RunConfig.out_dir", self.out_dir, "a non-empty path")
+
+
+# --------------------------------------------------------------------------------------------- overrides
+
+
+def config_keys(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """Every settable dotted key of a config tree, mapped to its field type."""
+    keys: dict[str, Any] = {}
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            keys.update(config_keys(value, f"{prefix}{f.name}."))
+        else:
+            keys[f"{prefix}{f.name}"] = hints[f.name]
+    return keys
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is tuple:
+        return "a comma-separated list of " + _type_name(typing.get_args(tp)[0])
+    return getattr(tp, "__name__", str(tp))
+
+
+def parse_value(key: str, text: str, tp: Any) -> Any:
+    """Parse `text` as a value of type `tp`; raise ConfigError naming `key` on failure."""
+    origin = typing.get_origin(tp)
+    try:
+        if tp is bool:
+            lowered = text.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if tp is int:
+            return int(text)
+        if tp is float:
+            return float(text)
+        if tp is str:
+            return text
+        if origin is Literal:
+            allowed = typing.get_args(tp)
+            if text not in allowed:
+                raise ValueError
+            return text
+        if origin is tuple:
+            inner = typing.get_args(tp)[0]
+            return tuple(parse_value(key, part, inner) for part in text.split(",") if part.strip())
+        if origin in (typing.Union, types.UnionType):
+            for arg in typing.get_args(tp):
+                try:
+                    return parse_value(key, text, arg)
+                except ConfigError:
+                    continue
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"{key}={text!r} is not allowed: expected {_type_name(tp)}") from None
+    raise ConfigError(f"{key}: unsupported field type {tp!r}")
+
+
+def apply_overrides(cfg: Any, overrides: dict[str, str]) -> Any:
+    """Return `cfg` with dotted-key overrides (string values) applied, type-checked and re-validated."""
+    keys = config_keys(cfg)
+    for key in overrides:
+        if key not in keys:
+            close = difflib.get_close_matches(key, keys, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown config key {key!r}{hint}; valid keys: {', '.join(sorted(keys))}")
+    return _replace_tree(cfg, {k: parse_value(k, v, keys[k]) for k, v in overrides.items()}, "")
+
+
+def _replace_tree(cfg: Any, values: dict[str, Any], prefix: str) -> Any:
+    changes: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        key = f"{prefix}{f.name}"
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            sub = {k: v for k, v in values.items() if k.startswith(key + ".")}
+            if sub:
+                changes[f.name] = _replace_tree(value, sub, key + ".")
+        elif key in values:
+            changes[f.name] = values[key]
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+def parse_set_args(items: list[str]) -> dict[str, str]:
+    """`["a.b=1", "c=x"]` -> `{"a.b": "1", "c": "x"}`; a malformed item raises ConfigError."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r} is not allowed: expected key=value, e.g. world.seed=3")
+        out[key.strip()] = value
+    return out
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a config tree (for manifests and run records)."""
+    return dataclasses.asdict(cfg)

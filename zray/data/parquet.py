@@ -1,0 +1,207 @@
+"""Parquet storage of the Shapes world: one explicit pyarrow schema per table kind, a writer, a validating
+reader (pyarrow, for tests and small jobs) and a Ray Data reader (distributed jobs).
+
+Table kinds and their columns (all non-nullable):
+- candidates: candidate_id, prompt_id, split, candidate_index, prompt, image (PNG bytes), scene_json (the
+  scene as drawn, `Scene.to_json`), defects_json (realised severities), deviations, render_seed, and per
+  dimension d: true_d (true score), label_d (bin value), human_d (aggregated human score before snapping;
+  train: the single calibrated rating), annotators_d (the raw half-point ratings; train: one).
+- pairs: pair_id, split, prompt_id, dimension, winner_id, loser_id, winner_label, loser_label, gap.
+- captions: image_id, split, image, scene_json, defects_json, description (`captions.describe`).
+- generator: image_id, split, prompt, image (clean render), scene_json.
+
+`read_table` raises `DataError` (a ValueError) whose message names the file, the row and the column for a
+file that is not Parquet, a missing column, a column of the wrong type, a null, an undecodable PNG, a
+scene / defects JSON that does not parse, a score outside [1, 5], a label off the bins, or a description
+that does not parse.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from zray.data.captions import parse_description
+from zray.data.labels import BINS
+from zray.data.render import decode_png
+from zray.data.scene import DIMENSIONS, Defects, Scene
+
+if TYPE_CHECKING:
+    import ray.data
+
+SPLITS: dict[str, tuple[str, ...]] = {
+    "candidates": ("train", "test", "heldout"),
+    "pairs": ("train", "test", "heldout"),
+    "captions": ("train", "test"),
+    "generator": ("train", "test"),
+}
+
+
+class DataError(ValueError):
+    """Malformed stored data; the message names the file, the row and the column."""
+
+
+def _fields(*items: tuple[str, pa.DataType]) -> list[pa.Field]:
+    return [pa.field(name, dtype, nullable=False) for name, dtype in items]
+
+
+def _per_dimension() -> list[pa.Field]:
+    out = []
+    for d in DIMENSIONS:
+        out += _fields((f"true_{d}", pa.float64()), (f"label_{d}", pa.float64()), (f"human_{d}", pa.float64()),
+                       (f"annotators_{d}", pa.list_(pa.field("item", pa.float64(), nullable=False))))
+    return out
+
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "candidates": pa.schema(_fields(
+        ("candidate_id", pa.string()), ("prompt_id", pa.string()), ("split", pa.string()),
+        ("candidate_index", pa.int32()), ("prompt", pa.string()), ("image", pa.binary()),
+        ("scene_json", pa.string()), ("defects_json", pa.string()),
+        ("deviations", pa.list_(pa.field("item", pa.string(), nullable=False))), ("render_seed", pa.int64()),
+    ) + _per_dimension()),
+    "pairs": pa.schema(_fields(
+        ("pair_id", pa.string()), ("split", pa.string()), ("prompt_id", pa.string()), ("dimension", pa.string()),
+        ("winner_id", pa.string()), ("loser_id", pa.string()), ("winner_label", pa.float64()),
+        ("loser_label", pa.float64()), ("gap", pa.float64()),
+    )),
+    "captions": pa.schema(_fields(
+        ("image_id", pa.string()), ("split", pa.string()), ("image", pa.binary()), ("scene_json", pa.string()),
+        ("defects_json", pa.string()), ("description", pa.string()),
+    )),
+    "generator": pa.schema(_fields(
+        ("image_id", pa.string()), ("split", pa.string()), ("prompt", pa.string()), ("image", pa.binary()),
+        ("scene_json", pa.string()),
+    )),
+}
+
+
+def _kind(table_kind: str) -> pa.Schema:
+    if table_kind not in SCHEMAS:
+        raise ValueError(f"table_kind={table_kind!r} is not allowed: expected one of {tuple(SCHEMAS)}")
+    return SCHEMAS[table_kind]
+
+
+def write_table(rows: Sequence[dict[str, Any]], table_kind: str, path: str | Path) -> int:
+    """Write rows (dicts keyed by column) with the kind's schema; returns the row count."""
+    table = pa.Table.from_pylist(list(rows), schema=_kind(table_kind))
+    pq.write_table(table, str(path), compression="zstd", compression_level=3)
+    return table.num_rows
+
+
+def _error(path: str | Path, row: int | str, column: str | None, problem: str) -> DataError:
+    return DataError(f"file {str(path)!r}, row {row}, column {column or 'n/a'}: {problem}")
+
+
+# ---- per-value checks: raise ValueError with the problem -----------------------------------------------
+
+
+def _check_image(value: bytes) -> None:
+    decode_png(value)
+
+
+def _check_score(value: float) -> None:
+    if not 1.0 <= value <= 5.0:
+        raise ValueError(f"score {value} outside [1, 5]")
+
+
+def _check_bin(value: float) -> None:
+    if value not in BINS:
+        raise ValueError(f"label {value} is not one of the bins {BINS}")
+
+
+def _check_bins(values: list[float]) -> None:
+    if not values:
+        raise ValueError("no ratings")
+    for v in values:
+        _check_bin(v)
+
+
+def _checks(table_kind: str) -> dict[str, Callable[[Any], None]]:
+    checks: dict[str, Callable[[Any], None]] = {}
+    names = SCHEMAS[table_kind].names
+    for name in names:
+        if name == "image":
+            checks[name] = _check_image
+        elif name == "scene_json":
+            checks[name] = Scene.from_json
+        elif name == "defects_json":
+            checks[name] = Defects.from_json
+        elif name == "description":
+            checks[name] = parse_description
+        elif name.startswith(("true_", "human_")):
+            checks[name] = _check_score
+        elif name.startswith("label_") or name in ("winner_label", "loser_label"):
+            checks[name] = _check_bin
+        elif name.startswith("annotators_"):
+            checks[name] = _check_bins
+    if table_kind in SPLITS:
+        allowed = SPLITS[table_kind]
+
+        def check_split(value: str) -> None:
+            if value not in allowed:
+                raise ValueError(f"split {value!r} is not one of {allowed}")
+
+        checks["split"] = check_split
+    return checks
+
+
+def check_schema(schema: pa.Schema, table_kind: str, path: str | Path) -> None:
+    """Every column of the kind is present with the right type (extra columns are allowed)."""
+    expected = _kind(table_kind)
+    for field in expected:
+        index = schema.get_field_index(field.name)
+        if index < 0:
+            raise _error(path, "all", field.name, f"missing column (expected type {field.type}) for a "
+                                                  f"{table_kind!r} table")
+        got = schema.field(index).type
+        if not got.equals(field.type):
+            raise _error(path, "all", field.name, f"type {got} does not match the expected {field.type}")
+
+
+def _file_schema(path: str | Path) -> pa.Schema:
+    try:
+        return pq.read_schema(str(path))
+    except (OSError, pa.ArrowException) as err:
+        raise _error(path, "n/a", None, f"not a readable Parquet file ({err})") from err
+
+
+def read_table(path: str | Path, table_kind: str) -> pa.Table:
+    """Read and validate a table file; returns the table with exactly the kind's columns."""
+    expected = _kind(table_kind)
+    check_schema(_file_schema(path), table_kind, path)
+    try:
+        table = pq.read_table(str(path), columns=expected.names)
+    except (OSError, pa.ArrowException) as err:
+        raise _error(path, "n/a", None, f"Parquet data does not read ({err})") from err
+    checks = _checks(table_kind)
+    for name in expected.names:
+        column = table.column(name)
+        if column.null_count:
+            row = next(i for i, v in enumerate(column.is_null().to_pylist()) if v)
+            raise _error(path, row, name, "null value")
+        check = checks.get(name)
+        if check is None:
+            continue
+        for row, value in enumerate(column.to_pylist()):
+            try:
+                check(value)
+            except ValueError as err:  # json.JSONDecodeError is a ValueError
+                raise _error(path, row, name, str(err)) from err
+    return table.cast(expected)
+
+
+def read_ray_dataset(path: str | Path, table_kind: str | None = None) -> ray.data.Dataset:
+    """A Ray Data dataset over a table file (or a folder of them); with `table_kind`, the file schema is
+    checked first (rows are validated by the consumer, not here: that would read everything)."""
+    import ray.data  # lazy: `import zray.data` stays free of ray
+
+    if table_kind is not None:
+        files = sorted(Path(path).glob("*.parquet")) if Path(path).is_dir() else [Path(path)]
+        for file in files:
+            check_schema(_file_schema(file), table_kind, file)
+    return ray.data.read_parquet(str(path))

@@ -1,0 +1,64 @@
+"""Teacher / student VLMs through transformers, and their score distribution by teacher forcing (methods.md §1).
+
+`load_vlm` works the same for a tiny model built by `zray.models.tiny` and for a real Qwen2.5-VL / Qwen3-VL
+checkpoint (local dir or Hugging Face id). The score distribution is read at the score position, the last
+position of the context rendered by `zray.prompts.render_score_context`:
+
+    teacher:  ... <|im_start|>assistant\n<reasoning> Score: |<s_x>
+    student:  ... <|im_start|>assistant\n|<s_x>
+
+Shape legend: B batch, L sequence length, V vocabulary, K score bins (9).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from zray.prompts import ScoreRequest, render_score_context
+from zray.scores import score_distribution, score_token_ids
+
+
+def load_vlm(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+             ) -> tuple[Any, Any]:
+    """(model, processor) from a Hugging Face format dir or hub id; the model is in eval mode.
+
+    The processor's tokenizer pads on the left, so that the last position of every row in a batch is its
+    score position.
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(str(path))
+    processor.tokenizer.padding_side = "left"
+    model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype).to(device).eval()
+    score_token_ids(processor)  # fail early if the tokenizer lacks the score tokens
+    return model, processor
+
+
+def score_inputs(processor: Any, requests: Sequence[ScoreRequest]) -> Any:
+    """Processor outputs (input_ids_BL, attention_mask_BL, pixel_values, image_grid_thw) for a batch."""
+    texts = [render_score_context(processor, r.prompt, r.dimension, r.reasoning) for r in requests]
+    images = [r.image for r in requests]
+    return processor(text=texts, images=images, return_tensors="pt", padding=True)
+
+
+def score_logits(model: Any, processor: Any, requests: Sequence[ScoreRequest]) -> torch.Tensor:
+    """logits_BV at the score position of each request (differentiable w.r.t. the model's parameters)."""
+    inputs = score_inputs(processor, requests).to(model.device)
+    out = model(**inputs, logits_to_keep=1, use_cache=False)
+    return out.logits[:, -1, :]
+
+
+def score_distributions_hf(model: Any, processor: Any, requests: Sequence[ScoreRequest]) -> torch.Tensor:
+    """q_BK, the nine-bin score distribution of each request (float32)."""
+    return score_distribution(score_logits(model, processor, requests), score_token_ids(processor))
+
+
+def score_distribution_hf(model: Any, processor: Any, prompt: str, image: Any, dimension: str,
+                          reasoning: str | None = None) -> torch.Tensor:
+    """q_K for one (prompt, image, dimension[, reasoning]); `reasoning=None` is the student form."""
+    request = ScoreRequest(prompt=prompt, image=image, dimension=dimension, reasoning=reasoning)
+    return score_distributions_hf(model, processor, [request])[0]

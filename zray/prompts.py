@@ -1,0 +1,141 @@
+"""Scoring prompts: rubric text per dimension and Qwen chat messages (methods.md §1).
+
+One place builds every scoring context, so the teacher's rollouts (vLLM), its training (transformers), the
+student and the reward service all see the same text:
+
+    teacher:  [system rubric] [user: image, prompt, dimension]  assistant: <reasoning> Score: <s_x>
+    student:  [system rubric] [user: image, prompt, dimension]  assistant: <s_x>
+
+The score position is the position that predicts `<s_x>`: for the teacher it follows the fixed score prefix
+after the reasoning; for the student it is the first answer position.
+
+Pure: standard library only. Functions that render text take any object with a Hugging Face style
+`apply_chat_template` (a tokenizer or a processor).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+DIMENSIONS: tuple[str, ...] = ("alignment", "realism", "aesthetics", "plausibility")
+
+# Five-level anchors, short on purpose (the tiny models have a small context).
+RUBRICS: dict[str, tuple[str, str, str, str, str]] = {
+    "alignment": (
+        "the image does not match the prompt",
+        "most objects are wrong",
+        "some objects, colors or counts are wrong",
+        "one small error",
+        "the image matches the prompt exactly",
+    ),
+    "realism": (
+        "heavy noise and blotches",
+        "strong artifacts",
+        "some artifacts",
+        "slight artifacts",
+        "clean and sharp",
+    ),
+    "aesthetics": (
+        "ugly and cluttered",
+        "poor layout",
+        "plain",
+        "good layout",
+        "balanced and pleasing",
+    ),
+    "plausibility": (
+        "shapes are broken or impossible",
+        "major distortions",
+        "some distortions",
+        "minor distortions",
+        "all shapes are whole and plausible",
+    ),
+}
+
+SCORE_PREFIX = "Score: "  # fixed text between the teacher's reasoning and the score token
+SYSTEM_TEXT = "You rate images. Answer with a score from 1 to 5."
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """One scoring query: a text-to-image prompt, the image (PIL, RGB), a rubric dimension, and for the
+    teacher form the reasoning to teacher-force before the score prefix (None: the student form)."""
+
+    prompt: str
+    image: Any
+    dimension: str
+    reasoning: str | None = None
+
+    def __post_init__(self) -> None:
+        check_dimension(self.dimension)
+        check_prompt(self.prompt)
+
+
+def check_prompt(prompt: str) -> str:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"prompt={prompt!r} is not allowed: expected a non-empty string")
+    return prompt
+
+
+def check_dimension(dimension: str) -> str:
+    if dimension not in DIMENSIONS:
+        raise ValueError(f"dimension={dimension!r} is not allowed: expected one of {DIMENSIONS}")
+    return dimension
+
+
+def rubric_text(dimension: str) -> str:
+    """The rubric of `dimension`, one anchor a line."""
+    anchors = RUBRICS[check_dimension(dimension)]
+    lines = [f"Rubric for {dimension}:"] + [f"{level}: {text}" for level, text in enumerate(anchors, start=1)]
+    return "\n".join(lines)
+
+
+def instruction_text(prompt: str, dimension: str, reasoning: bool) -> str:
+    """The user turn's text after the image."""
+    check_dimension(dimension)
+    ask = "Explain briefly, then give the score." if reasoning else "Give the score."
+    return f"Prompt: {prompt}\nDimension: {dimension}\n{ask}"
+
+
+def build_messages(prompt: str, dimension: str, reasoning: bool) -> list[dict[str, Any]]:
+    """Qwen chat messages: system rubric, then the user turn with one image and the text.
+
+    The image is a placeholder `{"type": "image"}`; the pixels go to the processor (transformers) or to
+    `multi_modal_data` (vLLM) alongside the rendered text.
+    """
+    check_prompt(prompt)
+    return [
+        {"role": "system", "content": [{"type": "text", "text": f"{SYSTEM_TEXT}\n{rubric_text(dimension)}"}]},
+        {"role": "user", "content": [
+            {"type": "image"},
+            {"type": "text", "text": instruction_text(prompt, dimension, reasoning)},
+        ]},
+    ]
+
+
+def answer_prefix(reasoning: str | None) -> str:
+    """Assistant text before the score token: `<reasoning> Score: ` for the teacher, '' for the student."""
+    if reasoning is None:
+        return ""
+    return f"{reasoning.strip()} {SCORE_PREFIX}" if reasoning.strip() else SCORE_PREFIX
+
+
+def answer_text(score_token: str, reasoning: str | None) -> str:
+    """A full assistant answer, e.g. for SFT targets: `answer_prefix(reasoning) + score_token`."""
+    return answer_prefix(reasoning) + score_token
+
+
+def render_generation_prompt(chat: Any, prompt: str, dimension: str, reasoning: bool) -> str:
+    """The rendered chat up to the start of the assistant answer (where the teacher starts reasoning)."""
+    messages = build_messages(prompt, dimension, reasoning)
+    return chat.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def render_score_context(chat: Any, prompt: str, dimension: str, reasoning: str | None = None) -> str:
+    """The rendered text that ends right before the score token (teacher forcing of `reasoning`).
+
+    `reasoning=None` is the student form (the score is the first answer token); a string is the teacher
+    form (the reasoning, then the fixed score prefix).
+    """
+    head = render_generation_prompt(chat, prompt, dimension, reasoning is not None)
+    return head + answer_prefix(reasoning)
