@@ -138,3 +138,33 @@ def test_clashing_outline_is_not_an_object():
     scene = Scene(background="white", objects=(SceneObject("triangle", "orange", "large", 0.5, 0.5),))
     judged = judge_image(render_scene(scene, 64, Defects(clashing=1.0)))
     assert [(o.color, o.shape, o.size) for o in judged.objects] == [("orange", "triangle", "large")]
+
+
+def test_many_objects_score_the_floor_quickly():
+    img = Image.new("RGB", (128, 128), (245, 245, 245))
+    draw = ImageDraw.Draw(img)
+    for i in range(4):
+        for j in range(3):
+            draw.ellipse([8 + 30 * i, 8 + 40 * j, 24 + 30 * i, 24 + 40 * j], fill=(30, 170, 50))
+    judged = judge_image(img)
+    assert judged.counts() == {("green", "circle"): 12} and judged.to_scene() is None
+    assert score_judged(judged, "a green circle on a white background") == {"alignment": 1.0}
+
+
+def test_arbitrary_images_do_not_crash():
+    rng = np.random.default_rng(0)
+    images = [
+        rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8),  # colour noise
+        np.full((40, 90, 3), (200, 40, 40), dtype=np.uint8),  # a red "background"
+        np.asarray(Image.new("RGB", (64, 64), (245, 245, 245)).resize((16, 16))),
+    ]
+    blobs = Image.new("RGB", (96, 96), (128, 128, 128))
+    draw = ImageDraw.Draw(blobs)
+    for _ in range(15):
+        x, y, r = rng.integers(0, 96), rng.integers(0, 96), rng.integers(2, 14)
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=tuple(int(v) for v in rng.integers(0, 256, size=3)))
+    images.append(blobs.filter(ImageFilter.GaussianBlur(2)))
+    for image in images:
+        judged = judge_image(image)
+        assert judged.background in ("white", "black", "gray")
+        assert 1.0 <= score_judged(judged, "two red squares on a gray background")["alignment"] <= 5.0

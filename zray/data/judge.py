@@ -7,21 +7,27 @@ renders: blurry, noisy, off-palette generator outputs included.
 Pipeline (`judge_image`):
 1. Background: the robust mean colour of the border ring; named by the nearest `BACKGROUNDS` colour.
 2. Noise: estimated from differences of neighbouring border pixels; a noisy image is smoothed first.
-3. Foreground: pixels whose *chroma* differs from the background's by more than `CHROMA_THRESHOLD`.
-   Every background is grey and every object colour saturated, so luminance-only changes (shadows,
-   banding ramps, dark smudges) never become objects.
+3. Foreground: pixels whose *chroma* differs from the background's by more than `CHROMA_THRESHOLD`
+   (holes enclosed by foreground included). Every background is grey and every object colour saturated,
+   so luminance-only changes (shadows, banding ramps, dark smudges) never become objects.
 4. Colour labels: each foreground pixel is explained as the background blended toward one palette colour
-   (`bg + t (colour - bg)`); the colour whose line fits best labels it, unless the fit is poor
-   (outlines in a clashing colour, murky blotches, mixed seams), in which case it stays unlabelled.
-5. Objects: connected single-colour pieces that are thick enough (distance-transform depth) and large
-   enough are seeds; every foreground pixel of a connected component joins its nearest seed, so an outline
-   rim joins the object it surrounds and touching objects of different colours split between their cores.
-   A component with no seed but enough area is one object coloured by its depth-weighted label vote;
-   anything smaller than `MIN_AREA` is a speck and dropped.
-6. Per object: a soft mask (chroma distance over the core's), its weighted centroid (the centre), and
-   the shape by least-squares fit of blurred templates drawn with the renderer's own geometry
-   (`render.shape_polygon`) at a grid of blur levels; the radius follows from the soft area and the shape,
-   the size class from the radius (threshold at the geometric mean of `SIZES`).
+   (`bg + t (colour - bg)`); the colour whose line fits best labels it, unless the fit is poor (outlines
+   in a clashing colour, murky blotches, mixed seams). Its strength is the fraction of that colour's
+   chroma it shows.
+5. Objects: connected single-colour pieces of strong pixels (`SEED_STRENGTH`) that are thick enough
+   (`SEED_DEPTH`, distance-transform depth) and large enough are seeds; a colour whose pixels enclose a
+   seed of another colour is an outline and seeds nothing. Every foreground pixel of a connected
+   component joins its nearest seed, so an outline joins the object it surrounds and touching objects of
+   different colours split between their cores. A component with strong pixels but no seed (a small
+   object inside a thick outline) is one object coloured by its deepest strong pixels; components
+   smaller than `MIN_AREA` or without strong pixels are dropped.
+6. Per object (`judge_fit.py`): a soft mask (chroma over the palette colour's full chroma), with pixels
+   of other objects or under a smudge marked unknown; the shape, centre and bounding radius by least
+   squares of blurred templates drawn with the renderer's own geometry (`render.shape_polygon`); a local
+   search when the object touches the frame or another object, is partly covered, or fits badly; and a
+   split into two or three templates when one template cannot explain a region (same-colour objects
+   touching or overlapping). The size class follows from the radius (threshold at the geometric mean of
+   `SIZES`).
 
 Scores: `judge_scores(image, intended)` applies the world's alignment formula (`labels.true_scores`) to
 the recovered scene. Only alignment is scored: the other dimensions depend on defect severities the judge
@@ -33,6 +39,7 @@ scene units is (x / width, y / height). Sizes are relative to min(height, width)
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -40,9 +47,9 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from zray.data.labels import true_scores
-from zray.data.prompts import PromptSpec, parse_prompt, spec_of
 from zray.data.judge_fit import fit_object, fit_split
+from zray.data.labels import PENALTY_ATTRIBUTE, true_scores
+from zray.data.prompts import PromptSpec, parse_prompt, spec_of
 from zray.data.scene import BACKGROUNDS, COLORS, SIZES, Defects, Scene, SceneObject
 
 # Thresholds are stated for a 64-pixel side; lengths and areas scale with the image (k = side / 64).
@@ -51,7 +58,14 @@ LINE_FIT_MAX = 0.35  # max (residual / distance from background) for a pixel to 
 MIN_AREA = 20.0  # pixels at 64x64 (a small star covers about 65); smaller components are specks
 SEED_DEPTH = 2.5  # pixels at 64x64: thicker than any clashing outline (at most 3 px wide)
 SEED_STRENGTH = 0.6  # seeds need >= 60% of their palette colour's chroma (murky smudges reach about 40%)
+REFINE_ERROR = 0.15  # a first fit worse than this is searched locally, then maybe split
 MIN_SIDE = 8
+# A prompt wants at most 3 objects and every extra object costs PENALTY_ATTRIBUTE, so 6 recovered objects
+# already floor alignment at 1; only that many go into the formula (its matching is factorial).
+MAX_SCORED_OBJECTS = 6
+if 5.0 - (MAX_SCORED_OBJECTS - 3) * PENALTY_ATTRIBUTE > 1.0:
+    raise RuntimeError("MAX_SCORED_OBJECTS no longer floors alignment: raise it (see labels.py)")
+_SIZE_THRESHOLD = math.sqrt(SIZES["small"] * SIZES["large"])
 _COLOR_NAMES = tuple(COLORS)
 _PALETTE = np.array([COLORS[c] for c in _COLOR_NAMES], dtype=np.float64)  # [C, 3]
 _GREY = np.full(3, 1.0 / math.sqrt(3.0))
@@ -61,9 +75,6 @@ def _chroma(arr: np.ndarray) -> np.ndarray:
     """Component orthogonal to the grey axis (last axis of size 3)."""
     return arr - (arr @ _GREY)[..., None] * _GREY
 
-
-_SIZE_THRESHOLD = math.sqrt(SIZES["small"] * SIZES["large"])
-REFINE_ERROR = 0.15  # a first fit worse than this is refined by a local search
 
 
 @dataclass(frozen=True)
@@ -103,7 +114,8 @@ class JudgedScene:
         return out
 
     def to_scene(self) -> Scene | None:
-        """The recovered `Scene` (no relation), or None when there are 0 or more than 3 objects."""
+        """The recovered `Scene` (no relation, which an image does not state), or None when there are 0
+        or more than 3 objects (a `Scene` holds 1 to 3)."""
         if not 1 <= len(self.objects) <= 3:
             return None
         return Scene(background=self.background, objects=tuple(o.to_scene_object() for o in self.objects))
@@ -154,12 +166,9 @@ def _name_background(bg: np.ndarray) -> str:
 
 
 def _colour_labels(diff: np.ndarray, bg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per pixel: index of the palette colour whose background line fits best (-1: none) and its strength.
-
-    The strength is the fraction of the colour's chroma the pixel shows (1 = full colour, 0.5 = half
-    blended with the background), measured in chroma so that darkening (shadows, murky smudges) does not
-    count as colour.
-    """
+    """Per pixel [H, W]: index of the palette colour whose background line fits best (-1: none), and the
+    strength: the fraction of that colour's chroma the pixel shows (1 = full colour, 0.5 = half blended
+    with the background), measured in chroma so that darkening (shadows, smudges) is not colour."""
     lines = _PALETTE - bg  # [C, 3]
     t = np.clip(diff @ lines.T / np.sum(lines**2, axis=1), 0.0, 1.3)  # [H, W, C]
     resid = np.linalg.norm(diff[..., None, :] - t[..., None] * lines, axis=-1)  # [H, W, C]
@@ -319,9 +328,12 @@ def score_judged(judged: JudgedScene, intended) -> dict[str, float]:
     """True scores of a recovered scene against the intended one (PromptSpec, Scene or prompt text).
 
     Only `alignment`, by the world's formula (`labels.true_scores`, which reads `background` and the
-    objects' colour, shape and centre); 0 recovered objects count as every wanted object missing.
+    objects' colour, shape and centre); 0 recovered objects count as every wanted object missing, and
+    more than `MAX_SCORED_OBJECTS` score the floor, 1.0.
     """
     spec = _as_spec(intended)
+    if len(judged.objects) > MAX_SCORED_OBJECTS:
+        judged = dataclasses.replace(judged, objects=judged.objects[:MAX_SCORED_OBJECTS])
     return {"alignment": true_scores(spec, judged, Defects())["alignment"]}  # type: ignore[arg-type]
 
 

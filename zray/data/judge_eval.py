@@ -88,5 +88,6 @@ def judge_agreement(num_images: int, size: int, seed: int, degraded: bool) -> di
         "colour": totals["colour_hits"] / objects,
         "shape": totals["shape_hits"] / objects,
         "size": totals["size_hits"] / objects,
-        "by_defect": {name: {"num_images": len(v), "exact": float(np.mean(v))} for name, v in sorted(by_defect.items())},
+        "by_defect": {name: {"num_images": len(v), "exact": float(np.mean(v))}
+                      for name, v in sorted(by_defect.items())},
     }

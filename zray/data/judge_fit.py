@@ -26,6 +26,7 @@ BLUR_GRID = (0.0, 0.6, 1.2, 1.8, 2.5, 3.3, 4.2)  # template blur levels, pixels 
 _SUPERSAMPLE = 4
 _SEARCH_STEPS = (1.0, 0.5, 0.25)  # pattern-search steps for the centre, pixels at 64x64 (times k)
 _MAX_MOVES = 12
+_SPLIT_ERROR = 0.15  # a part of a split that fits worse than twice this is split again
 
 
 def _unit_polygon(shape: str) -> np.ndarray | None:
@@ -208,10 +209,11 @@ def fit_split(alpha: np.ndarray, valid: np.ndarray, mask: np.ndarray, k: float, 
               min_area: float, max_parts: int = 3) -> list[Fit]:
     """One template, or several when the region is same-colour objects touching or overlapping.
 
-    The region is split into two spatial clusters; each cluster is fitted with the other's pixels
-    unknown (so each template may extend under the other), and the split is kept when the union of the
-    templates explains the mask clearly better (misfit below half of the single fit's). Parts that still
-    fit badly are split again, up to `max_parts` templates.
+    The region is split into two spatial clusters (weighted 2-means); each cluster is fitted with the
+    other's pixels unknown (so each template may extend under the other), then twice in turn each
+    template is refitted where the other template does not reach. The split is kept when the union of
+    the two templates explains the region clearly better (misfit below half of the single fit's). Parts
+    that still fit badly are split again, up to `max_parts` templates.
     """
     halves = _two_means(mask, alpha)
     if halves is None or max_parts < 2:
@@ -241,6 +243,3 @@ def fit_split(alpha: np.ndarray, valid: np.ndarray, mask: np.ndarray, k: float, 
         else:
             out.append(fit)
     return out
-
-
-_SPLIT_ERROR = 0.15
