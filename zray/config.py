@@ -115,15 +115,16 @@ class GeneratorConfig:
     num_layers: int = 2
     num_refiner_layers: int = 1
     num_heads: int = 2
-    vae_block_channels: tuple[int, ...] = (32, 64)
+    vae_block_channels: tuple[int, ...] = (32, 64)  # n blocks downsample by 2^(n-1)
+    vae_layers_per_block: int = 1
     vae_latent_channels: int = 16
     text_hidden_size: int = 64
     text_num_layers: int = 2
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _positive(self, "dim", "num_layers", "num_refiner_layers", "num_heads", "vae_latent_channels",
-                  "text_hidden_size", "text_num_layers")
+        _positive(self, "dim", "num_layers", "num_refiner_layers", "num_heads", "vae_layers_per_block",
+                  "vae_latent_channels", "text_hidden_size", "text_num_layers")
         _require(self.dim % self.num_heads == 0 and (self.dim // self.num_heads) % 2 == 0, "GeneratorConfig.num_heads",
                  self.num_heads, f"a divisor of dim={self.dim} leaving an even head size")
         _require(len(self.vae_block_channels) >= 1 and all(c > 0 for c in self.vae_block_channels),
@@ -141,11 +142,109 @@ class VLLMConfig:
     in_process: bool = True  # VLLM_ENABLE_V1_MULTIPROCESSING=0: faster start, less memory
     max_model_len: int = 1024
     gpu_memory_utilization: float = 0.5
+    # Chunked prefill splits long prompt batches across steps. vLLM 0.32's CPU runner then rewinds the seeded
+    # per-request generators with a CUDA-only call and the engine dies ("CPU Generator does not use offset"),
+    # so seeded rollouts on CPU need it off; CUDA recipes may turn it on.
+    chunked_prefill: bool = False
+    # Rollout engines as Ray actors (actors/engine_pool.py): how many, and the Ray resources of each.
+    num_engines: int = 1
+    cpus_per_engine: float = 1.0
+    gpus_per_engine: float = 0.0
 
     def __post_init__(self) -> None:
-        _positive(self, "kv_cache_gib", "max_model_len")
+        _positive(self, "kv_cache_gib", "max_model_len", "num_engines")
         _require(0.0 < self.gpu_memory_utilization <= 1.0, "VLLMConfig.gpu_memory_utilization",
                  self.gpu_memory_utilization, "in (0, 1]")
+        _require(isinstance(self.cpus_per_engine, (int, float)) and self.cpus_per_engine > 0,
+                 "VLLMConfig.cpus_per_engine", self.cpus_per_engine, "a number > 0")
+        _require(isinstance(self.gpus_per_engine, (int, float)) and self.gpus_per_engine >= 0,
+                 "VLLMConfig.gpus_per_engine", self.gpus_per_engine, "a number >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LearnerConfig:
+    """A Ray Train learner: N workers, DeepSpeed ZeRO inside each (or plain DDP as a baseline)."""
+
+    num_workers: int = 1
+    cpus_per_worker: int = 1
+    use_gpu: bool = False
+    backend: Literal["deepspeed", "ddp"] = "deepspeed"
+    zero_stage: int = 2
+    # "auto": bf16 where the device runs it fast (CUDA with bf16), fp32 on CPU (measured faster there).
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # after warmup; cosine decays to min_lr_ratio * lr
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    micro_batch_size: int = 16
+    grad_accum_steps: int = 1
+    max_steps: int = 100
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 0
+    # A fresh seeded permutation of each worker's shard every epoch (False: dataset order every epoch).
+    shuffle: bool = True
+
+    def __post_init__(self) -> None:
+        _positive(self, "num_workers", "cpus_per_worker", "micro_batch_size", "grad_accum_steps", "max_steps",
+                  "checkpoint_every", "keep_checkpoints", "log_every")
+        _require(self.lr_schedule in ("constant", "cosine"), "LearnerConfig.lr_schedule", self.lr_schedule,
+                 "'constant' or 'cosine'")
+        _require(0 <= self.min_lr_ratio <= 1, "LearnerConfig.min_lr_ratio", self.min_lr_ratio, "a float in [0, 1]")
+        _require(self.backend in ("deepspeed", "ddp"), "LearnerConfig.backend", self.backend, "'deepspeed' or 'ddp'")
+        _require(self.zero_stage in (0, 1, 2, 3), "LearnerConfig.zero_stage", self.zero_stage, "0, 1, 2 or 3")
+        _require(self.precision in ("auto", "fp32", "bf16"), "LearnerConfig.precision", self.precision,
+                 "'auto', 'fp32' or 'bf16'")
+        _require(self.lr > 0, "LearnerConfig.lr", self.lr, "a float > 0")
+        _require(self.grad_clip >= 0, "LearnerConfig.grad_clip", self.grad_clip, "a float >= 0 (0 = off)")
+        _require(self.warmup_steps >= 0, "LearnerConfig.warmup_steps", self.warmup_steps, "an integer >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PretrainVLMConfig:
+    """Base VLM pre-training on the captioning corpus (image -> scene description)."""
+
+    learner: LearnerConfig = field(default_factory=lambda: LearnerConfig(max_steps=50, checkpoint_every=25))
+    time_budget_s: float = 0.0  # stop training after this many seconds (0 = no limit), then evaluate
+    # Evaluate every kept checkpoint whose step is a multiple of this, after training (0 = only the final model).
+    eval_every: int = 0
+    num_eval_images: int = 16
+    max_new_tokens: int = 96
+    # Target text: "compact" (no object positions, about a third fewer tokens) or "canonical" (zray.data.captions).
+    caption_style: Literal["canonical", "compact"] = "compact"
+
+    def __post_init__(self) -> None:
+        _positive(self, "num_eval_images", "max_new_tokens")
+        _require(self.time_budget_s >= 0, "PretrainVLMConfig.time_budget_s", self.time_budget_s, "a float >= 0")
+        _require(self.eval_every >= 0, "PretrainVLMConfig.eval_every", self.eval_every, "an integer >= 0")
+        _require(self.caption_style in ("canonical", "compact"), "PretrainVLMConfig.caption_style",
+                 self.caption_style, "'canonical' or 'compact'")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PretrainGeneratorConfig:
+    """Base generator pre-training: the VAE (reconstruction), then the flow-matching transformer."""
+
+    vae: LearnerConfig = field(default_factory=lambda: LearnerConfig(max_steps=50, checkpoint_every=25))
+    flow: LearnerConfig = field(default_factory=lambda: LearnerConfig(max_steps=50, checkpoint_every=25))
+    vae_time_budget_s: float = 0.0  # 0 = no limit
+    flow_time_budget_s: float = 0.0
+    # VAE loss: per-pixel (L1 + L2) weighted by 1 + vae_object_weight * chroma (objects over grey backgrounds),
+    # plus vae_kl_weight * KL (zray/models/generator_training.py).
+    vae_object_weight: float = 2.0
+    vae_kl_weight: float = 1e-6
+    num_eval_prompts: int = 16
+    sample_steps: int = 8
+    shift: float = 3.0  # training sigmas and both samplers; also written into the saved scheduler
+
+    def __post_init__(self) -> None:
+        _positive(self, "num_eval_prompts", "sample_steps")
+        for name in ("vae_time_budget_s", "flow_time_budget_s", "vae_object_weight", "vae_kl_weight"):
+            _require(getattr(self, name) >= 0, f"PretrainGeneratorConfig.{name}", getattr(self, name), "a float >= 0")
+        _require(self.shift > 0, "PretrainGeneratorConfig.shift", self.shift, "a float > 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -161,6 +260,8 @@ class RunConfig:
     student: VLMConfig = field(default_factory=VLMConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    pretrain_vlm: PretrainVLMConfig = field(default_factory=PretrainVLMConfig)
+    pretrain_generator: PretrainGeneratorConfig = field(default_factory=PretrainGeneratorConfig)
 
     def __post_init__(self) -> None:
         _require(self.size in ("tiny", "dev", "full"), "RunConfig.size", self.size, "'tiny', 'dev' or 'full'")

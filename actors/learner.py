@@ -1,0 +1,174 @@
+"""The generic learner on Ray Train: `fit(task, cfg, ...)` trains any `LearnerTask` with N workers.
+
+    result = fit(task, cfg, datasets={"train": ds}, storage_path="/abs/runs", name="vlm")
+    result.hf_dir        # the final model, Hugging Face format (task.save_pretrained)
+    result.history       # one dict per logged step: loss, task metrics, samples_per_s, step_time_s, lr, ...
+
+Layout of a run (`storage_path/name/`, written by Ray Train and rank 0):
+
+    checkpoint_000050/   hf/ (task.save_pretrained), engine/ (DeepSpeed or DDP state, one optimizer shard per
+                         rank under ZeRO), worker_<rank>.pt (data position + RNG states), learner.json (step,
+                         metrics history, config)
+    tensorboard/         event files with every logged metric (rank 0)
+    checkpoint_manager_snapshot.json   Ray Train's list of checkpoints (what `resume=True` continues from)
+
+Determinism. The driver splits "train" into `num_workers` equal, materialised, contiguous shards
+(`Dataset.split(equal=True)`: deterministic, unlike the `streaming_split` Ray Train uses by default), handed to
+the workers through `ray.train.get_dataset_shard("train")` by a small `DataConfig`. Each worker reads its shard
+once into memory and serves micro batch i as slice i of a permutation seeded by (seed, epoch, rank)
+(`ShardBatches`; incomplete last batches are dropped, so all workers step in lockstep). The data position is the
+number of micro batches a worker has consumed, so resuming is a lookup, not a replay. Checkpoints also carry the
+optimizer (per-rank ZeRO shards), the LR schedule, DeepSpeed's counters and every rank's torch / numpy / python
+RNG states, so a resumed run reproduces the uninterrupted run's parameters (tests/actors/test_learner.py checks
+it). Each worker's shard must fit in its memory (fine for the Shapes corpora; stream for larger data).
+
+Metrics go to TensorBoard, the progress bar and the history every `log_every` steps, and to Ray Train
+(`ray.train.report`) with each checkpoint only: a report waits until Ray Train's controller has taken the
+previous one, which it polls every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default), so reporting every few
+steps would throttle a fast loop.
+
+`resume=True` restarts the run `storage_path/name` from its latest checkpoint (Ray Train V2 restores a run from
+its snapshot when it is started again with the same name and storage path); `resume=False` refuses a run
+directory that already holds checkpoints, so nothing is continued or overwritten by accident.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from actors.learner_loop import LEARNER_STATE_FILE, train_loop_per_worker
+from zray.config import LearnerConfig
+from zray.training.task import LearnerTask
+
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of a run's checkpoints
+
+
+@dataclass(frozen=True)
+class LearnerResult:
+    history: list[dict[str, float]]  # logged metrics, including steps from before a resume
+    hf_dir: Path                      # final model in Hugging Face format
+    final_checkpoint: Path
+    checkpoints: list[Path]           # the kept checkpoints, oldest first (the last is `final_checkpoint`)
+    run_dir: Path
+    wall_s: float                     # this call's wall time (sharding the data, Ray Train start to finish)
+    final_step: int
+
+
+class _PresplitDataConfig(DataConfig):
+    """Hands each worker a fixed, deterministic shard of the named datasets (others go to every worker whole)."""
+
+    def __init__(self, shards: dict[str, list[Any]]) -> None:
+        super().__init__(datasets_to_split=[])
+        self._shards = shards
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        output = super().configure(datasets, world_size, worker_handles, worker_node_ids, **kwargs)
+        for name in datasets:
+            if name in self._shards:
+                if len(self._shards[name]) != world_size:
+                    raise ValueError(f"{name!r} was split into {len(self._shards[name])} shards for {world_size} "
+                                     "workers")
+                for rank in range(world_size):
+                    output[rank][name] = self._shards[name][rank].iterator()
+        return output
+
+
+def _has_checkpoint(run_dir: Path) -> bool:
+    if not (run_dir / SNAPSHOT_FILE).is_file():
+        return False
+    snapshot = json.loads((run_dir / SNAPSHOT_FILE).read_text())
+    return bool(snapshot.get("latest_checkpoint_result"))
+
+
+def _shard_train_split(ds: Any, cfg: LearnerConfig) -> tuple[list[Any], int]:
+    """`num_workers` equal, materialised, contiguous shards (in dataset order); returns them and batches/epoch.
+
+    No global shuffle (a Ray Data random_shuffle costs ~5 s even on a tiny set here): each worker permutes its
+    shard every epoch, so a global batch is a stratified sample (micro_batch_size rows from each shard).
+    """
+    shards = ds.split(cfg.num_workers, equal=True)
+    rows = shards[0].count()
+    batches_per_epoch = rows // cfg.micro_batch_size
+    if batches_per_epoch < 1:
+        raise ValueError(f"datasets['train'] gives {rows} rows per worker ({cfg.num_workers} workers), fewer than "
+                         f"LearnerConfig.micro_batch_size={cfg.micro_batch_size}: use more rows or smaller batches")
+    return shards, batches_per_epoch
+
+
+def fit(task: LearnerTask, cfg: LearnerConfig, *, datasets: dict[str, Any], storage_path: str | os.PathLike,
+        name: str, resume: bool = False, time_budget_s: float = 0.0,
+        extra_config: dict[str, Any] | None = None) -> LearnerResult:
+    """Train `task` on `datasets["train"]` with `cfg.num_workers` Ray Train workers; return the final result.
+
+    `storage_path` is a local (or shared, on a multi-node cluster) directory; the run lives in
+    `storage_path/name`. `time_budget_s > 0` stops after that many seconds of training (all workers agree on the
+    step) and still writes a final checkpoint. `extra_config` keys: "deepspeed" (a dict merged into the DeepSpeed
+    config, e.g. ZeRO offload), "_fail_after_step" (tests: every worker raises right after checkpointing that
+    step, as a crash would). Raises if training fails (Ray Train's `TrainingFailedError`).
+    """
+    if not isinstance(task, LearnerTask):
+        raise TypeError(f"task={task!r} does not implement zray.training.task.LearnerTask")
+    if "train" not in datasets:
+        raise ValueError(f"datasets has keys {sorted(datasets)}; the learner needs a 'train' split")
+    if time_budget_s < 0:
+        raise ValueError(f"time_budget_s={time_budget_s!r} is not allowed: expected a float >= 0 (0 = no limit)")
+    extra = dict(extra_config or {})
+    unknown = sorted(set(extra) - {"deepspeed", "_fail_after_step"})
+    if unknown:
+        raise ValueError(f"extra_config has unknown keys {unknown}; allowed: 'deepspeed', '_fail_after_step'")
+    if "deepspeed" in extra and cfg.backend != "deepspeed":
+        raise ValueError(f"extra_config['deepspeed'] given but LearnerConfig.backend={cfg.backend!r}")
+
+    if "://" in str(storage_path):
+        raise ValueError(f"storage_path={str(storage_path)!r} is not allowed: expected a local or shared-filesystem "
+                         "directory (the learner reads checkpoints and writes TensorBoard files there directly)")
+    storage = Path(storage_path).expanduser().resolve()
+    run_dir = storage / name
+    if resume and not _has_checkpoint(run_dir):
+        raise FileNotFoundError(f"resume=True but there is no checkpoint to resume in {run_dir} "
+                                f"(no {SNAPSHOT_FILE} with a checkpoint): start it with resume=False first")
+    if not resume and _has_checkpoint(run_dir):
+        raise FileExistsError(f"{run_dir} already holds checkpoints of a run named {name!r}: pass resume=True to "
+                              "continue it, or choose another name")
+
+    start = time.perf_counter()
+    shards, batches_per_epoch = _shard_train_split(datasets["train"], cfg)
+    loop_config = {"task": task, "cfg": cfg, "run_dir": str(run_dir), "resume": resume,
+                   "time_budget_s": float(time_budget_s), "batches_per_epoch": batches_per_epoch,
+                   "deepspeed": extra.get("deepspeed"), "fail_after_step": extra.get("_fail_after_step")}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=RunConfig(name=name, storage_path=str(storage),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+                             failure_config=FailureConfig(max_failures=0)),
+        datasets=datasets,
+        dataset_config=_PresplitDataConfig({"train": shards}),
+    )
+    result = trainer.fit()
+    wall_s = time.perf_counter() - start
+    if result.error is not None:  # fit() raises in Ray 2.60; kept for versions that return the error
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"the run {run_dir} finished without a checkpoint")
+    final = Path(result.checkpoint.path)
+    state = json.loads((final / LEARNER_STATE_FILE).read_text())
+    kept = sorted({Path(ckpt.path) for ckpt, _ in (result.best_checkpoints or [])} | {final})
+    return LearnerResult(history=state["history"], hf_dir=final / "hf", final_checkpoint=final, checkpoints=kept,
+                         run_dir=run_dir, wall_s=wall_s, final_step=int(state["step"]))
+
+
+def read_learner_state(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
+    """The learner.json of a checkpoint: step, micro batches consumed, history, config."""
+    return json.loads((Path(checkpoint_dir) / LEARNER_STATE_FILE).read_text())
+

@@ -1,0 +1,272 @@
+"""The per-worker training loop that `actors.learner.fit` runs in every Ray Train worker.
+
+One optimizer step = `grad_accum_steps` micro batches of `micro_batch_size` rows on every worker. Every
+`log_every` steps (and at the end) the workers average their loss and task metrics over the window and over
+workers (all_gather); rank 0 writes them to TensorBoard and the progress bar, and every worker appends them to its
+history. `samples_per_s` is the global batch over the slowest worker's mean step time (forward, backward,
+optimizer; logging and checkpoints excluded). Every `checkpoint_every` steps and at the end, each worker writes its
+part of a checkpoint into a scratch dir (engine state, its RNG and data position; rank 0 also the Hugging Face
+export and learner.json) and calls `ray.train.report` with it and the last metrics (all workers report at the same
+steps); Ray Train merges the parts into `run_dir/checkpoint_<step>`. A time budget is checked every step by a MAX
+all-reduce, so all workers stop after the same step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from zray.config import LearnerConfig
+from zray.training.engine import StepInfo, TrainEngine
+from zray.training.task import LearnerTask
+
+LEARNER_STATE_FILE = "learner.json"
+
+
+class InjectedFailure(RuntimeError):
+    """Raised by `extra_config={"_fail_after_step": N}`: a crash right after checkpoint N (tests)."""
+
+
+# ---------------------------------------------------------------------------------------------- RNG and data
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class ShardBatches:
+    """One worker's shard, read once into memory, served as micro batches by index.
+
+    Micro batch `i` (0-based, counted over the whole run) is the `i % batches_per_epoch`-th slice of epoch
+    `i // batches_per_epoch`'s permutation of the shard, seeded by (seed, epoch, rank): a pure function of the
+    index, so a resumed worker continues exactly where the checkpoint left off, without re-reading anything.
+    """
+
+    def __init__(self, shard: Any, cfg: LearnerConfig, *, rank: int) -> None:
+        parts: dict[str, list[np.ndarray]] = {}
+        for rows in shard.iter_batches(batch_size=4096, batch_format="numpy"):
+            for key, column in rows.items():
+                parts.setdefault(key, []).append(np.asarray(column))
+        self.columns = {key: np.concatenate(chunks) for key, chunks in parts.items()}
+        self.num_rows = len(next(iter(self.columns.values()))) if self.columns else 0
+        self.batch_size, self.seed, self.rank, self.shuffle = cfg.micro_batch_size, cfg.seed, rank, cfg.shuffle
+        self.batches_per_epoch = self.num_rows // self.batch_size
+        if self.batches_per_epoch < 1:
+            raise ValueError(f"worker {rank}: its shard has {self.num_rows} rows, fewer than "
+                             f"LearnerConfig.micro_batch_size={self.batch_size}")
+        self._epoch, self._order = -1, np.arange(self.num_rows)
+
+    def order(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            self._epoch = epoch
+            rng = np.random.default_rng([self.seed, epoch, self.rank])
+            self._order = rng.permutation(self.num_rows) if self.shuffle else np.arange(self.num_rows)
+        return self._order
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        epoch, slot = divmod(index, self.batches_per_epoch)
+        rows = self.order(epoch)[slot * self.batch_size:(slot + 1) * self.batch_size]
+        return {key: column[rows] for key, column in self.columns.items()}
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+class _Window:
+    """Sums of loss and task metrics over the micro batches since the last log."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.micro = 0
+        self.steps = 0
+        self.seconds = 0.0
+
+    def add(self, loss: float, metrics: dict[str, float]) -> None:
+        self.micro += 1
+        for key, value in {"loss": loss, **metrics}.items():
+            self.sums[key] = self.sums.get(key, 0.0) + float(value)
+
+    def averaged(self) -> dict[str, float]:
+        """Means over this window, averaged over workers (every worker calls it: it is a collective)."""
+        parts: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, (self.sums, self.micro, self.seconds))
+        keys = sorted({k for sums, _, _ in parts for k in sums})
+        out = {}
+        for key in keys:
+            values = [sums[key] / micro for sums, micro, _ in parts if key in sums and micro]
+            out[key] = float(np.mean(values))
+        out["step_time_s"] = max(seconds for _, _, seconds in parts) / max(1, self.steps)
+        return out
+
+
+class _Display:
+    """Rank 0's progress bar (rendered on the driver through Ray's tqdm) and TensorBoard writer."""
+
+    def __init__(self, task_name: str, cfg: LearnerConfig, run_dir: Path, start_step: int) -> None:
+        from ray.experimental import tqdm_ray
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step drops events an earlier, crashed attempt logged after the step this one starts from.
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
+        self.bar = tqdm_ray.tqdm(total=cfg.max_steps, desc=task_name, unit="step")
+        self.bar.update(start_step)
+        self.task_name = task_name
+
+    def log(self, step: int, steps_done: int, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
+            if key != "step":
+                self.writer.add_scalar(f"{self.task_name}/{key}", value, step)
+        self.writer.flush()
+        self.bar.set_description(f"{self.task_name} loss {metrics['loss']:.4f} "
+                                 f"{metrics['samples_per_s']:.1f} samples/s")
+        self.bar.update(steps_done)
+
+    def close(self) -> None:
+        self.writer.close()
+        self.bar.close()
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def _save_checkpoint(engine: TrainEngine, task: LearnerTask, cfg: LearnerConfig, *, step: int, consumed: int,
+                     history: list[dict[str, float]]) -> Path:
+    """This worker's part of a checkpoint in a fresh scratch dir (every worker calls it)."""
+    rank = engine.rank
+    scratch = Path(tempfile.mkdtemp(prefix=f"zray_ckpt_rank{rank}_"))
+    engine.save(scratch / "engine")
+    with engine.gathered_params() as model:
+        if rank == 0:
+            task.save_pretrained(model, scratch / "hf")
+    torch.save({"step": step, "consumed": consumed, "rng": _rng_state()}, scratch / f"worker_{rank}.pt")
+    if rank == 0:
+        state = {"step": step, "consumed_micro_batches": consumed, "world_size": engine.world_size,
+                 "backend": engine.backend, "precision": engine.precision, "task": task.name,
+                 "config": dataclasses.asdict(cfg), "history": history}
+        (scratch / LEARNER_STATE_FILE).write_text(json.dumps(state, indent=1))
+    return scratch
+
+
+def _restore(engine: TrainEngine, ckpt_dir: Path, cfg: LearnerConfig) -> tuple[int, int, list[dict[str, float]]]:
+    """Load engine state, this rank's RNG and data position; returns (step, consumed, history)."""
+    state = json.loads((ckpt_dir / LEARNER_STATE_FILE).read_text())
+    if state["world_size"] != engine.world_size or state["backend"] != engine.backend:
+        raise ValueError(f"checkpoint {ckpt_dir} was written by {state['world_size']} {state['backend']} workers; "
+                         f"this run has {engine.world_size} {engine.backend} workers (resume needs the same)")
+    if state["config"]["micro_batch_size"] != cfg.micro_batch_size or state["config"]["seed"] != cfg.seed:
+        raise ValueError(f"checkpoint {ckpt_dir} used micro_batch_size={state['config']['micro_batch_size']}, "
+                         f"seed={state['config']['seed']}; this run has {cfg.micro_batch_size}, {cfg.seed}: the data "
+                         "position would not carry over")
+    engine.load(ckpt_dir / "engine")
+    worker = torch.load(ckpt_dir / f"worker_{engine.rank}.pt", weights_only=False)
+    _set_rng_state(worker["rng"])
+    return int(state["step"]), int(worker["consumed"]), list(state["history"])
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+
+def _should_stop(started: float, budget_s: float, device: torch.device) -> bool:
+    """All workers agree on whether the time budget is spent (a MAX all-reduce of each worker's verdict)."""
+    flag = torch.tensor([1.0 if time.perf_counter() - started > budget_s else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item() > 0)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    task: LearnerTask = config["task"]
+    cfg: LearnerConfig = config["cfg"]
+    run_dir = Path(config["run_dir"])
+    budget_s: float = config["time_budget_s"]
+    fail_after = config.get("fail_after_step")
+    rank = ray.train.get_context().get_world_rank()
+    device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
+
+    _seed_all(cfg.seed)  # identical initial weights on every worker
+    model = task.build_model()
+    engine = TrainEngine(model, cfg, device=device, deepspeed_overrides=config.get("deepspeed"))
+    _seed_all(cfg.seed + 7919 * (rank + 1))  # per-rank streams (dropout, noise) from here on
+
+    step, consumed, history = 0, 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            step, consumed, history = _restore(engine, Path(ckpt_dir), cfg)
+    if step >= cfg.max_steps:
+        return  # finished before: the latest checkpoint is the result
+    batches = ShardBatches(ray.train.get_dataset_shard("train"), cfg, rank=rank)
+    if batches.batches_per_epoch != config["batches_per_epoch"]:
+        raise RuntimeError(f"worker {rank} got {batches.batches_per_epoch} batches per epoch, expected "
+                           f"{config['batches_per_epoch']} (shards must be equal)")
+    display = _Display(task.name, cfg, run_dir, step) if rank == 0 else None
+    global_batch = cfg.micro_batch_size * cfg.grad_accum_steps * engine.world_size
+    window, logged_step, started = _Window(), step, time.perf_counter()
+    try:
+        while step < cfg.max_steps:
+            t0 = time.perf_counter()
+            info: StepInfo | None = None
+            for _ in range(cfg.grad_accum_steps):
+                batch = engine.prepare_batch(task.collate(batches[consumed]))
+                with engine.accumulation_context():
+                    with engine.autocast():
+                        loss, metrics = task.loss(engine.module, batch)
+                    info = engine.backward_step(loss)
+                window.add(loss.item(), metrics)
+                consumed += 1
+            step += 1
+            window.steps += 1
+            window.seconds += time.perf_counter() - t0
+            stop = step >= cfg.max_steps or (budget_s > 0 and _should_stop(started, budget_s, device))
+            log_now = stop or step % cfg.log_every == 0
+            ckpt_now = stop or step % cfg.checkpoint_every == 0
+            if not (log_now or ckpt_now):
+                continue
+            metrics = window.averaged()
+            metrics.update(step=float(step), lr=info.lr, grad_norm=info.grad_norm,
+                           samples_per_s=global_batch / metrics["step_time_s"],
+                           epoch=consumed / config["batches_per_epoch"])
+            history.append(metrics)
+            if display is not None:
+                display.log(step, step - logged_step, metrics)
+            logged_step, window = step, _Window()
+            if ckpt_now:
+                scratch = _save_checkpoint(engine, task, cfg, step=step, consumed=consumed, history=history)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(scratch)),
+                                 checkpoint_dir_name=f"checkpoint_{step:06d}")
+                shutil.rmtree(scratch, ignore_errors=True)
+                if fail_after is not None and step == fail_after:
+                    raise InjectedFailure(f"injected failure after checkpointing step {step} (rank {rank})")
+            if stop:
+                break
+    finally:
+        if display is not None:
+            display.close()

@@ -1,0 +1,47 @@
+"""The contract between a job and the generic learner: a `LearnerTask` says what to train.
+
+A task is built in the driver and shipped to every Ray Train worker (so it holds only plain, picklable
+configuration: paths, dataclasses, numbers). In each worker the learner calls, in order:
+
+    model = task.build_model()                          # fresh weights (or from an HF-format dir)
+    engine = <DeepSpeed or DDP around model>            # the learner's business, not the task's
+    for batch_rows in <this worker's shard of the Ray Data split "train">:
+        batch = task.collate(batch_rows)                # numpy columns -> tensors
+        loss, metrics = task.loss(engine_module, batch) # forward only; the learner does backward/step
+    task.save_pretrained(unwrapped_model, dir)          # Hugging Face format, at every checkpoint
+    task.load_pretrained(unwrapped_model, dir)          # on resume (optimizer state is restored separately)
+
+`metrics` values are Python floats; the learner averages them over workers and logging steps.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class LearnerTask(Protocol):
+    name: str  # short identifier used in run names, logs and TensorBoard tags
+
+    def build_model(self) -> torch.nn.Module:
+        """The module to train, on CPU, in train mode; same initial weights on every worker (seeded)."""
+        ...
+
+    def collate(self, rows: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """A Ray Data batch (dict of numpy arrays / lists, `batch_format="numpy"`) -> model inputs."""
+        ...
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Scalar loss with gradient, plus float metrics. `model` may be a DeepSpeed/DDP wrapper: call it."""
+        ...
+
+    def save_pretrained(self, model: torch.nn.Module, out_dir: Path) -> None:
+        """Write the (unwrapped, full) model in Hugging Face / diffusers format under `out_dir`."""
+        ...
+
+    def load_pretrained(self, model: torch.nn.Module, ckpt_dir: Path) -> None:
+        """Load weights written by `save_pretrained` into `model` in place."""
+        ...
