@@ -1,7 +1,12 @@
-"""The teacher's vLLM engine: reasoning rollouts and score distributions (methods.md §1).
+"""The teacher's vLLM engine: reasoning rollouts, score distributions, live weight sync (methods.md §1-2).
 
-A plain class for now; a Ray actor wraps it later (`ray.remote(TeacherEngine)`), so it keeps to coarse,
-verb-named methods that take and return plain data (CPU tensors, strings).
+A plain class with coarse, verb-named methods that take and return plain data (CPU tensors, typed batches);
+`actors/engine_pool.py` hosts it in Ray actors (`TeacherEngineActor = ray.remote(TeacherEngine)`).
+
+    generate(requests, group_size=, max_reasoning_tokens=, ...) -> RolloutBatch   (actors/rollouts.py)
+    score(requests) -> q_BK                                                       (teacher forcing of text)
+    load_weights(weights, version=, checksum=) -> WeightSyncReport                (actors/weight_sync.py)
+    version() -> int                                                              (0: the checkpoint)
 
 vLLM starts its engine with spawn: any script that builds a `TeacherEngine` must guard its entry point with
 `if __name__ == "__main__":`. Environment variables that vLLM reads (KV-cache size, in-process engine) are
@@ -15,23 +20,29 @@ returns the log-probs of exactly the nine score tokens at the score position, re
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from actors.rollouts import generate_rollouts
+from actors.weight_sync import apply_weights, receive_weights
 from zray.config import VLLMConfig
 from zray.prompts import SCORE_PREFIX, ScoreRequest, render_generation_prompt, render_score_context
 from zray.scores import distribution_from_logprobs, score_token_ids
+from zray.types import RolloutBatch, WeightSyncReport, WeightVersionError
 
 
 def _set_vllm_env(cfg: VLLMConfig) -> None:
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.kv_cache_gib)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if cfg.in_process else "1"
+    if not cfg.in_process:  # weight sync sends bytes and a readback function to the engine's worker process
+        os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
 
 
 def checkpoint_dtype(model_dir: str | Path) -> str:
@@ -54,21 +65,76 @@ class TeacherEngine:
         from vllm import LLM  # after the environment is set
 
         start = time.perf_counter()
+        self.cfg = cfg
         self.model_dir = str(model_dir)
         self.llm = LLM(model=self.model_dir, enforce_eager=cfg.enforce_eager, max_model_len=cfg.max_model_len,
                        gpu_memory_utilization=cfg.gpu_memory_utilization, limit_mm_per_prompt={"image": 1},
-                       seed=seed, dtype=dtype)
+                       seed=seed, dtype=dtype, enable_chunked_prefill=cfg.chunked_prefill,
+                       max_num_batched_tokens=None if cfg.chunked_prefill else max(cfg.max_model_len, 8192))
         self.start_s = time.perf_counter() - start
         self.tokenizer = self.llm.get_tokenizer()
         self.score_ids = score_token_ids(self.tokenizer)
+        self._version: int | None = 0  # 0: the checkpoint it started from; None: a failed, unverified update
+        self._checksum: str | None = None
 
+    # ------------------------------------------------------------------------------------------ state
+    def version(self) -> int:
+        """The weight version this engine serves (0 = the checkpoint it was started from)."""
+        return self._require_verified()
+
+    def checksum(self) -> str | None:
+        """The checksum (zray.checksum) of the served weights after the last update; None before any."""
+        return self._checksum
+
+    def _require_verified(self) -> int:
+        if self._version is None:
+            raise WeightVersionError("this engine failed to verify its last weight update and serves unknown "
+                                     "weights: load weights again before using it")
+        return self._version
+
+    # ------------------------------------------------------------------------------------------ rollouts
+    def generate(self, requests: Sequence[ScoreRequest | tuple], *, group_size: int, max_reasoning_tokens: int,
+                 temperature: float = 1.0, seed: int | None = None, request_offset: int = 0) -> RolloutBatch:
+        """G rollouts per (prompt, image, dimension): reasoning, score prefix, score token, q (RolloutBatch).
+
+        `request_offset` is the index of `requests[0]` in the whole batch (seeds depend on it, so that a batch
+        split across engines samples as one engine would). See `actors/rollouts.py`.
+        """
+        version = self._require_verified()
+        return generate_rollouts(self.llm, requests, score_ids=self.score_ids, group_size=group_size,
+                                 max_reasoning_tokens=max_reasoning_tokens, temperature=temperature, seed=seed,
+                                 request_offset=request_offset, weights_version=version,
+                                 max_model_len=self.cfg.max_model_len)
+
+    def generate_texts(self, requests: Sequence[ScoreRequest | tuple], *, max_tokens: int = 64,
+                       temperature: float = 1.0, n: int = 1, seed: int | None = None) -> list[list[str]]:
+        """Reasoning texts only: `n` samples per request, each stopped before the fixed score prefix.
+
+        Pass one back as `reasoning` to `score`. For training rollouts use `generate` (token ids, log-probs).
+        """
+        from vllm import SamplingParams
+
+        self._require_verified()
+        reqs = [r if isinstance(r, ScoreRequest) else ScoreRequest(*r) for r in requests]
+        texts = [render_generation_prompt(self.tokenizer, r.prompt, r.dimension, reasoning=True) for r in reqs]
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, n=n, seed=seed,
+                                stop=[SCORE_PREFIX.strip()])
+        outputs = self.llm.generate(self._inputs(texts, [r.image for r in reqs]), params, use_tqdm=False)
+        return [[c.text.strip() for c in out.outputs] for out in outputs]
+
+    # ------------------------------------------------------------------------------------------ scoring
     def _inputs(self, texts: Sequence[str], images: Sequence[Any]) -> list[dict[str, Any]]:
         return [{"prompt": t, "multi_modal_data": {"image": im}} for t, im in zip(texts, images, strict=True)]
+
+    def score(self, requests: Sequence[ScoreRequest | tuple]) -> torch.Tensor:
+        """q_BK (float32, CPU): the score distribution of each request, its reasoning (if any) teacher-forced."""
+        return torch.stack(self.score_distributions(requests))
 
     def score_distributions(self, requests: Sequence[ScoreRequest | tuple]) -> list[torch.Tensor]:
         """q_K (float32, CPU) for each request: (prompt, image, dimension[, reasoning]) or a ScoreRequest."""
         from vllm import SamplingParams
 
+        self._require_verified()
         reqs = [r if isinstance(r, ScoreRequest) else ScoreRequest(*r) for r in requests]
         texts = [render_score_context(self.tokenizer, r.prompt, r.dimension, r.reasoning) for r in reqs]
         params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(self.score_ids))
@@ -83,20 +149,24 @@ class TeacherEngine:
             result.append(distribution_from_logprobs(logprobs_K))
         return result
 
-    def generate(self, requests: Sequence[ScoreRequest | tuple], *, max_tokens: int = 64, temperature: float = 1.0,
-                 n: int = 1, seed: int | None = None) -> list[list[str]]:
-        """Reasoning rollouts: `n` samples per request, each stopped before the fixed score prefix.
+    # ------------------------------------------------------------------------------------------ weights
+    def load_weights(self, weights: Mapping[str, torch.Tensor] | bytes, *, version: int, checksum: str,
+                     reload: Any = None) -> WeightSyncReport:
+        """Serve new weights in place and verify them; see `actors/weight_sync.py`.
 
-        The returned texts are the reasoning only; pass one back as `reasoning` to `score_distributions`.
+        `weights`: a Hugging Face state dict (name -> tensor, in the served dtype) or its safetensors bytes;
+        `checksum`: `zray.checksum.weights_checksum` of it, computed by the sender. A mismatch raises
+        `WeightVersionError`: before loading (the old version stays served) or after the readback (the
+        engine then refuses work until a later update verifies). `reload` replaces the reload step (tests).
         """
-        from vllm import SamplingParams
-
-        reqs = [r if isinstance(r, ScoreRequest) else ScoreRequest(*r) for r in requests]
-        texts = [render_generation_prompt(self.tokenizer, r.prompt, r.dimension, reasoning=True) for r in reqs]
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, n=n, seed=seed,
-                                stop=[SCORE_PREFIX.strip()])
-        outputs = self.llm.generate(self._inputs(texts, [r.image for r in reqs]), params, use_tqdm=False)
-        return [[c.text.strip() for c in out.outputs] for out in outputs]
+        start = time.perf_counter()
+        state, data = receive_weights(self.llm, weights, version=version, checksum=checksum)  # loads nothing
+        received_s = time.perf_counter() - start
+        self._version = None  # unverified until the readback matches
+        report = apply_weights(self.llm, state, data, version=version, checksum=checksum,
+                               in_process=self.cfg.in_process, reload=reload)
+        self._version, self._checksum = report.version, report.checksum
+        return dataclasses.replace(report, load_s=report.load_s + received_s)
 
     def shutdown(self) -> None:
         """Stop the engine core (its process, if not in-process) and drop the engine."""

@@ -40,6 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--out", default=None, help="output folder (default <out_dir>/data)")
     demo = sub.add_parser("demo", parents=[parent], help="data + tiny model zoo + load through every stack")
     demo.add_argument("--skip-vllm", action="store_true", help="do not start a vLLM engine (it is started by default)")
+    vlm = sub.add_parser("pretrain-vlm", parents=[parent], help="pre-train the tiny teacher/student VLM (captioning)")
+    vlm.add_argument("--model", choices=("teacher", "student", "both"), default="both", help="which VLM(s) to train")
+    vlm.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of the run")
+    gen = sub.add_parser("pretrain-generator", parents=[parent],
+                         help="pre-train the tiny Z-Image generator (VAE, then flow transformer)")
+    gen.add_argument("--resume", action="store_true", help="keep finished phases, continue a cut one from its "
+                     "latest checkpoint")
     return parser
 
 
@@ -66,6 +73,16 @@ def main(argv: list[str] | None = None) -> int:
         from jobs.demo import run_demo
 
         run_demo(cfg, use_vllm=not args.skip_vllm)
+        return 0
+    if args.command == "pretrain-vlm":
+        from jobs.pretrain_vlm import run_pretrain_vlm
+
+        run_pretrain_vlm(cfg, model=args.model, resume=args.resume)
+        return 0
+    if args.command == "pretrain-generator":
+        from jobs.pretrain_generator import run_pretrain_generator
+
+        run_pretrain_generator(cfg, resume=args.resume)
         return 0
     raise AssertionError(f"unhandled command {args.command}")
 

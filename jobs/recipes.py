@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from zray.config import ConfigError, GeneratorConfig, RunConfig, VLLMConfig, VLMConfig, WorldConfig
+from zray.config import (ConfigError, GeneratorConfig, LearnerConfig, PretrainGeneratorConfig, PretrainVLMConfig,
+                         RunConfig, VLLMConfig, VLMConfig, WorldConfig)
 
 
 def tiny_cpu() -> RunConfig:
@@ -29,8 +30,20 @@ def tiny_cpu() -> RunConfig:
         student=VLMConfig(hidden_size=64, num_layers=2, num_heads=1, num_kv_heads=1, head_dim=64,
                           intermediate_size=128, vision_hidden_size=32, vision_depth=1, vision_num_heads=1),
         generator=GeneratorConfig(dim=64, num_layers=2, num_refiner_layers=1, num_heads=2,
-                                  vae_block_channels=(32, 64), text_hidden_size=64, text_num_layers=2),
+                                  vae_block_channels=(16, 32, 32), text_hidden_size=64, text_num_layers=2),
         vllm=VLLMConfig(kv_cache_gib=1, enforce_eager=True, in_process=True, max_model_len=1024),
+        # A few steps: the plumbing end to end (tests), not a trained model.
+        pretrain_vlm=PretrainVLMConfig(
+            learner=LearnerConfig(max_steps=4, micro_batch_size=8, lr=2e-3, checkpoint_every=2, keep_checkpoints=2,
+                                  log_every=1),
+            eval_every=2, num_eval_images=4, max_new_tokens=32,
+        ),
+        # A few steps per phase: the plumbing end to end (tests), not a trained generator.
+        pretrain_generator=PretrainGeneratorConfig(
+            vae=LearnerConfig(max_steps=3, micro_batch_size=8, lr=2e-3, checkpoint_every=2, log_every=1),
+            flow=LearnerConfig(max_steps=3, micro_batch_size=8, lr=2e-3, checkpoint_every=2, log_every=1),
+            num_eval_prompts=4,
+        ),
     )
 
 
@@ -51,6 +64,12 @@ def dev() -> RunConfig:
         generator=GeneratorConfig(dim=128, num_layers=4, num_refiner_layers=1, num_heads=4,
                                   vae_block_channels=(64, 128), text_hidden_size=64, text_num_layers=2),
         vllm=VLLMConfig(kv_cache_gib=2, enforce_eager=True, in_process=True, max_model_len=1024),
+        # Calibrated for 20 minutes of training per model on a 2-core CPU (notes in jobs/pretrain_vlm.py).
+        pretrain_vlm=PretrainVLMConfig(
+            learner=LearnerConfig(max_steps=20000, micro_batch_size=16, lr=2e-3, warmup_steps=100,
+                                  checkpoint_every=1000, keep_checkpoints=25, log_every=50),
+            time_budget_s=1200.0, eval_every=1000, num_eval_images=200, max_new_tokens=96,
+        ),
     )
 
 

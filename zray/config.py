@@ -117,6 +117,9 @@ class GeneratorConfig:
     num_heads: int = 2
     vae_block_channels: tuple[int, ...] = (32, 64)  # n blocks downsample by 2^(n-1)
     vae_layers_per_block: int = 1
+    # GroupNorm groups in the VAE. Keep several channels per group: with one channel per group GroupNorm is
+    # InstanceNorm, which removes each channel's mean and with it the flat colours of the Shapes world.
+    vae_norm_groups: int = 4
     vae_latent_channels: int = 16
     text_hidden_size: int = 64
     text_num_layers: int = 2
@@ -129,6 +132,9 @@ class GeneratorConfig:
                  self.num_heads, f"a divisor of dim={self.dim} leaving an even head size")
         _require(len(self.vae_block_channels) >= 1 and all(c > 0 for c in self.vae_block_channels),
                  "GeneratorConfig.vae_block_channels", self.vae_block_channels, "a non-empty tuple of positive ints")
+        _require(self.vae_norm_groups > 0 and all(c % self.vae_norm_groups == 0 for c in self.vae_block_channels),
+                 "GeneratorConfig.vae_norm_groups", self.vae_norm_groups,
+                 f"a positive divisor of every vae_block_channels entry {self.vae_block_channels}")
         _require(self.text_num_layers >= 2, "GeneratorConfig.text_num_layers", self.text_num_layers,
                  "at least 2 (the pipeline reads hidden_states[-2])")
 

@@ -8,7 +8,8 @@ import pytest
 HEAVY = ("ray", "vllm", "transformers", "diffusers", "deepspeed")
 
 
-@pytest.mark.parametrize("module", ["zray.losses", "zray.scores", "zray.metrics", "zray.config", "zray.data"])
+@pytest.mark.parametrize("module", ["zray.losses", "zray.scores", "zray.metrics", "zray.config", "zray.data",
+                                    "zray.types", "zray.checksum", "zray.sampling", "zray.losses.gdso"])
 def test_core_module_imports_no_heavy_stack(module):
     code = (
         f"import sys, {module}\n"

@@ -19,6 +19,21 @@ One fact per line, a fixed key per line, in this order (example):
 - `defects`: each degradation with realised severity >= `VISIBLE_MIN`, in `Defects` field order, as
   "<name> mild" (< 0.5) or "<name> severe"; "none" if there is none.
 
+Styles: `canonical` (above, the corpus's `description` column) and `compact`, the same text without the
+" at (x, y)" of each object line (about a third fewer tokens: positions are two digit tokens each, and a
+tiny captioning model learns the scene faster without them; the relations still carry the layout):
+
+    background: white
+    objects: two red circles and a blue square
+    1: large red circle
+    2: small red circle
+    3: small blue square
+    relations: 1 left of 2; 1 below 2; 1 left of 3; 2 above 3
+    defects: blur mild; noise severe
+
+`parse_description` reads both (a compact object line parses with x = y = None); `restyle(text, style)`
+turns a canonical description into the other style.
+
 Per-attribute evaluation of a generated description compares `background`, `counts` (colour, shape and
 count at once), the object lines, `relations` (via `relation_triples`) and `defects` field by field;
 `parse_description(text, strict=False)` keeps whatever lines parse so one bad line costs one attribute.
@@ -37,6 +52,7 @@ VISIBLE_MIN = 0.05
 SEVERE_MIN = 0.5
 LEVELS = ("mild", "severe")
 KEYS = ("background", "objects", "relations", "defects")
+STYLES = ("canonical", "compact")
 
 
 @dataclass(frozen=True)
@@ -44,8 +60,8 @@ class DescribedObject:
     size: str
     color: str
     shape: str
-    x: float  # centre, fraction of width (percent / 100)
-    y: float
+    x: float | None  # centre, fraction of width (percent / 100); None in the compact style
+    y: float | None
 
 
 @dataclass(frozen=True)
@@ -98,10 +114,20 @@ def description_of(scene: Scene, defects: Defects | None = None) -> Description:
                        relations=tuple(relations), defects=visible)
 
 
-def format_description(desc: Description) -> str:
+def _check_style(style: str) -> None:
+    if style not in STYLES:
+        raise ValueError(f"caption style={style!r} is not allowed: expected one of {STYLES}")
+
+
+def format_description(desc: Description, style: str = "canonical") -> str:
+    """The text of a description in `style` ('canonical': with object positions; 'compact': without)."""
+    _check_style(style)
+    if style == "canonical" and any(o.x is None or o.y is None for o in desc.objects):
+        raise ValueError("a description without object positions has no canonical text: use style='compact'")
     lines = [f"background: {desc.background}", f"objects: {content_phrase(desc.groups)}"]
     for k, o in enumerate(desc.objects, start=1):
-        lines.append(f"{k}: {o.size} {o.color} {o.shape} at ({round(o.x * 100)}, {round(o.y * 100)})")
+        where = "" if style == "compact" else f" at ({round(o.x * 100)}, {round(o.y * 100)})"
+        lines.append(f"{k}: {o.size} {o.color} {o.shape}{where}")
     rel = "; ".join(f"{i + 1} {p} {j + 1}" for i, p, j in desc.relations) or "none"
     lines.append(f"relations: {rel}")
     lines.append("defects: " + ("; ".join(f"{n} {lv}" for n, lv in desc.defects) or "none"))
@@ -113,18 +139,25 @@ def describe(scene: Scene, defects: Defects | None = None) -> str:
     return format_description(description_of(scene, defects))
 
 
-_OBJECT = re.compile(r"(\d+): ([a-z]+) ([a-z]+) ([a-z]+) at \((-?\d+), (-?\d+)\)")
+def restyle(text: str, style: str) -> str:
+    """A canonical description (strictly parsed) rewritten in `style`."""
+    _check_style(style)
+    return text if style == "canonical" else format_description(parse_description(text), style)
+
+
+_OBJECT = re.compile(r"(\d+): ([a-z]+) ([a-z]+) ([a-z]+)(?: at \((-?\d+), (-?\d+)\))?")
 _RELATION = re.compile(r"(\d+) (" + "|".join(RELATIONS) + r") (\d+)")
 
 
 def _parse_object(line: str) -> tuple[int, DescribedObject]:
     m = _OBJECT.fullmatch(line)
     if m is None:
-        raise ValueError(f"object line {line!r} is not '<n>: <size> <colour> <shape> at (<x>, <y>)'")
+        raise ValueError(f"object line {line!r} is not '<n>: <size> <colour> <shape>[ at (<x>, <y>)]'")
     size, color, shape = m.group(2), m.group(3), m.group(4)
     if size not in SIZES or color not in COLORS or shape not in SHAPES:
         raise ValueError(f"object line {line!r}: unknown size, colour or shape")
-    return int(m.group(1)), DescribedObject(size, color, shape, int(m.group(5)) / 100, int(m.group(6)) / 100)
+    x, y = (None, None) if m.group(5) is None else (int(m.group(5)) / 100, int(m.group(6)) / 100)
+    return int(m.group(1)), DescribedObject(size, color, shape, x, y)
 
 
 def _parse_relations(value: str, num_objects: int) -> tuple[tuple[int, str, int], ...]:
@@ -155,11 +188,12 @@ def _parse_defects(value: str) -> tuple[tuple[str, str], ...]:
 
 
 def parse_description(text: str, strict: bool = True) -> Description:
-    """Inverse of `format_description`.
+    """Inverse of `format_description` (either style).
 
-    strict=True: every line must parse, in the canonical order, and the `objects:` counts must agree with
-    the object lines; otherwise ValueError naming the line. strict=False: lines that do not parse are
-    skipped (their field stays None / the object is left out), for scoring generated text per attribute.
+    strict=True: every line must parse, in the canonical order, all object lines in one style, and the
+    `objects:` counts must agree with the object lines; otherwise ValueError naming the line.
+    strict=False: lines that do not parse are skipped (their field stays None / the object is left out), for
+    scoring generated text per attribute.
     """
     fields: dict[str, object] = {}
     objects: list[DescribedObject] = []
@@ -201,6 +235,10 @@ def parse_description(text: str, strict: bool = True) -> Description:
         if canonical_groups(drawn) != desc.groups:
             raise ValueError(f"description's objects line {content_phrase(desc.groups)!r} disagrees with its "
                              f"object lines ({content_phrase(canonical_groups(drawn))!r})")
-        if format_description(desc) != text.strip("\n"):
+        positioned = {o.x is not None for o in objects}
+        if len(positioned) > 1:
+            raise ValueError("description mixes object lines with and without positions (mixed styles)")
+        style = "canonical" if positioned != {False} else "compact"
+        if format_description(desc, style) != text.strip("\n"):
             raise ValueError("description is not in canonical form (line order, object counts or spacing)")
     return desc

@@ -37,14 +37,13 @@ SPECIAL_TOKENS: tuple[str, ...] = (
     "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
     "<|image_pad|>", "<|video_pad|>",
 )
-TOKENIZER_VOCAB_SIZE = 640  # BPE target before the nine score tokens; the corpus may saturate below it
+TOKENIZER_VOCAB_SIZE = 1024  # BPE target before the nine score tokens; the corpus may saturate below it
 
 # Sizes that VLMConfig / GeneratorConfig do not carry (yet): fixed here.
 VISION_MLP_RATIO = 2  # vision intermediate size = ratio * vision_hidden_size
 MAX_POSITION_EMBEDDINGS = 4096  # >= VLLMConfig.max_model_len
 TEXT_ENCODER_HEAD_DIM = 32  # Z-Image's Qwen3 text encoder: heads = text_hidden_size // 32
 TEXT_ENCODER_MLP_RATIO = 2
-VAE_LAYERS_PER_BLOCK = 1
 
 # The Qwen2-VL / Qwen2.5-VL chat template (images and videos inside list contents; string contents too).
 QWEN_VL_CHAT_TEMPLATE = (
@@ -61,6 +60,14 @@ QWEN_VL_CHAT_TEMPLATE = (
     "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
     "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Qwen3's text chat template (what Z-Image's tokenizer uses), without tools: prompts become
+# "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n", about 25 tokens for a Shapes prompt, so the
+# transformer's caption sequence pads to 32 tokens instead of 64 with the VL template's default system turn.
+QWEN3_TEXT_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
 _COLORS = ("red", "green", "blue", "yellow", "purple", "orange")
@@ -95,7 +102,28 @@ def tokenizer_corpus() -> list[str]:
         lines.append(f"Prompt: a red circle\nDimension: {DIMENSIONS[k % 4]}\nGive the score.")
         lines.append(answer_text(f"{s:.1f}", "I see a red circle."))
     lines.append(" ".join(str(n) for n in range(100)))
+    lines.extend(_caption_lines())
     return lines * 4  # repetition makes the frequent words single tokens
+
+
+def _caption_lines(num: int = 96) -> list[str]:
+    """Scene descriptions (canonical and compact) of seeded random scenes with random defects, so that the
+    caption vocabulary (field names, defect names, severities) tokenizes into few tokens."""
+    import numpy as np
+
+    from zray.data.captions import describe, restyle
+    from zray.data.scene import DEFECT_DIMENSION, Defects
+    from zray.data.world import sample_scene
+
+    rng = np.random.default_rng(0)
+    names = sorted(DEFECT_DIMENSION)
+    lines = []
+    for _ in range(num):
+        scene = sample_scene(rng, 3, 0.3)
+        chosen = rng.choice(names, size=int(rng.integers(0, 3)), replace=False)
+        text = describe(scene, Defects(**{str(k): float(rng.choice([0.3, 0.7])) for k in chosen}))
+        lines += [text, restyle(text, "compact")]
+    return lines
 
 
 def build_tokenizer(vocab_size: int = TOKENIZER_VOCAB_SIZE) -> Any:
@@ -246,13 +274,6 @@ def sharpen_score_head(model: Any, score_ids: list[int], scale: float, seed: int
 # ----------------------------------------------------------------------------------------------- Z-Image
 
 
-def _vae_groups(channels: tuple[int, ...]) -> int:
-    g = 0
-    for c in channels:
-        g = math.gcd(g, c)
-    return min(32, g)
-
-
 def build_tiny_zimage(cfg: GeneratorConfig, out_dir: str | Path, image_size: int = 64) -> Path:
     """Build a tiny seeded Z-Image pipeline, save it with `ZImagePipeline.save_pretrained`, return the dir."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
@@ -267,6 +288,7 @@ def build_tiny_zimage(cfg: GeneratorConfig, out_dir: str | Path, image_size: int
     axes_h = (head_dim - axes_t) // 2 // 2 * 2
     axes_dims = [axes_t, axes_h, head_dim - axes_t - axes_h]
     tokenizer = build_tokenizer()
+    tokenizer.chat_template = QWEN3_TEXT_CHAT_TEMPLATE  # Z-Image's text encoder is a Qwen3 LM: no default system turn
     torch.manual_seed(cfg.seed)
     transformer = ZImageTransformer2DModel(
         all_patch_size=(2,), all_f_patch_size=(1,), in_channels=cfg.vae_latent_channels, dim=cfg.dim,
@@ -277,8 +299,8 @@ def build_tiny_zimage(cfg: GeneratorConfig, out_dir: str | Path, image_size: int
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
         up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(cfg.vae_block_channels),
-        layers_per_block=VAE_LAYERS_PER_BLOCK, latent_channels=cfg.vae_latent_channels,
-        norm_num_groups=_vae_groups(tuple(cfg.vae_block_channels)), scaling_factor=1.0, shift_factor=0.0,
+        layers_per_block=cfg.vae_layers_per_block, latent_channels=cfg.vae_latent_channels,
+        norm_num_groups=cfg.vae_norm_groups, scaling_factor=1.0, shift_factor=0.0,
         sample_size=image_size)
     heads = max(1, cfg.text_hidden_size // TEXT_ENCODER_HEAD_DIM)
     text_encoder = Qwen3Model(Qwen3Config(

@@ -1,0 +1,245 @@
+"""Teacher rollouts through a vLLM `LLM`: G reasoning samples per input, the score prefix, the score distribution.
+
+Two batched engine calls per batch (methods.md §1-2):
+
+1. **Sample**: per input, `n = G` reasoning samples with `stop=["Score:"]`, at most `max_reasoning_tokens`,
+   `logprobs=0` (the sampled token's log-prob). vLLM forks the G children from one prompt, so the prompt and
+   the image are processed once.
+2. **Score**: per sample, the token prompt `prompt + kept reasoning + canonical score prefix` with
+   `max_tokens=1` and `logprob_token_ids=<the nine score tokens>`: q at the score position. Prefix caching
+   reuses the prompt's KV blocks from call 1, so this call costs about one prefill of the reasoning.
+
+Then the score token is drawn from q (tempered), seeded per sample. The token ids in the `RolloutBatch`
+are exactly those that were fed to the engine; a check compares vLLM's expanded prompt of call 2 with the
+prompt ids of call 1 plus the appended tokens.
+
+Cutting at the score prefix: vLLM stops on the *text* "Score:", so the tokens that spelled it may straddle
+the boundary. The kept reasoning is the longest run of sampled tokens whose text ends before the first
+"Score:"; the canonical prefix ids (" Score: ", or "Score: " after whitespace or an empty reasoning) follow.
+Malformed samples (no prefix within the budget, or an end-of-turn first) keep their sampled tokens (minus the
+end-of-turn token) and get the prefix by force, `format_ok = False` (see `zray.types.RolloutBatch`).
+
+Seeds: sample (i, g) of the request at global index `request_offset + i` uses seed
+`seed * 1_000_003 + (request_offset + i) * G + g`, for vLLM's sampler and for the score token, so a batch
+split across several engines gives the same samples as one engine given the same offsets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from zray.prompts import SCORE_PREFIX, ScoreRequest, render_generation_prompt
+from zray.scores import distribution_from_logprobs, expected_score
+from zray.types import FINISH_EOS, FINISH_LENGTH, FINISH_PREFIX, RolloutBatch
+
+STOP_TEXT = SCORE_PREFIX.strip()  # "Score:": the stop string of the reasoning call
+SEED_STRIDE = 1_000_003
+
+
+@dataclass
+class _Sample:
+    """One sample between the two engine calls (internal)."""
+
+    reasoning_ids: list[int]
+    reasoning_logprobs: list[float]
+    finish: int
+    prefix_ids: list[int]
+    seed: int | None
+
+
+def as_requests(requests: Sequence[ScoreRequest | tuple]) -> list[ScoreRequest]:
+    """ScoreRequests from requests or (prompt, image, dimension) tuples; rollouts write their own reasoning."""
+    reqs = [r if isinstance(r, ScoreRequest) else ScoreRequest(*r) for r in requests]
+    for i, r in enumerate(reqs):
+        if r.reasoning is not None:
+            raise ValueError(f"requests[{i}].reasoning={r.reasoning!r} is not allowed: rollouts sample the "
+                             "reasoning; pass requests without it")
+    if not reqs:
+        raise ValueError("requests is empty: expected at least one (prompt, image, dimension)")
+    return reqs
+
+
+def cut_before(decode: Callable[[list[int]], str], token_ids: list[int], stop_text: str) -> int | None:
+    """The number of leading tokens whose decoded text ends before the first `stop_text`; None if absent."""
+    index = decode(token_ids).find(stop_text)
+    if index < 0:
+        return None
+    k = len(token_ids)
+    while k > 0 and len(decode(token_ids[:k])) > index:
+        k -= 1
+    return k
+
+
+def collapse_placeholders(token_ids: Sequence[int], placeholder_id: int | None) -> list[int]:
+    """Token ids with each run of the image placeholder collapsed to one (vLLM expands it again)."""
+    out: list[int] = []
+    for t in token_ids:
+        if placeholder_id is not None and t == placeholder_id and out and out[-1] == placeholder_id:
+            continue
+        out.append(int(t))
+    return out
+
+
+class PrefixIds:
+    """The canonical score prefix as token ids, with and without the leading space."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.spaced = tokenizer.encode(" " + SCORE_PREFIX, add_special_tokens=False)
+        self.bare = tokenizer.encode(SCORE_PREFIX, add_special_tokens=False)
+        self._decode = tokenizer.decode
+
+    def after(self, reasoning_ids: list[int]) -> list[int]:
+        """The prefix ids to append to `reasoning_ids` (no double space, no leading space at the start)."""
+        if not reasoning_ids:
+            return list(self.bare)
+        text = self._decode(reasoning_ids, skip_special_tokens=True)
+        return list(self.bare if (not text or text[-1].isspace()) else self.spaced)
+
+
+def split_sample(completion: Any, decode: Callable[[list[int]], str]) -> tuple[int, int]:
+    """(tokens of reasoning to keep, finish code) for one vLLM CompletionOutput of call 1."""
+    ids = list(completion.token_ids)
+    if completion.finish_reason == "stop" and completion.stop_reason == STOP_TEXT:
+        keep = cut_before(decode, ids, STOP_TEXT)
+        if keep is not None:
+            return keep, FINISH_PREFIX
+        return len(ids), FINISH_EOS  # vLLM saw the prefix in its own detokenisation but ours differs
+    if completion.finish_reason == "stop":  # end-of-turn (eos) or a stop token id: the last token is it
+        return max(len(ids) - 1, 0), FINISH_EOS
+    if completion.finish_reason == "length":
+        return len(ids), FINISH_LENGTH
+    raise RuntimeError(f"vLLM finished a rollout with finish_reason={completion.finish_reason!r} "
+                       f"(stop_reason={completion.stop_reason!r}): expected 'stop' or 'length'")
+
+
+def _sample_seed(seed: int | None, index: int, group_size: int, g: int) -> int | None:
+    return None if seed is None else seed * SEED_STRIDE + index * group_size + g
+
+
+def generate_rollouts(llm: Any, requests: Sequence[ScoreRequest | tuple], *, score_ids: Sequence[int],
+                      group_size: int, max_reasoning_tokens: int, temperature: float = 1.0,
+                      seed: int | None = None, request_offset: int = 0, weights_version: int = 0,
+                      max_model_len: int) -> RolloutBatch:
+    """G rollouts per request as a validated `RolloutBatch` (see the module docstring for the method)."""
+    from vllm import SamplingParams
+
+    reqs = as_requests(requests)
+    if not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size={group_size!r} is not allowed: expected an integer >= 1")
+    if not isinstance(max_reasoning_tokens, int) or max_reasoning_tokens < 1:
+        raise ValueError(f"max_reasoning_tokens={max_reasoning_tokens!r} is not allowed: expected an integer >= 1")
+    if not temperature >= 0.0:
+        raise ValueError(f"temperature={temperature!r} is not allowed: expected a number >= 0")
+    tokenizer = llm.get_tokenizer()
+    prefix = PrefixIds(tokenizer)
+    placeholder = getattr(llm.llm_engine.model_config.hf_config, "image_token_id", None)
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    # ---- call 1: reasoning samples
+    texts = [render_generation_prompt(tokenizer, r.prompt, r.dimension, reasoning=True) for r in reqs]
+    params = [SamplingParams(n=group_size, max_tokens=max_reasoning_tokens, temperature=temperature,
+                             seed=_sample_seed(seed, request_offset + i, group_size, 0), stop=[STOP_TEXT],
+                             logprobs=0) for i in range(len(reqs))]
+    outputs = llm.generate([{"prompt": t, "multi_modal_data": {"image": r.image}} for t, r in zip(texts, reqs)],
+                           params, use_tqdm=False)
+    prompts = [list(out.prompt_token_ids) for out in outputs]
+    samples: list[list[_Sample]] = []
+    for i, out in enumerate(outputs):
+        if len(out.outputs) != group_size:
+            raise RuntimeError(f"vLLM returned {len(out.outputs)} samples for request {i}: expected {group_size}")
+        row = []
+        for g, c in enumerate(sorted(out.outputs, key=lambda c: c.index)):
+            keep, finish = split_sample(c, decode)
+            ids = [int(t) for t in c.token_ids[:keep]]
+            logprobs = [float(step[t].logprob) for t, step in zip(ids, c.logprobs[:keep])]
+            pre = prefix.after(ids)
+            room = max_model_len - len(prompts[i]) - len(prefix.spaced) - 1
+            if len(ids) > room:  # the score position must fit in the context: cut and call it malformed
+                ids, logprobs, finish = ids[:max(room, 0)], logprobs[:max(room, 0)], FINISH_LENGTH
+                pre = prefix.after(ids)
+            row.append(_Sample(ids, logprobs, finish, pre, _sample_seed(seed, request_offset + i, group_size, g)))
+        samples.append(row)
+
+    # ---- call 2: the score distribution at the score position of every sample
+    score_inputs, expected = [], []
+    for i, r in enumerate(reqs):
+        head = collapse_placeholders(prompts[i], placeholder)
+        for s in samples[i]:
+            score_inputs.append({"prompt_token_ids": head + s.reasoning_ids + s.prefix_ids,
+                                 "multi_modal_data": {"image": r.image}})
+            expected.append(prompts[i] + s.reasoning_ids + s.prefix_ids)
+    score_params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(score_ids))
+    scored = llm.generate(score_inputs, score_params, use_tqdm=False)
+    logprobs_BK = torch.empty(len(scored), len(score_ids), dtype=torch.float64)
+    for b, (out, want) in enumerate(zip(scored, expected, strict=True)):
+        if list(out.prompt_token_ids) != want:
+            raise RuntimeError("vLLM expanded a score prompt differently from the rollout's prompt ids "
+                               f"(lengths {len(out.prompt_token_ids)} vs {len(want)}); the learner would "
+                               "teacher-force other tokens")
+        step = out.outputs[0].logprobs[0]
+        missing = [t for t in score_ids if t not in step]
+        if missing:
+            raise RuntimeError(f"vLLM returned no log-prob for score token ids {missing}")
+        logprobs_BK[b] = torch.tensor([step[t].logprob for t in score_ids], dtype=torch.float64)
+    return _assemble(prompts, samples, logprobs_BK, score_ids, temperature, weights_version)
+
+
+def _draw_score(logprobs_K: torch.Tensor, temperature: float, seed: int | None) -> int:
+    """Index of the score bin drawn from q^(1/temperature) (argmax at temperature 0)."""
+    if temperature == 0.0:
+        return int(logprobs_K.argmax())
+    probs = torch.softmax(logprobs_K / temperature, dim=-1)
+    gen = torch.Generator()
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def _assemble(prompts: list[list[int]], samples: list[list[_Sample]], logprobs_BK: torch.Tensor,
+              score_ids: Sequence[int], temperature: float, weights_version: int) -> RolloutBatch:
+    n, g = len(samples), len(samples[0])
+    el = max(len(p) for p in prompts)
+    lengths = [len(s.reasoning_ids) + len(s.prefix_ids) + 1 for row in samples for s in row]
+    t = max(lengths)
+    prompt_ids = torch.zeros(n, el, dtype=torch.int64)
+    prompt_mask = torch.zeros(n, el, dtype=torch.bool)
+    response_ids = torch.zeros(n, g, t, dtype=torch.int64)
+    response_mask = torch.zeros(n, g, t, dtype=torch.bool)
+    policy_mask = torch.zeros(n, g, t, dtype=torch.bool)
+    old_logprobs = torch.zeros(n, g, t, dtype=torch.float32)
+    score_index = torch.zeros(n, g, dtype=torch.int64)
+    finish = torch.zeros(n, g, dtype=torch.int8)
+    num_reasoning = torch.zeros(n, g, dtype=torch.int64)
+    q = distribution_from_logprobs(logprobs_BK).view(n, g, -1)
+    for i in range(n):
+        prompt_ids[i, : len(prompts[i])] = torch.tensor(prompts[i])
+        prompt_mask[i, : len(prompts[i])] = True
+        for j, s in enumerate(samples[i]):
+            b = i * g + j
+            k = _draw_score(logprobs_BK[b], temperature, s.seed)
+            r, p = len(s.reasoning_ids), len(s.prefix_ids)
+            ids = s.reasoning_ids + s.prefix_ids + [int(score_ids[k])]
+            response_ids[i, j, : len(ids)] = torch.tensor(ids)
+            response_mask[i, j, : len(ids)] = True
+            policy_mask[i, j, :r] = True
+            policy_mask[i, j, r + p] = True
+            old_logprobs[i, j, :r] = torch.tensor(s.reasoning_logprobs, dtype=torch.float32)
+            old_logprobs[i, j, r + p] = float(logprobs_BK[b, k])
+            score_index[i, j] = r + p
+            finish[i, j] = s.finish
+            num_reasoning[i, j] = r
+    return RolloutBatch(
+        prompt_ids_NL=prompt_ids, prompt_mask_NL=prompt_mask, response_ids_NGT=response_ids,
+        response_mask_NGT=response_mask, policy_mask_NGT=policy_mask, old_logprobs_NGT=old_logprobs,
+        score_index_NG=score_index, q_NGK=q, mu_NG=expected_score(q), format_ok_NG=finish == FINISH_PREFIX,
+        finish_NG=finish, num_reasoning_NG=num_reasoning, weights_version=weights_version,
+        temperature=float(temperature),
+    ).validate()

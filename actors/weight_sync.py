@@ -1,0 +1,217 @@
+"""Live weight sync into a vLLM engine: reload in place, reset caches, verify by reading the weights back.
+
+`receive_weights` (step 1, loads nothing) then `apply_weights` (steps 2-3); `TeacherEngine.load_weights`
+calls both:
+
+1. **Transport check**: the checksum (`zray.checksum`) of the received Hugging Face state dict must equal the
+   one the learner sent, and every floating tensor must be in the engine's dtype; otherwise
+   `WeightVersionError` / `ValueError` before anything is loaded (the engine keeps serving the old version).
+2. **Reload in place** (no restart): in-process engine -> `collective_rpc("reload_weights",
+   weights_iterator=...)` with the tensors themselves (no copy, no disk); multi-process engine -> the
+   safetensors bytes go through `collective_rpc` with a small function that deserialises them in the worker
+   (raw tensors arrive there as lists and break the engine). Then `reset_prefix_cache()`,
+   `llm_engine.reset_encoder_cache()` (without it an image seen before kills the engine: "Encoder cache
+   miss") and `reset_mm_cache()`.
+3. **Readback**: inside the worker, every sent tensor is located in vLLM's model (HF -> vLLM names through the
+   model's `hf_to_vllm_mapper`; fused `qkv_proj` / `gate_up_proj` rows through `packed_modules_mapping`,
+   offsets from the sent shapes; padded vocabulary rows cut off) and read back *as served*: on CPU, vLLM
+   repacks linear weights for oneDNN / sgl kernels and leaves an empty `weight`, so those are recovered by
+   running the layer's own kernel (`cpu_linear`) on an identity matrix (exact: each output is one product
+   by 1.0). Per-tensor digests come back (never tensors); their combined checksum must equal the learner's,
+   and every parameter of the engine must have been written. Otherwise `WeightVersionError`, naming tensors.
+
+Supports tensor parallel size 1 (one worker); the readback raises for more.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from zray.checksum import combine_digests, tensor_digest, weights_digests
+from zray.types import WeightSyncReport, WeightVersionError
+
+PROBE_CHUNK = 1024  # identity rows per readback matmul
+
+
+def encode_weights(state_dict: Mapping[str, torch.Tensor]) -> bytes:
+    """A state dict as safetensors bytes (the wire format for multi-process engines)."""
+    from safetensors.torch import save
+
+    return save({k: v.detach().contiguous().cpu() for k, v in state_dict.items()})
+
+
+def decode_weights(weights: Mapping[str, torch.Tensor] | bytes | bytearray | memoryview) -> dict[str, torch.Tensor]:
+    """A state dict from a mapping of tensors or from safetensors bytes."""
+    if isinstance(weights, (bytes, bytearray, memoryview)):
+        from safetensors.torch import load
+
+        return load(bytes(weights))
+    if isinstance(weights, Mapping):
+        bad = [k for k, v in weights.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+        if bad:
+            raise ValueError(f"weights entries {bad[:5]} are not (str, torch.Tensor)")
+        return dict(weights)
+    raise ValueError(f"weights of type {type(weights).__name__} are not allowed: expected a state dict "
+                     "(name -> tensor) or safetensors bytes")
+
+
+def _reload_from_bytes(worker: Any, data: bytes) -> None:
+    """Runs in a multi-process engine's worker: deserialise safetensors bytes and reload in place."""
+    from safetensors.torch import load
+
+    worker.reload_weights(weights_iterator=iter(load(data).items()))
+
+
+# ---------------------------------------------------------------------------------- readback (in the worker)
+def _fused_location(model: Any, hf_name: str, vllm_name: str, shapes: Mapping[str, tuple[int, ...]],
+                    shard_of: Mapping[str, tuple[str, int, list[str]]]) -> tuple[str, str, int]:
+    """(module path, parameter name, row offset) in vLLM's model for one HF tensor."""
+    module_path, _, param_name = vllm_name.rpartition(".")
+    try:
+        model.get_submodule(module_path)
+        return module_path, param_name, 0
+    except AttributeError:
+        pass
+    parent, _, leaf = module_path.rpartition(".")
+    if leaf not in shard_of:
+        raise WeightVersionError(f"the engine has no module {module_path!r} for the sent tensor {hf_name!r}")
+    fused, index, subs = shard_of[leaf]
+    offset = 0
+    head, _, tail = hf_name.rpartition(f".{leaf}.")
+    for sibling in subs[:index]:
+        sibling_name = f"{head}.{sibling}.{tail}"
+        if sibling_name not in shapes:
+            raise WeightVersionError(f"{hf_name!r} is stored fused in {parent}.{fused}, but the sent weights lack "
+                                     f"{sibling_name!r}, needed to locate it")
+        offset += shapes[sibling_name][0]
+    return f"{parent}.{fused}", param_name, offset
+
+
+def _served_tensor(module: Any, param_name: str) -> torch.Tensor:
+    """A parameter as the engine serves it: through the layer's CPU kernel when vLLM repacked the weight."""
+    from vllm.model_executor.layers.linear import LinearBase
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+
+    param = getattr(module, param_name)
+    kernel = getattr(module, "cpu_linear", None)
+    if param_name != "weight" or kernel is None or not isinstance(module, (LinearBase, ParallelLMHead)):
+        return param.detach()
+    in_features = getattr(module, "input_size_per_partition", None) or module.embedding_dim
+    dtype = getattr(module, "params_dtype", param.dtype)
+    columns = []
+    with torch.inference_mode():
+        for start in range(0, in_features, PROBE_CHUNK):
+            stop = min(start + PROBE_CHUNK, in_features)
+            eye = torch.zeros(stop - start, in_features, dtype=dtype, device=param.device)
+            eye[:, start:stop] = torch.eye(stop - start, dtype=dtype, device=param.device)
+            columns.append(kernel(eye, param, None).T)  # rows of W^T -> columns of W
+    return torch.cat(columns, dim=1)
+
+
+def served_digests(model: Any, layout: list[tuple[str, tuple[int, ...]]]) -> tuple[dict[str, str], list[str]]:
+    """Per-tensor digests of the weights the engine serves, under the HF names of `layout`, and the engine
+    parameters that no sent tensor wrote. Runs inside the worker (`LLM.apply_model`); returns strings only."""
+    mapper = getattr(model, "hf_to_vllm_mapper", None)
+    packed = getattr(model, "packed_modules_mapping", None) or {}
+    shard_of = {sub: (fused, i, list(subs)) for fused, subs in packed.items() for i, sub in enumerate(subs)}
+    shapes = dict(layout)
+    cache: dict[tuple[str, str], torch.Tensor] = {}
+    touched: set[str] = set()
+    digests: dict[str, str] = {}
+    for name, shape in layout:
+        vllm_name = mapper.map_name(name) if mapper is not None else name
+        if vllm_name is None:
+            raise WeightVersionError(f"the engine ignores the sent tensor {name!r}: it cannot serve it")
+        module_path, param_name, offset = _fused_location(model, name, vllm_name, shapes, shard_of)
+        key = (module_path, param_name)
+        if key not in cache:
+            cache[key] = _served_tensor(model.get_submodule(module_path), param_name)
+        touched.add(f"{module_path}.{param_name}")
+        full = cache[key]
+        rows = full[offset: offset + shape[0]] if shape else full
+        if tuple(rows.shape) != tuple(shape):
+            if rows.numel() != torch.Size(shape).numel():
+                raise WeightVersionError(f"the engine holds {name!r} with shape {tuple(rows.shape)}: "
+                                         f"sent {tuple(shape)}")
+            rows = rows.reshape(shape)
+        digests[name] = tensor_digest(name, rows)
+    uncovered = sorted({n for n, _ in model.named_parameters()} - touched)
+    return digests, uncovered
+
+
+# ------------------------------------------------------------------------------------------------- sync
+def served_dtype(llm: Any) -> torch.dtype:
+    return llm.llm_engine.model_config.dtype
+
+
+def reset_caches(llm: Any) -> None:
+    """Drop everything derived from the old weights: prefix KV blocks, encoder outputs, processed inputs."""
+    llm.reset_prefix_cache()
+    llm.llm_engine.reset_encoder_cache()
+    llm.reset_mm_cache()
+
+
+def verify_served(llm: Any, state: Mapping[str, torch.Tensor], checksum: str) -> str:
+    """Read the weights back out of the engine and compare with `state` / `checksum`; returns the served
+    checksum. Raises WeightVersionError naming the tensors that differ or the parameters never written."""
+    layout = [(name, tuple(t.shape)) for name, t in state.items()]
+    results = llm.apply_model(functools.partial(served_digests, layout=layout))
+    if len(results) != 1:
+        raise NotImplementedError(f"weight readback supports one worker (tensor parallel size 1), got {len(results)}")
+    digests, uncovered = results[0]
+    served = combine_digests(digests)
+    if served != checksum:
+        sent = weights_digests(state)
+        wrong = sorted(n for n in sent if digests.get(n) != sent[n])
+        raise WeightVersionError(f"the engine serves weights with checksum {served}, not the {checksum} that was "
+                                 f"sent: {len(wrong)} tensors differ, e.g. {wrong[:5]}")
+    if uncovered:
+        raise WeightVersionError(f"{len(uncovered)} engine parameters were not written by the sent weights, "
+                                 f"e.g. {uncovered[:5]}: send the full state dict")
+    return served
+
+
+def receive_weights(llm: Any, weights: Mapping[str, torch.Tensor] | bytes, *, version: int,
+                    checksum: str) -> tuple[dict[str, torch.Tensor], bytes | None]:
+    """Step 1: (state dict, safetensors bytes if that is how they came). Nothing is loaded; raises
+    WeightVersionError if the received weights do not have the sent checksum, ValueError on a bad dtype."""
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise ValueError(f"version={version!r} is not allowed: expected an integer >= 0")
+    data = bytes(weights) if isinstance(weights, (bytes, bytearray, memoryview)) else None
+    state = decode_weights(weights)
+    if not state:
+        raise ValueError("weights is empty: expected the full state dict")
+    received = combine_digests(weights_digests(state))
+    if received != checksum:
+        raise WeightVersionError(f"weights for version {version} arrived with checksum {received}, but the learner "
+                                 f"sent {checksum}: nothing was loaded")
+    dtype = served_dtype(llm)
+    wrong_dtype = sorted(n for n, t in state.items() if t.is_floating_point() and t.dtype != dtype)
+    if wrong_dtype:
+        raise ValueError(f"tensors {wrong_dtype[:5]} are not in the engine's dtype {dtype}: send the weights in "
+                         "the served dtype (a cast would change the checksum); nothing was loaded")
+    return state, data
+
+
+def apply_weights(llm: Any, state: Mapping[str, torch.Tensor], data: bytes | None, *, version: int, checksum: str,
+                  in_process: bool, reload: Any = None) -> WeightSyncReport:
+    """Steps 2-3: reload in place, reset the caches, read back and verify. `reload(llm, state, data)` replaces
+    the reload step (tests use it to load something else and see the readback catch it)."""
+    start = time.perf_counter()
+    if reload is not None:
+        reload(llm, state, data)
+    elif in_process:
+        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(state.items())})
+    else:
+        llm.collective_rpc(_reload_from_bytes, args=(data if data is not None else encode_weights(state),))
+    reset_caches(llm)
+    loaded = time.perf_counter()
+    served = verify_served(llm, state, checksum)
+    num_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    return WeightSyncReport(version=version, checksum=served, num_tensors=len(state), num_bytes=num_bytes,
+                            load_s=loaded - start, verify_s=time.perf_counter() - loaded)

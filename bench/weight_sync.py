@@ -1,0 +1,112 @@
+"""Weight sync: the learner's weights into a live vLLM engine vs a plain in-memory copy of the same tensors.
+
+    .venv/bin/python bench/weight_sync.py                       # a ~21M-parameter Qwen2.5-VL, fp32 (~85 MB)
+    .venv/bin/python bench/weight_sync.py --hidden 128 --layers 2 --rounds 3   # the tiny_cpu teacher
+
+The model is a Qwen2.5-VL built locally from config (zray.models.tiny) with `--hidden`, `--layers` (head_dim 64,
+MLP 4x hidden); the "learner" is its transformers state dict, perturbed each round so that every sync changes
+the weights.
+
+- baseline: `dst.copy_(src)` for every tensor into preallocated tensors of the same shapes (a plain in-memory
+  copy: the floor of any in-process sync).
+- candidate: `TeacherEngine.load_weights(state, version, checksum)` on an in-process engine (`--multiprocess`:
+  engine core in its own process, weights sent as safetensors bytes): checksum of the
+  received tensors, `reload_weights` in place, prefix / encoder / multimodal cache resets, readback of every
+  served tensor (through the CPU kernels for repacked linear layers) and its checksum. The learner-side
+  checksum (`zray.checksum.weights_checksum`) and the safetensors-bytes route (`encode_weights`, the wire format
+  for multi-process engines) are timed separately.
+
+Rounds interleave all of them (after one warm-up round) so that drifting CPU load hits each alike. Printed:
+median seconds and GB/s over `--rounds` of each, and the ratio candidate / baseline. The machine is
+shared: absolute figures move with the load, so compare within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--multiprocess", action="store_true",
+                        help="engine core in its own process (weights travel as safetensors bytes)")
+    args = parser.parse_args()
+
+    import torch
+
+    from actors.teacher_engine import TeacherEngine
+    from actors.weight_sync import encode_weights
+    from zray.checksum import weights_checksum
+    from zray.config import VLLMConfig, VLMConfig
+    from zray.models.tiny import build_tiny_vlm
+    from zray.models.vlm import load_vlm
+
+    cfg = VLMConfig(hidden_size=args.hidden, num_layers=args.layers, num_heads=max(1, args.hidden // 64),
+                    num_kv_heads=max(1, args.hidden // 256), head_dim=64, intermediate_size=4 * args.hidden,
+                    vision_hidden_size=64, vision_depth=2, vision_num_heads=2, seed=0)
+    tmp = tempfile.TemporaryDirectory()
+    model_dir = build_tiny_vlm(cfg, os.path.join(tmp.name, "teacher"))
+    model, _ = load_vlm(model_dir)
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    del model
+    num_bytes = sum(t.numel() * t.element_size() for t in base.values())
+    gb = num_bytes / 1e9
+    print(f"model: {sum(t.numel() for t in base.values()) / 1e6:.1f}M parameters, {len(base)} tensors, "
+          f"{num_bytes / 1e6:.1f} MB ({next(iter(base.values())).dtype}); {args.rounds} rounds; "
+          f"cores {os.cpu_count()}")
+
+    gen = torch.Generator().manual_seed(0)
+    states = [{k: v + 1e-3 * torch.randn(v.shape, generator=gen) for k, v in base.items()} for _ in range(2)]
+
+    dst = {k: torch.empty_like(v) for k, v in base.items()}
+    blobs = [encode_weights(st) for st in states]
+    engine = TeacherEngine(model_dir, VLLMConfig(max_model_len=1024, in_process=not args.multiprocess))
+
+    def timed(fn):
+        start = time.perf_counter()
+        result = fn()
+        return time.perf_counter() - start, result
+
+    # Rounds interleave every method, so that drifting CPU load (a shared machine) hits them alike.
+    # Round 0 is a warm-up (page faults of the copy target, first reload) and is not counted.
+    rows: dict[str, list[float]] = {k: [] for k in ("copy", "checksum", "encode", "sync", "sync_bytes", "load",
+                                                    "verify")}
+    for r in range(args.rounds + 1):
+        st = states[r % len(states)]
+        copy_s, _ = timed(lambda: [dst[k].copy_(v) for k, v in st.items()])
+        checksum_s, checksum = timed(lambda: weights_checksum(st))
+        encode_s, _ = timed(lambda: encode_weights(st))
+        sync_s, report = timed(lambda: engine.load_weights(st, version=2 * r + 1, checksum=checksum))
+        bytes_s, _ = timed(lambda: engine.load_weights(blobs[r % len(states)], version=2 * r + 2, checksum=checksum))
+        if r:
+            for key, value in (("copy", copy_s), ("checksum", checksum_s), ("encode", encode_s), ("sync", sync_s),
+                               ("sync_bytes", bytes_s), ("load", report.load_s), ("verify", report.verify_s)):
+                rows[key].append(value)
+    engine.shutdown()
+    med = {k: statistics.median(v) for k, v in rows.items()}
+    copy_s, sync_s, checksum_s, encode_s, bytes_s = (med[k] for k in ("copy", "sync", "checksum", "encode",
+                                                                       "sync_bytes"))
+    load_s, verify_s = med["load"], med["verify"]
+
+    print(f"engine: {'multi-process' if args.multiprocess else 'in-process'}")
+    print(f"baseline  plain in-memory copy:           {copy_s * 1e3:8.1f} ms  {gb / copy_s:6.2f} GB/s")
+    print(f"candidate engine.load_weights (verified): {sync_s * 1e3:8.1f} ms  {gb / sync_s:6.2f} GB/s"
+          f"  = reload + cache resets {load_s * 1e3:.1f} ms + readback/verify {verify_s * 1e3:.1f} ms")
+    print(f"          learner-side checksum:          {checksum_s * 1e3:8.1f} ms  {gb / checksum_s:6.2f} GB/s")
+    print(f"          safetensors route: encode {encode_s * 1e3:.1f} ms + load_weights(bytes) "
+          f"{bytes_s * 1e3:.1f} ms")
+    print(f"ratio engine sync / plain copy: {sync_s / copy_s:.1f}x the time")
+
+
+if __name__ == "__main__":
+    main()

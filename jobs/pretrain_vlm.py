@@ -1,0 +1,311 @@
+"""`zray pretrain-vlm`: pre-train the tiny teacher and/or student VLM on the captioning corpus.
+
+    zray pretrain-vlm --recipe dev --model teacher            # the calibrated 20-minute run
+    zray pretrain-vlm --recipe dev --model teacher --resume   # continue it from its latest checkpoint
+
+`--resume` continues each role from its latest checkpoint (a role without one starts fresh) within what is
+left of `time_budget_s`: the budget is for the whole run, so a run whose budget is spent is only evaluated.
+
+Steps: resolve the world (build `<out_dir>/data` if missing, refuse one built from another WorldConfig),
+build each tiny model from its VLMConfig (or start from `VLMConfig.checkpoint`), read captions_train with
+Ray Data, train with the generic learner (`actors.learner.fit`: Ray Train + DeepSpeed, checkpoints in HF
+format, TensorBoard events), then evaluate on `num_eval_images` held-out caption images.
+
+Outputs under `<out_dir>/pretrain_vlm/<role>/` (next to Ray Train's checkpoints and `tensorboard/`):
+`final/` (the trained model, Hugging Face format: loads in transformers and vLLM), `metrics.json`,
+`summary.md`, `descriptions.png` (held-out images, generated description, truth), `learning_curve.png`
+(training loss and answer-token accuracy vs step; held-out accuracy of the evaluated checkpoints).
+`<out_dir>/pretrain_vlm/summary.md` and `metrics.json` gather the roles.
+
+`eval_every > 0` also evaluates every kept checkpoint whose step is a multiple of it, after training (so
+the evaluations do not eat the time budget; keep `learner.keep_checkpoints` large enough).
+
+Calibration (Nov 2026, 2-core CPU shared with other jobs at load 10-30, so wall-clock figures are low;
+dev teacher = 0.67M-parameter Qwen2.5-VL, 16 image tokens, compact captions, batch 16, lr 2e-3, fp32):
+- speed: 5.1 steps per CPU-second with one thread (student, 0.21M: 9.0); through the learner (Ray Train,
+  DeepSpeed ZeRO-2, 1 worker) 2.4-3.6 steps/s wall under that load; Ray + DeepSpeed start-up 0.5-2.5 min.
+- held-out accuracy (200 images) of the teacher: step 703: background 99%, colour 6%, shape 3%, count 51%,
+  exact 0.5%; step 1000: 100 / 13 / 3 / 51 / 0%; step 1261: 100 / 30 / 5 / 53 / 1% (colour is taking
+  off; shape and count follow later). A quiet machine gives about 6000 steps in the 20-minute budget.
+- decoding 200 held-out images with the teacher takes about 9 s with one thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from zray.config import RunConfig, VLMConfig, to_dict
+from zray.data import build_world, read_ray_dataset, read_table
+from zray.data.render import decode_png
+from zray.data.scene import Defects, Scene
+from zray.models.captioning import ATTRIBUTES, CaptionTask, caption_metrics, describe_images, score_caption
+from zray.models.tiny import build_tiny_vlm, count_parameters
+from zray.models.vlm import load_vlm
+
+ROLES = ("teacher", "student")
+NUM_GRID_IMAGES = 12
+MAX_GRID_LINES = 8  # of a generated description in the grid (an untrained model rambles)
+
+
+def run_pretrain_vlm(cfg: RunConfig, model: str = "both", resume: bool = False) -> dict[str, Any]:
+    """Train and evaluate the chosen role(s) (`teacher`, `student` or `both`); returns {role: metrics}."""
+    import ray
+
+    from actors.learner import LearnerResult, fit, read_learner_state
+
+    roles = ROLES if model == "both" else (model,)
+    if any(r not in ROLES for r in roles):
+        raise ValueError(f"model={model!r} is not allowed: expected 'teacher', 'student' or 'both'")
+    pcfg = cfg.pretrain_vlm
+    out = Path(cfg.out_dir).resolve()
+    root = out / "pretrain_vlm"
+    data_dir = ensure_world(cfg, out / "data")
+    eval_rows = read_table(data_dir / "captions_test.parquet", "captions").to_pylist()
+    if pcfg.num_eval_images > len(eval_rows):
+        raise ValueError(f"pretrain_vlm.num_eval_images={pcfg.num_eval_images} is not allowed: captions_test has "
+                         f"{len(eval_rows)} images (world.num_caption_test_images)")
+    eval_rows = eval_rows[:pcfg.num_eval_images]
+    if not ray.is_initialized():
+        need = pcfg.learner.num_workers * pcfg.learner.cpus_per_worker + 2
+        ray.init(**({} if os.environ.get("RAY_ADDRESS") else {"num_cpus": max(need, os.cpu_count() or 1)}),
+                 include_dashboard=False, log_to_driver=True)
+    train = read_ray_dataset(data_dir / "captions_train.parquet", "captions").select_columns(["image", "description"])
+
+    results: dict[str, Any] = {}
+    for role in roles:
+        vlm_cfg: VLMConfig = getattr(cfg, role)
+        init_dir = init_model(vlm_cfg, root / "init" / role, cfg.world.image_size)
+        task = CaptionTask(model_dir=str(init_dir), name=f"caption_{role}", style=pcfg.caption_style)
+        latest = latest_checkpoint(root / role) if resume else None  # --resume: only roles that have started
+        budget = pcfg.time_budget_s
+        if latest is not None and budget > 0:  # the budget is for the whole run, not for each resumption
+            budget -= max(elapsed_by_step(read_learner_state(latest)["history"]).values(), default=0.0)
+        print(f"[pretrain-vlm] {role}: {count_parameters(init_dir):,} parameters, {pcfg.caption_style} captions, "
+              f"budget {f'{budget:.0f} s' if pcfg.time_budget_s else 'none'}, max {pcfg.learner.max_steps} steps"
+              + (f", resuming {latest.name}" if latest else ""))
+        if latest is not None and pcfg.time_budget_s > 0 and budget <= 0:
+            state = read_learner_state(latest)  # the time budget is spent: evaluate the latest checkpoint again
+            fitted = LearnerResult(history=state["history"], hf_dir=latest / "hf", final_checkpoint=latest,
+                                   checkpoints=checkpoints(root / role), run_dir=root / role, wall_s=0.0,
+                                   final_step=int(state["step"]))
+        else:
+            fitted = fit(task, pcfg.learner, datasets={"train": train}, storage_path=root, name=role,
+                         resume=latest is not None, time_budget_s=budget)
+        run_dir = fitted.run_dir
+        final_dir = run_dir / "final"
+        shutil.rmtree(final_dir, ignore_errors=True)
+        shutil.copytree(fitted.hf_dir, final_dir)
+
+        train_s = elapsed_by_step(fitted.history)
+        curve = []
+        for ckpt in fitted.checkpoints:
+            step = int(read_learner_state(ckpt)["step"])
+            if ckpt != fitted.final_checkpoint and pcfg.eval_every and step % pcfg.eval_every == 0:
+                metrics, _ = evaluate(ckpt / "hf", eval_rows, pcfg.max_new_tokens)
+                curve.append({"step": step, "train_s": train_s.get(step), **metrics})
+        clock = time.perf_counter()
+        metrics, predictions = evaluate(final_dir, eval_rows, pcfg.max_new_tokens)
+        eval_s = time.perf_counter() - clock
+        curve.append({"step": fitted.final_step, "train_s": train_s.get(fitted.final_step), **metrics})
+
+        record = {"role": role, "model_dir": str(final_dir), "num_params": count_parameters(final_dir),
+                  "steps": fitted.final_step, "train_s": train_s.get(fitted.final_step), "fit_wall_s": fitted.wall_s,
+                  "steps_per_s": fitted.final_step / max(train_s.get(fitted.final_step) or 1e-9, 1e-9),
+                  "eval_s": eval_s, "caption_style": pcfg.caption_style, "final": metrics, "curve": curve,
+                  "last_loss": fitted.history[-1]["loss"] if fitted.history else None,
+                  "samples": [{"image_id": r["image_id"], "prediction": p, "truth": _styled(r, pcfg.caption_style)}
+                              for r, p in zip(eval_rows[:NUM_GRID_IMAGES], predictions, strict=False)],
+                  "config": to_dict(cfg.pretrain_vlm), "vlm": dataclasses.asdict(vlm_cfg)}
+        (run_dir / "metrics.json").write_text(json.dumps(record, indent=2))
+        save_description_grid(run_dir / "descriptions.png", eval_rows[:NUM_GRID_IMAGES], predictions,
+                              pcfg.caption_style, title=f"{role}: held-out images after {fitted.final_step} steps")
+        save_learning_curve(run_dir / "learning_curve.png", fitted.history, curve, title=f"{role} captioning")
+        (run_dir / "summary.md").write_text(summary_markdown({role: record}))
+        print(f"[pretrain-vlm] {role}: " + ", ".join(f"{k} {metrics[k]:.1%}" for k in (*ATTRIBUTES, "exact"))
+              + f" on {len(eval_rows)} held-out images after {fitted.final_step} steps -> {run_dir}")
+        results[role] = record
+
+    everything = json.loads((root / "metrics.json").read_text()) if (root / "metrics.json").exists() else {}
+    everything.update(results)
+    (root / "metrics.json").write_text(json.dumps(everything, indent=2))
+    (root / "summary.md").write_text(summary_markdown(everything))
+    return results
+
+
+# ------------------------------------------------------------------------------------------ setup
+
+
+def ensure_world(cfg: RunConfig, data_dir: Path) -> Path:
+    """`data_dir` holding the world of `cfg.world`: built (atomically) when missing, checked when present."""
+    manifest = data_dir / "manifest.json"
+    if not manifest.exists():
+        scratch = data_dir.with_name(f"{data_dir.name}.building-{os.getpid()}")
+        print(f"[pretrain-vlm] building the Shapes world -> {data_dir}")
+        build_world(cfg.world, scratch, progress=True)
+        try:
+            scratch.rename(data_dir)
+        except OSError:  # another job finished the same world first
+            shutil.rmtree(scratch, ignore_errors=True)
+    built = json.loads(manifest.read_text())["world_config"]
+    if built != json.loads(json.dumps(dataclasses.asdict(cfg.world))):
+        raise ValueError(f"{data_dir} holds a world built from another WorldConfig ({built}); remove it or choose "
+                         "another out_dir")
+    return data_dir
+
+
+def init_model(vlm_cfg: VLMConfig, path: Path, image_size: int) -> Path:
+    """The initial weights: `vlm_cfg.checkpoint` if set, else a tiny model built (once) under `path`."""
+    if vlm_cfg.checkpoint:
+        return Path(vlm_cfg.checkpoint)
+    marker = path / "zray_vlm_config.json"
+    record = json.dumps({"vlm": dataclasses.asdict(vlm_cfg), "image_size": image_size}, sort_keys=True)
+    if not (marker.exists() and marker.read_text() == record):
+        shutil.rmtree(path, ignore_errors=True)
+        build_tiny_vlm(vlm_cfg, path, image_size=image_size)
+        marker.write_text(record)
+    return path
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The learner's complete checkpoints under `run_dir` (those holding learner.json), oldest first."""
+    return sorted(p.parent for p in Path(run_dir).glob("checkpoint_*/learner.json"))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def elapsed_by_step(history: list[dict[str, float]]) -> dict[int, float]:
+    """Training seconds at each logged step (sum of step_time_s over the steps since the previous log)."""
+    out, total, previous = {}, 0.0, 0
+    for entry in history:
+        step = int(entry["step"])
+        total += entry["step_time_s"] * (step - previous)
+        out[step], previous = total, step
+    return out
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+def _styled(row: dict[str, Any], style: str) -> str:
+    from zray.data.captions import restyle
+
+    return restyle(row["description"], style)
+
+
+def evaluate(model_dir: Path, rows: list[dict[str, Any]], max_new_tokens: int) -> tuple[dict[str, float], list[str]]:
+    """Greedy descriptions of the rows' images by the model in `model_dir`, and their `caption_metrics`.
+
+    One intra-op thread: a tiny model's decoding gains nothing from more, and on a shared CPU spinning OpenMP
+    threads made it several times slower (200 images: 9 s with one thread, over 40 s with two)."""
+    import torch
+
+    model, processor = load_vlm(model_dir)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        predictions = describe_images(model, processor, [decode_png(r["image"]) for r in rows], max_new_tokens)
+    finally:
+        torch.set_num_threads(threads)
+    metrics = caption_metrics(predictions, [Scene.from_json(r["scene_json"]) for r in rows],
+                              [Defects.from_json(r["defects_json"]) for r in rows])
+    return metrics, predictions
+
+
+# ------------------------------------------------------------------------------------------ reports
+
+
+def summary_markdown(records: dict[str, dict[str, Any]]) -> str:
+    keys = (*ATTRIBUTES, "exact", "defects")
+    lines = ["# Base VLM pre-training (captioning)", "",
+             "| model | params | steps | train min | steps/s | " + " | ".join(keys) + " |",
+             "|---|---|---|---|---|" + "---|" * len(keys)]
+    for role, r in records.items():
+        train_min = (r["train_s"] or 0.0) / 60
+        lines.append(f"| {role} | {r['num_params']:,} | {r['steps']} | {train_min:.1f} | {r['steps_per_s']:.2f} | "
+                     + " | ".join(f"{r['final'].get(k, float('nan')):.1%}" for k in keys) + " |")
+    for role, r in records.items():
+        n, nrel = int(r["final"]["num_images"]), int(r["final"]["num_relation_images"])
+        lines += ["", f"## {role}", "", f"Held-out images: {n} ({nrel} with a relation); caption style "
+                  f"`{r['caption_style']}`; model `{r['model_dir']}`.", "",
+                  "| step | train min | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+        for point in r["curve"]:
+            lines.append(f"| {point['step']} | {(point['train_s'] or 0.0) / 60:.1f} | "
+                         + " | ".join(f"{point.get(k, float('nan')):.1%}" for k in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def save_description_grid(path: Path, rows: list[dict[str, Any]], predictions: list[str], style: str,
+                          title: str) -> None:
+    """Held-out images, each with its generated description and the truth; wrong attributes named."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = 3
+    n = min(len(rows), len(predictions))
+    grid_rows = max(1, -(-n // cols))
+    fig, axes = plt.subplots(grid_rows, 2 * cols, figsize=(4.6 * cols, 2.5 * grid_rows), squeeze=False,
+                             gridspec_kw={"width_ratios": [1, 2.6] * cols})
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for k in range(n):
+        row, pred = rows[k], predictions[k]
+        image_ax, text_ax = axes[k // cols, 2 * (k % cols)], axes[k // cols, 2 * (k % cols) + 1]
+        image_ax.imshow(decode_png(row["image"]))
+        scored = score_caption(pred, Scene.from_json(row["scene_json"]), Defects.from_json(row["defects_json"]))
+        wrong = [a for a in ATTRIBUTES if scored[a] is False]
+        verdict = "exact" if scored["exact"] else "wrong: " + (", ".join(wrong) or "colour-shape pairing")
+        text_ax.text(0, 1.02, verdict, va="bottom", ha="left", fontsize=6.5, transform=text_ax.transAxes,
+                     color="green" if scored["exact"] else "red")
+        shown = "\n".join(pred.split("\n")[:MAX_GRID_LINES])
+        text_ax.text(0, 1, f"generated:\n{shown}\n\ntruth:\n{_styled(row, style)}", va="top", ha="left",
+                     fontsize=5.2, family="monospace", transform=text_ax.transAxes)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=140)
+    plt.close(fig)
+
+
+def save_learning_curve(path: Path, history: list[dict[str, float]], curve: list[dict[str, Any]], title: str) -> None:
+    """Left: training loss (and answer-token accuracy) vs step. Right: held-out accuracy vs step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    steps = [h["step"] for h in history]
+    left.plot(steps, [h["loss"] for h in history], color="C0", label="loss")
+    left.set_yscale("log")
+    left.set_xlabel("step")
+    left.set_ylabel("answer-token cross-entropy")
+    if history and "token_acc" in history[0]:
+        twin = left.twinx()
+        twin.plot(steps, [h["token_acc"] for h in history], color="C1", alpha=0.6, label="token accuracy")
+        twin.set_ylim(0, 1)
+        twin.set_ylabel("answer-token accuracy")
+    left.set_title(f"{title}: training")
+    for k, key in enumerate((*ATTRIBUTES, "exact")):
+        points = [(p["step"], p[key]) for p in curve if p.get(key) == p.get(key)]  # drop NaN
+        if points:
+            right.plot(*zip(*points), marker="o", color=f"C{k}", label=key)
+    right.set_ylim(0, 1.02)
+    right.axhline(0.9, color="gray", lw=0.6, ls="--")
+    right.axhline(0.7, color="gray", lw=0.6, ls=":")
+    right.set_xlabel("step")
+    right.set_ylabel("held-out accuracy")
+    right.set_title(f"{title}: held-out images")
+    right.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)

@@ -1,0 +1,70 @@
+"""`zray pretrain-vlm` on the tiny_cpu recipe: Ray Train (1 worker) end to end, artefacts, clear errors."""
+
+import dataclasses
+import json
+
+import pytest
+
+from jobs.cli import main
+from jobs.recipes import tiny_cpu
+from jobs.pretrain_vlm import elapsed_by_step, ensure_world, latest_checkpoint
+
+
+def test_cli_rejects_an_unknown_model(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["pretrain-vlm", "--model", "critic"])
+    assert info.value.code == 2
+    assert "invalid choice: 'critic'" in capsys.readouterr().err
+
+
+def test_world_of_another_config_is_refused(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    other = dataclasses.asdict(dataclasses.replace(tiny_cpu().world, seed=99))
+    (data / "manifest.json").write_text(json.dumps({"world_config": other}))
+    with pytest.raises(ValueError, match="another WorldConfig"):
+        ensure_world(tiny_cpu(), data)
+
+
+def test_elapsed_by_step():
+    history = [{"step": 10, "step_time_s": 0.5}, {"step": 30, "step_time_s": 0.25}]
+    assert elapsed_by_step(history) == {10: 5.0, 30: 10.0}
+
+
+def test_latest_checkpoint_is_the_highest_complete_one(tmp_path):
+    assert latest_checkpoint(tmp_path) is None
+    for step, complete in ((1000, True), (2000, True), (3000, False)):  # 3000: a crash while writing it
+        (tmp_path / f"checkpoint_{step:06d}").mkdir()
+        if complete:
+            (tmp_path / f"checkpoint_{step:06d}" / "learner.json").write_text("{}")
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint_002000"
+
+
+def test_tiny_cpu_job_end_to_end(tmp_path):
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("deepspeed")
+    from jobs.pretrain_vlm import run_pretrain_vlm
+    from zray.models.vlm import load_vlm
+
+    cfg = dataclasses.replace(tiny_cpu(), out_dir=str(tmp_path / "run"))
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        results = run_pretrain_vlm(cfg, model="student")
+    finally:
+        if started:
+            ray.shutdown()
+    record = results["student"]
+    run_dir = tmp_path / "run" / "pretrain_vlm" / "student"
+    assert record["steps"] == cfg.pretrain_vlm.learner.max_steps
+    assert [p["step"] for p in record["curve"]] == [2, 4]  # the step-2 checkpoint (eval_every=2) and the final
+    for name in ("metrics.json", "summary.md", "descriptions.png", "learning_curve.png", "final/config.json"):
+        assert (run_dir / name).is_file(), name
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    final = record["final"]
+    assert final["num_images"] == cfg.pretrain_vlm.num_eval_images
+    assert all(0.0 <= final[k] <= 1.0 for k in ("background", "colour", "shape", "count", "exact"))
+    assert json.loads((tmp_path / "run" / "pretrain_vlm" / "metrics.json").read_text())["student"]["steps"] == 4
+    model, processor = load_vlm(run_dir / "final")  # the trained model loads without zray's task
+    assert model.config.model_type == "qwen2_5_vl"
