@@ -61,14 +61,27 @@ def dev() -> RunConfig:
                           intermediate_size=256, vision_hidden_size=64, vision_depth=2, vision_num_heads=2),
         student=VLMConfig(hidden_size=64, num_layers=2, num_heads=1, num_kv_heads=1, head_dim=64,
                           intermediate_size=128, vision_hidden_size=32, vision_depth=1, vision_num_heads=1),
+        # VAE: 64x64 -> 16x16x16 latents (64 transformer tokens); GroupNorm with 4 groups (see GeneratorConfig).
         generator=GeneratorConfig(dim=128, num_layers=4, num_refiner_layers=1, num_heads=4,
-                                  vae_block_channels=(64, 128), text_hidden_size=64, text_num_layers=2),
+                                  vae_block_channels=(16, 32, 64), vae_norm_groups=4, text_hidden_size=64,
+                                  text_num_layers=2),
         vllm=VLLMConfig(kv_cache_gib=2, enforce_eager=True, in_process=True, max_model_len=1024),
         # Calibrated for 20 minutes of training per model on a 2-core CPU (notes in jobs/pretrain_vlm.py).
         pretrain_vlm=PretrainVLMConfig(
             learner=LearnerConfig(max_steps=20000, micro_batch_size=16, lr=2e-3, warmup_steps=100,
                                   checkpoint_every=1000, keep_checkpoints=25, log_every=50),
             time_budget_s=1200.0, eval_every=1000, num_eval_images=200, max_new_tokens=96,
+        ),
+        # Calibrated for 40 minutes in all on a 2-core CPU (notes in jobs/pretrain_generator.py): about 9 min of
+        # VAE, 24 min of flow transformer, the rest start-up, checkpoints and evaluation. The step caps are
+        # above what the budgets allow; the budgets end each phase (with a final checkpoint).
+        pretrain_generator=PretrainGeneratorConfig(
+            vae=LearnerConfig(cpus_per_worker=2, micro_batch_size=16, lr=2e-3, warmup_steps=50, max_steps=4000,
+                              checkpoint_every=500, keep_checkpoints=2, log_every=25),
+            flow=LearnerConfig(cpus_per_worker=2, micro_batch_size=32, lr=1e-3, warmup_steps=100, max_steps=8000,
+                               checkpoint_every=1000, keep_checkpoints=2, log_every=50),
+            vae_time_budget_s=540.0, flow_time_budget_s=1440.0, vae_object_weight=2.0, vae_kl_weight=1e-6,
+            flow_ema_decay=0.999, num_eval_prompts=200,
         ),
     )
 

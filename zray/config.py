@@ -242,6 +242,10 @@ class PretrainGeneratorConfig:
     # plus vae_kl_weight * KL (zray/models/generator_training.py).
     vae_object_weight: float = 2.0
     vae_kl_weight: float = 1e-6
+    # Each flow worker keeps the frozen encoders' outputs of its shard (only the first epoch encodes).
+    flow_cache_encodings: bool = True
+    # The exported transformer is an exponential moving average of the trained one (0 = the raw weights).
+    flow_ema_decay: float = 0.999
     num_eval_prompts: int = 16
     sample_steps: int = 8
     shift: float = 3.0  # training sigmas and both samplers; also written into the saved scheduler
@@ -251,6 +255,8 @@ class PretrainGeneratorConfig:
         for name in ("vae_time_budget_s", "flow_time_budget_s", "vae_object_weight", "vae_kl_weight"):
             _require(getattr(self, name) >= 0, f"PretrainGeneratorConfig.{name}", getattr(self, name), "a float >= 0")
         _require(self.shift > 0, "PretrainGeneratorConfig.shift", self.shift, "a float > 0")
+        _require(0.0 <= self.flow_ema_decay < 1.0, "PretrainGeneratorConfig.flow_ema_decay", self.flow_ema_decay,
+                 "a float in [0, 1)")
 
 
 @dataclass(frozen=True, kw_only=True)

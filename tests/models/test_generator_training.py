@@ -98,6 +98,11 @@ def test_flow_loss_decreases_and_samplers_agree(pipe_dir, rows, tmp_path):
         with torch.no_grad():
             return np.mean([task.loss(model, batch)[0].item() for _ in range(4)])
 
+    cached = task.collate({**rows, "image_id": np.array([f"id{i}" for i in range(8)], dtype=object)})
+    again = task.collate({**rows, "image_id": np.array([f"id{i}" for i in range(8)], dtype=object)})
+    assert len(task._cache) == 8
+    for key in ("latents", "cap", "cap_len"):
+        assert torch.allclose(cached[key].float(), batch[key].float(), atol=1e-5) and torch.equal(cached[key], again[key])
     before = held_out_loss()
     torch.manual_seed(0)
     _train(task, model, batch, steps=40, lr=2e-3)
@@ -122,6 +127,26 @@ def test_flow_loss_decreases_and_samplers_agree(pipe_dir, rows, tmp_path):
                       latents=noise, max_sequence_length=64, output_type="pt").images
         assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
     assert not torch.allclose(sample_images(pipe, prompts, noise, 8), sample_images(pipe, prompts, noise, 2), atol=1e-3)
+
+
+def test_flow_ema_is_exported_and_checkpointed(pipe_dir, rows, tmp_path):
+    torch.manual_seed(0)
+    task = FlowTask(pipe_dir, ema_decay=0.9)
+    model = task.build_model()
+    assert not any(p.requires_grad for p in model.ema.parameters())
+    start = _params(model.transformer)
+    _train(task, model, task.collate(rows), steps=3, lr=1e-2)
+    trained, ema = _params(model.transformer), _params(model.ema)
+    key = next(k for k in trained if not torch.equal(trained[k], start[k]))
+    # three updates (at the start of each forward) with decays 0.1, 0.18, 0.25: the EMA trails the weights
+    assert not torch.equal(ema[key], trained[key]) and not torch.equal(ema[key], start[key])
+    assert "ema_updates" in model.state_dict() and model.ema_updates.item() == 3
+    task.save_pretrained(model, tmp_path / "ema")
+    fresh = task.build_model()
+    task.load_pretrained(fresh, tmp_path / "ema")
+    assert torch.equal(_params(fresh.transformer)[key], ema[key])
+    with pytest.raises(ValueError, match="ema_decay=1.0"):
+        FlowTask(pipe_dir, ema_decay=1.0)
 
 
 def test_prompt_embeddings_match_the_pipeline(pipe_dir):

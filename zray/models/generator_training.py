@@ -19,6 +19,7 @@ Tensor legend: B batch, C latent channels, H x W latent grid, L prompt tokens, D
 
 from __future__ import annotations
 
+import copy
 import io
 from pathlib import Path
 from typing import Any
@@ -107,7 +108,7 @@ class VAETask:
     def build_model(self) -> torch.nn.Module:
         from diffusers import AutoencoderKL
 
-        vae = AutoencoderKL.from_pretrained(self.init_dir, torch_dtype=torch.float32)
+        vae = AutoencoderKL.from_pretrained(self.init_dir, dtype=torch.float32)
         return VAEModule(vae).train()
 
     def collate(self, rows: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -129,33 +130,75 @@ class VAETask:
 
 
 class FlowModule(torch.nn.Module):
-    """The `ZImageTransformer2DModel` under training, on fixed-shape batches (padded prompt embeddings)."""
+    """The `ZImageTransformer2DModel` under training, on fixed-shape batches (padded prompt embeddings).
 
-    def __init__(self, transformer: torch.nn.Module) -> None:
+    With `ema_decay > 0` it also holds `ema`, a frozen exponential moving average of the transformer (what
+    `FlowTask.save_pretrained` exports: few-thousand-step runs sample far more steadily from it). The average
+    is updated at the start of every training-mode forward from the weights as they are then (so once per
+    micro batch, one optimizer step behind), with the usual warm-up `min(decay, (1 + n) / (10 + n))`. It is
+    part of the module's state, so learner checkpoints and resume carry it. It needs fp32 weights.
+    """
+
+    def __init__(self, transformer: torch.nn.Module, ema_decay: float = 0.0) -> None:
         super().__init__()
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay={ema_decay} is not allowed: expected a float in [0, 1)")
         self.transformer = transformer
+        self.ema_decay = ema_decay
+        if ema_decay > 0:
+            self.ema = copy.deepcopy(transformer).requires_grad_(False).eval()
+            self.register_buffer("ema_updates", torch.zeros((), dtype=torch.float64))
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        n = float(self.ema_updates)
+        decay = min(self.ema_decay, (1.0 + n) / (10.0 + n))
+        for avg, param in zip(self.ema.parameters(), self.transformer.parameters(), strict=True):
+            if avg.dtype != torch.float32:
+                raise ValueError(f"the EMA holds {avg.dtype} weights: flow_ema_decay > 0 needs fp32 training "
+                                 "(LearnerConfig.precision='fp32', or 'auto' on CPU)")
+            avg.lerp_(param.detach(), 1.0 - decay)
+        self.ema_updates += 1
+
+    def exported(self) -> torch.nn.Module:
+        """The transformer to save: the EMA when there is one."""
+        return self.ema if self.ema_decay > 0 else self.transformer
 
     def forward(self, x_BCHW: torch.Tensor, t_B: torch.Tensor, cap_BLD: torch.Tensor,
                 cap_len_B: torch.Tensor) -> torch.Tensor:
+        if self.training and self.ema_decay > 0:
+            self.update_ema()
         return transformer_forward(self.transformer, x_BCHW, t_B, unpad_embeddings(cap_BLD, cap_len_B))
 
 
 class FlowTask:
-    """Train the transformer of the pipeline at `pipeline_dir` (its VAE and text encoder stay frozen)."""
+    """Train the transformer of the pipeline at `pipeline_dir` (its VAE and text encoder stay frozen).
+
+    With `cache_encodings` and an `image_id` column, each worker keeps the latents and prompt embeddings of the
+    rows it has encoded (the learner gives a worker the same shard every epoch, and the encodings are
+    deterministic: posterior mean), so only the first epoch pays for the frozen encoders. Memory per row:
+    (C h w + L D) floats, about 40 KB for the tiny 64 px world; turn it off for large corpora.
+    """
 
     name = "flow"
 
     def __init__(self, pipeline_dir: str | Path, *, shift: float = 3.0,
-                 max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH) -> None:
+                 max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH, cache_encodings: bool = True,
+                 ema_decay: float = 0.0) -> None:
         if shift <= 0:
             raise ValueError(f"shift={shift} is not allowed: expected a float > 0")
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay={ema_decay} is not allowed: expected a float in [0, 1)")
+        self.ema_decay = ema_decay
         self.pipeline_dir = str(pipeline_dir)
         self.shift = shift
         self.max_sequence_length = max_sequence_length
+        self.cache_encodings = cache_encodings
         self._frozen: dict[str, Any] | None = None  # per process, never pickled
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_frozen": None}
+        return {**self.__dict__, "_frozen": None, "_cache": {}}
 
     def frozen_parts(self) -> dict[str, Any]:
         """The frozen VAE, text encoder and tokenizer, loaded once per process."""
@@ -164,7 +207,7 @@ class FlowTask:
             from transformers import AutoModel, AutoTokenizer
 
             root = Path(self.pipeline_dir)
-            vae = AutoencoderKL.from_pretrained(str(root / "vae"), torch_dtype=torch.float32).eval()
+            vae = AutoencoderKL.from_pretrained(str(root / "vae"), dtype=torch.float32).eval()
             text_encoder = AutoModel.from_pretrained(str(root / "text_encoder"), dtype=torch.float32).eval()
             vae.requires_grad_(False)
             text_encoder.requires_grad_(False)
@@ -176,15 +219,30 @@ class FlowTask:
         from diffusers import ZImageTransformer2DModel
 
         transformer = ZImageTransformer2DModel.from_pretrained(str(Path(self.pipeline_dir) / "transformer"),
-                                                               torch_dtype=torch.float32)
-        return FlowModule(transformer).train()
+                                                               dtype=torch.float32)
+        return FlowModule(transformer, ema_decay=self.ema_decay).train()
 
     @torch.no_grad()
-    def collate(self, rows: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def encode(self, images: Any, prompts: list[str]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """PNG bytes and prompts -> (latents [B, C, h, w], prompt embeddings [L_i, D] each), on CPU."""
         parts = self.frozen_parts()
-        latents = vae_encode(parts["vae"], decode_images(rows["image"]))
-        embeds = encode_prompts(parts["text_encoder"], parts["tokenizer"], [str(p) for p in rows["prompt"]],
-                                self.max_sequence_length)
+        latents = vae_encode(parts["vae"], decode_images(images))
+        embeds = encode_prompts(parts["text_encoder"], parts["tokenizer"], prompts, self.max_sequence_length)
+        return latents, embeds
+
+    def collate(self, rows: dict[str, Any]) -> dict[str, torch.Tensor]:
+        prompts = [str(p) for p in rows["prompt"]]
+        if not (self.cache_encodings and "image_id" in rows):
+            latents, embeds = self.encode(rows["image"], prompts)
+        else:
+            ids = [str(i) for i in rows["image_id"]]
+            todo = [k for k, i in enumerate(ids) if i not in self._cache]
+            if todo:
+                new_latents, new_embeds = self.encode([rows["image"][k] for k in todo], [prompts[k] for k in todo])
+                for j, k in enumerate(todo):
+                    self._cache[ids[k]] = (new_latents[j].clone(), new_embeds[j].clone())
+            latents = torch.stack([self._cache[i][0] for i in ids])
+            embeds = [self._cache[i][1] for i in ids]
         cap, cap_len = pad_embeddings(embeds)
         return {"latents": latents, "cap": cap, "cap_len": cap_len}
 
@@ -197,10 +255,15 @@ class FlowTask:
         return loss, {"fm": loss.item()}
 
     def save_pretrained(self, model: torch.nn.Module, out_dir: Path) -> None:
-        _unwrap(model, FlowModule).transformer.save_pretrained(str(out_dir))
+        """The transformer in diffusers format: the EMA weights when `ema_decay > 0`."""
+        _unwrap(model, FlowModule).exported().save_pretrained(str(out_dir))
 
     def load_pretrained(self, model: torch.nn.Module, ckpt_dir: Path) -> None:
-        _load_safetensors_into(_unwrap(model, FlowModule).transformer, ckpt_dir)
+        """Weights written by `save_pretrained` into the transformer (and the EMA, which they are)."""
+        module = _unwrap(model, FlowModule)
+        _load_safetensors_into(module.transformer, ckpt_dir)
+        if module.ema_decay > 0:
+            _load_safetensors_into(module.ema, ckpt_dir)
 
 
 def _unwrap(model: torch.nn.Module, cls: type) -> Any:
