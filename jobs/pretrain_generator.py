@@ -32,7 +32,7 @@ import torch
 
 from jobs.generator_report import save_loss_curves, save_reconstruction_grid, save_sample_grid, summary_markdown
 from zray.config import GeneratorConfig, RunConfig, to_dict
-from zray.data import build_world, read_ray_dataset, read_table
+from zray.data import ensure_world, read_ray_dataset, read_table
 from zray.data.render import decode_png
 from zray.models.generator import initial_noise, load_zimage, pil_to_tensor, sample_images, to_pil
 from zray.models.generator_eval import frechet_to, judge_many, summarise
@@ -54,7 +54,7 @@ def run_pretrain_generator(cfg: RunConfig, resume: bool = False) -> dict[str, An
     root = out / "pretrain_generator"
     root.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    data_dir = ensure_world(cfg, out / "data")
+    data_dir = ensure_world(cfg.world, out / "data")
     eval_rows = read_table(data_dir / "generator_test.parquet", "generator").to_pylist()
     if pcfg.num_eval_prompts > len(eval_rows):
         raise ValueError(f"pretrain_generator.num_eval_prompts={pcfg.num_eval_prompts} is not allowed: "
@@ -115,24 +115,6 @@ def run_pretrain_generator(cfg: RunConfig, resume: bool = False) -> dict[str, An
 
 
 # ------------------------------------------------------------------------------------------ setup
-
-
-def ensure_world(cfg: RunConfig, data_dir: Path) -> Path:
-    """`data_dir` holding the world of `cfg.world`: built (atomically) when missing, checked when present."""
-    manifest = data_dir / "manifest.json"
-    if not manifest.exists():
-        scratch = data_dir.with_name(f"{data_dir.name}.building-{os.getpid()}")
-        print(f"[pretrain-generator] building the Shapes world -> {data_dir}")
-        build_world(cfg.world, scratch, progress=True)
-        try:
-            scratch.rename(data_dir)
-        except OSError:  # another job finished the same world first
-            shutil.rmtree(scratch, ignore_errors=True)
-    built = json.loads(manifest.read_text())["world_config"]
-    if built != json.loads(json.dumps(dataclasses.asdict(cfg.world))):
-        raise ValueError(f"{data_dir} holds a world built from another WorldConfig ({built}); remove it or choose "
-                         "another out_dir")
-    return data_dir
 
 
 def init_pipeline(gen_cfg: GeneratorConfig, path: Path, image_size: int) -> Path:

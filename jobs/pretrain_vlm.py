@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from zray.config import RunConfig, VLMConfig, to_dict
-from zray.data import build_world, read_ray_dataset, read_table
+from zray.data import ensure_world, read_ray_dataset, read_table
 from zray.data.render import decode_png
 from zray.data.scene import Defects, Scene
 from zray.models.captioning import ATTRIBUTES, CaptionTask, caption_metrics, describe_images, score_caption
@@ -65,7 +65,7 @@ def run_pretrain_vlm(cfg: RunConfig, model: str = "both", resume: bool = False) 
     pcfg = cfg.pretrain_vlm
     out = Path(cfg.out_dir).resolve()
     root = out / "pretrain_vlm"
-    data_dir = ensure_world(cfg, out / "data")
+    data_dir = ensure_world(cfg.world, out / "data")
     eval_rows = read_table(data_dir / "captions_test.parquet", "captions").to_pylist()
     if pcfg.num_eval_images > len(eval_rows):
         raise ValueError(f"pretrain_vlm.num_eval_images={pcfg.num_eval_images} is not allowed: captions_test has "
@@ -139,24 +139,6 @@ def run_pretrain_vlm(cfg: RunConfig, model: str = "both", resume: bool = False) 
 
 
 # ------------------------------------------------------------------------------------------ setup
-
-
-def ensure_world(cfg: RunConfig, data_dir: Path) -> Path:
-    """`data_dir` holding the world of `cfg.world`: built (atomically) when missing, checked when present."""
-    manifest = data_dir / "manifest.json"
-    if not manifest.exists():
-        scratch = data_dir.with_name(f"{data_dir.name}.building-{os.getpid()}")
-        print(f"[pretrain-vlm] building the Shapes world -> {data_dir}")
-        build_world(cfg.world, scratch, progress=True)
-        try:
-            scratch.rename(data_dir)
-        except OSError:  # another job finished the same world first
-            shutil.rmtree(scratch, ignore_errors=True)
-    built = json.loads(manifest.read_text())["world_config"]
-    if built != json.loads(json.dumps(dataclasses.asdict(cfg.world))):
-        raise ValueError(f"{data_dir} holds a world built from another WorldConfig ({built}); remove it or choose "
-                         "another out_dir")
-    return data_dir
 
 
 def init_model(vlm_cfg: VLMConfig, path: Path, image_size: int) -> Path:

@@ -8,7 +8,7 @@ layout defects), `render` (pixels), `prompts` (prompt grammar), `world` (samplin
 Import-light: numpy, PIL, pyarrow and tqdm only (Ray is imported inside `read_ray_dataset`).
 """
 
-from zray.data.build import GENERATOR_VERSION, build_world, verify_world
+from zray.data.build import GENERATOR_VERSION, build_world, ensure_world, verify_world
 from zray.data.captions import Description, describe, parse_description
 from zray.data.labels import label_index, snap, true_scores
 from zray.data.parquet import SCHEMAS, DataError, read_ray_dataset, read_table, write_table
@@ -19,7 +19,7 @@ from zray.data.world import heldout_combos, sample_scene
 
 __all__ = [
     "GENERATOR_VERSION", "SCHEMAS", "DataError", "Defects", "Description", "PromptSpec", "Relation", "Scene",
-    "SceneObject", "build_world", "describe", "heldout_combos", "label_index", "parse_description",
+    "SceneObject", "build_world", "describe", "ensure_world", "heldout_combos", "label_index", "parse_description",
     "parse_prompt", "prompt_for", "read_ray_dataset", "read_table", "render_scene", "sample_scene", "snap",
     "true_scores", "verify_world", "write_table",
 ]

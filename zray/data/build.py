@@ -133,3 +133,27 @@ def verify_world(out_dir: str | Path) -> dict[str, Any]:
             raise DataError(f"file {str(path)!r}, row n/a, column n/a: sha256 {digest} does not match the "
                             f"manifest's {info['sha256']}")
     return manifest
+
+
+def ensure_world(cfg: WorldConfig, data_dir: str | Path) -> Path:
+    """`data_dir` holding the world of `cfg`: built (atomically) when missing, checked when present.
+
+    A folder built from another WorldConfig raises ValueError (nothing is overwritten)."""
+    import os
+    import shutil
+
+    data_dir = Path(data_dir)
+    manifest = data_dir / MANIFEST
+    if not manifest.exists():
+        scratch = data_dir.with_name(f"{data_dir.name}.building-{os.getpid()}")
+        print(f"[zray] building the Shapes world -> {data_dir}")
+        build_world(cfg, scratch, progress=True)
+        try:
+            scratch.rename(data_dir)
+        except OSError:  # another job finished the same world first
+            shutil.rmtree(scratch, ignore_errors=True)
+    built = json.loads(manifest.read_text())["world_config"]
+    if built != json.loads(json.dumps(dataclasses.asdict(cfg))):
+        raise ValueError(f"{data_dir} holds a world built from another WorldConfig ({built}); remove it or choose "
+                         "another out_dir")
+    return data_dir
