@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from zray.data.prompts import parse_prompt
 from zray.data.render import decode_png
 from zray.models.generator_eval import judge_against, main_colour
-from zray.data.prompts import parse_prompt
 
 
 def _plt():
@@ -105,7 +105,8 @@ def summary_markdown(record: dict[str, Any]) -> str:
     lines = [
         "# Base generator pre-training (Shapes world)", "",
         f"Pipeline: `{record['pipeline_dir']}` (loads with `ZImagePipeline.from_pretrained`); parameters: "
-        + ", ".join(f"{k} {v:,}" for k, v in record["num_params"].items()) + f"; total {record['total_s'] / 60:.1f} min.",
+        + ", ".join(f"{k} {v:,}" for k, v in record["num_params"].items())
+        + f"; total {record['total_s'] / 60:.1f} min.",
         "", "## VAE (before the transformer trains)", "",
         f"{vae['steps']} steps, {vae['train_s'] / 60:.1f} min of training; latents shifted by "
         f"{vae['latent_shift']:.3f} and scaled by {vae['latent_scale']:.3f}.", "",

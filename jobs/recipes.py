@@ -72,15 +72,16 @@ def dev() -> RunConfig:
                                   checkpoint_every=1000, keep_checkpoints=25, log_every=50),
             time_budget_s=1200.0, eval_every=1000, num_eval_images=200, max_new_tokens=96,
         ),
-        # Calibrated for 40 minutes in all on a 2-core CPU (notes in jobs/pretrain_generator.py): about 9 min of
-        # VAE, 24 min of flow transformer, the rest start-up, checkpoints and evaluation. The step caps are
-        # above what the budgets allow; the budgets end each phase (with a final checkpoint).
+        # Calibrated for about 38 minutes in all on a 2-core CPU (notes in jobs/pretrain_generator.py): 8 min of
+        # VAE, 26 min of flow transformer, about 4 min of start-up, checkpoints and evaluation. One thread per
+        # worker: two were faster only on an idle machine and several times slower beside other jobs. The step
+        # caps are above what the budgets allow; the budgets end each phase (with a final checkpoint).
         pretrain_generator=PretrainGeneratorConfig(
-            vae=LearnerConfig(cpus_per_worker=2, micro_batch_size=16, lr=2e-3, warmup_steps=50, max_steps=4000,
+            vae=LearnerConfig(cpus_per_worker=1, micro_batch_size=16, lr=2e-3, warmup_steps=50, max_steps=4000,
                               checkpoint_every=500, keep_checkpoints=2, log_every=25),
-            flow=LearnerConfig(cpus_per_worker=2, micro_batch_size=32, lr=1e-3, warmup_steps=100, max_steps=8000,
+            flow=LearnerConfig(cpus_per_worker=1, micro_batch_size=32, lr=1e-3, warmup_steps=100, max_steps=8000,
                                checkpoint_every=1000, keep_checkpoints=2, log_every=50),
-            vae_time_budget_s=540.0, flow_time_budget_s=1440.0, vae_object_weight=2.0, vae_kl_weight=1e-6,
+            vae_time_budget_s=480.0, flow_time_budget_s=1560.0, vae_object_weight=2.0, vae_kl_weight=1e-6,
             flow_ema_decay=0.999, num_eval_prompts=200,
         ),
     )

@@ -47,7 +47,9 @@ def test_tiny_cpu_job_end_to_end_and_resume(tmp_path):
         assert pipe.scheduler.config.shift == pcfg.shift
         assert pipe.vae.config.scaling_factor == pytest.approx(record["vae"]["latent_scale"])
 
-        # --resume keeps finished phases (no retraining) and re-evaluates
+        # --resume keeps a finished phase (VAE) and continues a cut one from its latest checkpoint: here the flow
+        # phase as if killed after its last checkpoint (no phase.json), so the learner restores it (EMA included)
+        (root / "flow" / "phase.json").unlink()
         again = run_pretrain_generator(cfg, resume=True)
         assert again["vae"]["steps"] == record["vae"]["steps"] and again["flow"]["steps"] == record["flow"]["steps"]
         assert again["samples"]["teacher"] == record["samples"]["teacher"]

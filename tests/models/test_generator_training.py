@@ -7,11 +7,11 @@ import torch
 
 from zray.config import GeneratorConfig, WorldConfig
 from zray.data.corpus import generator_rows
+from zray.data.prompts import parse_prompt
 from zray.data.world import ALL_COMBOS
 from zray.models.generator import (encode_prompts, initial_noise, load_zimage, sample_images, vae_decode,
                                    vae_encode)
 from zray.models.generator_eval import frechet_to, image_features, judge_against, main_colour
-from zray.data.prompts import parse_prompt
 from zray.models.generator_training import FlowTask, VAETask, chroma_B1HW, decode_images
 from zray.models.tiny import build_tiny_zimage
 
@@ -102,7 +102,8 @@ def test_flow_loss_decreases_and_samplers_agree(pipe_dir, rows, tmp_path):
     again = task.collate({**rows, "image_id": np.array([f"id{i}" for i in range(8)], dtype=object)})
     assert len(task._cache) == 8
     for key in ("latents", "cap", "cap_len"):
-        assert torch.allclose(cached[key].float(), batch[key].float(), atol=1e-5) and torch.equal(cached[key], again[key])
+        assert torch.allclose(cached[key].float(), batch[key].float(), atol=1e-5)
+        assert torch.equal(cached[key], again[key])
     before = held_out_loss()
     torch.manual_seed(0)
     _train(task, model, batch, steps=40, lr=2e-3)

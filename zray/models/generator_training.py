@@ -60,7 +60,8 @@ def _load_safetensors_into(module: torch.nn.Module, ckpt_dir: Path) -> None:
         state.update(load_file(str(f)))
     missing, unexpected = module.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"checkpoint {str(ckpt_dir)!r} does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(f"checkpoint {str(ckpt_dir)!r} does not fit: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
 
 
 # ----------------------------------------------------------------------------------------------- VAE
