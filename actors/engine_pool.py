@@ -82,6 +82,13 @@ class EnginePool:
         """q_BK for every request (reasoning teacher-forced where given), in request order."""
         return torch.cat(self._spread("score", requests))
 
+    def generate_texts(self, requests: Sequence[ScoreRequest | tuple], *, max_tokens: int = 64,
+                       temperature: float = 1.0, n: int = 1, seed: int | None = None) -> list[list[str]]:
+        """Reasoning texts (`n` per request, stopped before the score prefix) from all engines, in request order."""
+        parts = self._spread("generate_texts", requests, max_tokens=max_tokens, temperature=temperature, n=n,
+                             seed=seed)
+        return [texts for part in parts for texts in part]
+
     def load_weights(self, weights: Mapping[str, torch.Tensor] | bytes, *, version: int,
                      checksum: str) -> list[WeightSyncReport]:
         """Send one copy of the weights to the object store; every engine reloads and verifies it."""

@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from zray.config import LearnerConfig
 from zray.training.engine import StepInfo, TrainEngine
-from zray.training.task import LearnerTask
+from zray.training.task import LearnerTask, OnlineTask
 
 LEARNER_STATE_FILE = "learner.json"
 
@@ -234,18 +234,37 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     display = _Display(task.name, cfg, run_dir, step) if rank == 0 else None
     global_batch = cfg.micro_batch_size * cfg.grad_accum_steps * engine.world_size
     window, logged_step, started = _Window(), step, time.perf_counter()
+    # Online tasks (zray.training.task.OnlineTask) make their batches from the current policy (rollouts): a new
+    # rollout every `updates_per_rollout` steps, announced by `before_rollout` on every rank, reused in between.
+    online = isinstance(task, OnlineTask)
+    updates_per_rollout = task.updates_per_rollout if online else 1
+    keep_dtype = tuple(getattr(task, "fp32_keys", ()))
+    cached: list[dict[str, Any]] = []
     try:
         while step < cfg.max_steps:
             t0 = time.perf_counter()
             info: StepInfo | None = None
-            for _ in range(cfg.grad_accum_steps):
-                batch = engine.prepare_batch(task.collate(batches[consumed]))
+            fresh = not online or step % updates_per_rollout == 0 or len(cached) != cfg.grad_accum_steps
+            if online and fresh:
+                task.before_rollout(engine, rollout_index=step // updates_per_rollout)
+                cached = []
+            data_s = 0.0
+            for micro in range(cfg.grad_accum_steps):
+                if fresh:
+                    t_data = time.perf_counter()
+                    batch = engine.prepare_batch(task.collate(batches[consumed]), keep_dtype=keep_dtype)
+                    data_s += time.perf_counter() - t_data
+                    consumed += 1
+                    if online:
+                        cached.append(batch)
+                else:
+                    batch = cached[micro]
                 with engine.accumulation_context():
                     with engine.autocast():
                         loss, metrics = task.loss(engine.module, batch)
                     info = engine.backward_step(loss)
-                window.add(loss.item(), metrics)
-                consumed += 1
+                window.add(loss.item(), {**metrics, "data_s": data_s / cfg.grad_accum_steps,
+                                         "update_s": (time.perf_counter() - t0 - data_s) / cfg.grad_accum_steps})
             step += 1
             window.steps += 1
             window.seconds += time.perf_counter() - t0

@@ -3,6 +3,10 @@
     zray demo   [--recipe NAME] [--set key=value ...]   build data + tiny zoo, load every model, write a grid
     zray data   [--recipe NAME] [--set key=value ...]   build the Shapes world as Parquet
     zray config [--recipe NAME] [--set key=value ...]   print the resolved config as JSON
+    zray evaluate --model DIR [--form auto|reasoning|direct] [--name NAME] [--recipe NAME] [--set ...]
+                                                        HPA, Margin HPA, PLCC, SRCC of a reward model
+    zray train-teacher --method gdso|grpo|sft|zero_shot|all [--resume] [--recipe NAME] [--set ...]
+                                                        Z-Reward teacher (GDSO or a baseline), then evaluate
 
 Bad input (unknown recipe, unknown key, wrong type) exits with status 2 and one line on stderr.
 """
@@ -47,6 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
                          help="pre-train the tiny Z-Image generator (VAE, then flow transformer)")
     gen.add_argument("--resume", action="store_true", help="keep finished phases, continue a cut one from its "
                      "latest checkpoint")
+    ev = sub.add_parser("evaluate", parents=[parent], help="HPA, Margin HPA, PLCC, SRCC of a reward model on the "
+                        "Shapes test pairs")
+    ev.add_argument("--model", required=True, help="Hugging Face format Qwen-VL dir (a checkpoint's hf/ dir)")
+    ev.add_argument("--form", choices=("auto", "reasoning", "direct"), default="auto",
+                    help="reasoning (teacher) or direct (student); auto: <model>/zray_scoring.json, else reasoning")
+    ev.add_argument("--name", default=None, help="output folder <out_dir>/evaluate/NAME (default: from the model)")
+    tt = sub.add_parser("train-teacher", parents=[parent], help="train the Z-Reward teacher with GDSO or a baseline, "
+                        "then evaluate it")
+    tt.add_argument("--method", choices=("gdso", "grpo", "sft", "zero_shot", "all"), default=None,
+                    help="default: train_teacher.method of the recipe; all: the four methods, then the table")
+    tt.add_argument("--resume", action="store_true", help="continue each method from its latest checkpoint")
     return parser
 
 
@@ -83,6 +98,24 @@ def main(argv: list[str] | None = None) -> int:
         from jobs.pretrain_generator import run_pretrain_generator
 
         run_pretrain_generator(cfg, resume=args.resume)
+        return 0
+    if args.command == "evaluate":
+        from jobs.evaluate import evaluate_model
+
+        try:
+            evaluate_model(cfg, args.model, form=args.form, name=args.name)
+        except (ConfigError, FileNotFoundError) as err:
+            print(f"zray: error: {err}", file=sys.stderr)
+            return 2
+        return 0
+    if args.command == "train-teacher":
+        from jobs.train_teacher import run_train_teacher
+
+        try:
+            run_train_teacher(cfg, method=args.method, resume=args.resume)
+        except ConfigError as err:
+            print(f"zray: error: {err}", file=sys.stderr)
+            return 2
         return 0
     raise AssertionError(f"unhandled command {args.command}")
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from zray.config import (ConfigError, GeneratorConfig, LearnerConfig, PretrainGeneratorConfig, PretrainVLMConfig,
-                         RunConfig, VLLMConfig, VLMConfig, WorldConfig)
+from zray.config import (ConfigError, EvaluateConfig, GeneratorConfig, LearnerConfig, PretrainGeneratorConfig,
+                         PretrainVLMConfig, RunConfig, TrainTeacherConfig, VLLMConfig, VLMConfig, WorldConfig)
 
 
 def tiny_cpu() -> RunConfig:
@@ -44,6 +44,13 @@ def tiny_cpu() -> RunConfig:
             flow=LearnerConfig(max_steps=3, micro_batch_size=8, lr=2e-3, checkpoint_every=2, log_every=1),
             num_eval_prompts=4,
         ),
+        # Two updates of 2 pairs x G=4 per side: the plumbing end to end (tests), not a trained teacher.
+        train_teacher=TrainTeacherConfig(
+            learner=LearnerConfig(max_steps=2, micro_batch_size=2, lr=1e-3, checkpoint_every=1, keep_checkpoints=2,
+                                  log_every=1),
+            group_size=4, max_reasoning_tokens=8, inner_steps=2,
+        ),
+        evaluate=EvaluateConfig(num_prompts=2, max_reasoning_tokens=8, num_plot_images=2),
     )
 
 

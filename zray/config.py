@@ -259,6 +259,74 @@ class PretrainGeneratorConfig:
                  "a float in [0, 1)")
 
 
+TeacherMethod = Literal["gdso", "grpo", "sft", "zero_shot"]
+TEACHER_METHODS: tuple[str, ...] = ("gdso", "grpo", "sft", "zero_shot")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainTeacherConfig:
+    """Z-Reward teacher training (methods.md §2): GDSO and its baselines, from the base VLM.
+
+    One learner step = one inner step for SFT; for GDSO / GRPO one inner step is a rollout of `group_size`
+    outputs per side of `learner.micro_batch_size` pairs per worker, then `updates_per_rollout` (K) updates, so
+    `learner.max_steps` counts updates. `inner_steps` (M) rollouts make an outer iteration (pi_ref reset).
+    """
+
+    method: TeacherMethod = "gdso"
+    learner: LearnerConfig = field(default_factory=lambda: LearnerConfig(max_steps=8, micro_batch_size=2,
+                                                                         checkpoint_every=4, lr=1e-4))
+    time_budget_s: float = 0.0  # 0 = no limit
+    base_model: str = ""  # HF dir of the base VLM; empty = the pre-trained teacher of this run (pretrain-vlm)
+    group_size: int = 8  # G
+    max_reasoning_tokens: int = 48
+    temperature: float = 1.0
+    inner_steps: int = 4  # M rollouts per outer iteration (pi_ref <- pi_theta at its start)
+    updates_per_rollout: int = 1  # K
+    beta: float = 0.01
+    lam_pt: float = 1.0
+    lam_pw: float = 1.0
+    alpha_pt: float = 0.5  # GDSO direct terms; GRPO uses 0, 0 and lam_pw = 0 whatever is set here
+    alpha_pw: float = 0.5
+    clip_eps: float = 0.2
+    aggregation: Literal["sum", "mean"] = "sum"
+    format_penalty: float = 1.0  # reward of a malformed output (no score prefix): -format_penalty
+    dimensions: tuple[str, ...] = ("alignment", "realism", "aesthetics", "plausibility")
+
+    def __post_init__(self) -> None:
+        _require(self.method in TEACHER_METHODS, "TrainTeacherConfig.method", self.method,
+                 f"one of {', '.join(TEACHER_METHODS)}")
+        _positive(self, "group_size", "max_reasoning_tokens", "inner_steps", "updates_per_rollout")
+        _require(self.group_size >= 2, "TrainTeacherConfig.group_size", self.group_size,
+                 "an integer >= 2 (advantages are normalised within a group)")
+        _require(self.temperature > 0, "TrainTeacherConfig.temperature", self.temperature, "a float > 0")
+        for name in ("time_budget_s", "beta", "lam_pt", "lam_pw", "alpha_pt", "alpha_pw", "clip_eps",
+                     "format_penalty"):
+            _require(getattr(self, name) >= 0, f"TrainTeacherConfig.{name}", getattr(self, name), "a float >= 0")
+        _require(self.aggregation in ("sum", "mean"), "TrainTeacherConfig.aggregation", self.aggregation,
+                 "'sum' or 'mean'")
+        allowed = ("alignment", "realism", "aesthetics", "plausibility")
+        _require(bool(self.dimensions) and all(d in allowed for d in self.dimensions),
+                 "TrainTeacherConfig.dimensions", self.dimensions, f"a non-empty subset of {allowed}")
+        _require(self.learner.checkpoint_every % self.updates_per_rollout == 0,
+                 "TrainTeacherConfig.learner.checkpoint_every", self.learner.checkpoint_every,
+                 f"a multiple of updates_per_rollout={self.updates_per_rollout} (checkpoints between rollouts)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateConfig:
+    """Reward-model evaluation on the Shapes test candidates (methods.md §4): HPA, Margin HPA, PLCC, SRCC."""
+
+    split: Literal["test", "heldout"] = "test"
+    num_prompts: int = 0  # 0 = every prompt of the split
+    max_reasoning_tokens: int = 48  # greedy reasoning before the score prefix (reasoning form)
+    num_plot_images: int = 4  # predicted distributions drawn in the PNG
+
+    def __post_init__(self) -> None:
+        _require(self.split in ("test", "heldout"), "EvaluateConfig.split", self.split, "'test' or 'heldout'")
+        _require(self.num_prompts >= 0, "EvaluateConfig.num_prompts", self.num_prompts, "an integer >= 0 (0 = all)")
+        _positive(self, "max_reasoning_tokens", "num_plot_images")
+
+
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
     """One run: the world, the model zoo and where outputs go."""
@@ -274,6 +342,8 @@ class RunConfig:
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     pretrain_vlm: PretrainVLMConfig = field(default_factory=PretrainVLMConfig)
     pretrain_generator: PretrainGeneratorConfig = field(default_factory=PretrainGeneratorConfig)
+    train_teacher: TrainTeacherConfig = field(default_factory=TrainTeacherConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def __post_init__(self) -> None:
         _require(self.size in ("tiny", "dev", "full"), "RunConfig.size", self.size, "'tiny', 'dev' or 'full'")

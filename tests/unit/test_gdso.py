@@ -181,3 +181,16 @@ def test_finite_difference_gradients():
 def test_bad_shapes_name_the_expected_layout(mu_shape, labels_shape):
     with pytest.raises(ValueError, match="expected"):
         pairwise_gap_loss(torch.zeros(mu_shape), torch.zeros(labels_shape))
+
+
+def test_penalize_malformed_sets_the_penalty_and_keeps_the_rest():
+    from zray.losses.gdso import penalize_malformed, side_advantages
+
+    rewards = torch.tensor([[[1.5, 1.2, 0.9], [1.0, 1.0, 1.0]]])
+    ok = torch.tensor([[[True, False, True], [True, True, False]]])
+    out = penalize_malformed(rewards, ok, 1.0)
+    assert torch.equal(out, torch.tensor([[[1.5, -1.0, 0.9], [1.0, 1.0, -1.0]]]))
+    adv = side_advantages(out)
+    assert adv[0, 1, 2] < 0 < adv[0, 1, 0]  # the malformed output is pushed down within its group
+    with pytest.raises(ValueError, match="does not match"):
+        penalize_malformed(rewards, ok[..., :2], 1.0)

@@ -63,6 +63,16 @@ def gdso_rewards(mu_P2G: torch.Tensor, labels_P2: torch.Tensor, *, lam_pt: float
             + lam_pw * pairwise_gap_rewards(mu, labels_P2, score_range))
 
 
+def penalize_malformed(rewards_P2G: torch.Tensor, format_ok_P2G: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Rewards with every malformed output (no score prefix written by the model) set to `-penalty`.
+
+    Our treatment of format failures (methods.md leaves it open): zero reward minus a format penalty, so a
+    group that mixes well-formed and malformed outputs pushes towards writing the prefix."""
+    if format_ok_P2G.shape != rewards_P2G.shape:
+        raise ValueError(f"format_ok {tuple(format_ok_P2G.shape)} does not match rewards {tuple(rewards_P2G.shape)}")
+    return torch.where(format_ok_P2G.bool(), rewards_P2G, torch.full_like(rewards_P2G, -float(penalty)))
+
+
 def side_advantages(rewards_P2G: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """A (P, 2, G): rewards normalised within each side's group of G outputs."""
     return group_advantages(rewards_P2G, eps)

@@ -177,13 +177,14 @@ class TrainEngine:
         """The dtype floating inputs are cast to (DeepSpeed bf16 keeps bf16 weights), or None to leave them."""
         return torch.bfloat16 if self.backend == "deepspeed" and self.precision == "bf16" else None
 
-    def prepare_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Move tensors to the device; cast floating tensors to `input_dtype` when set."""
+    def prepare_batch(self, batch: dict[str, Any], keep_dtype: tuple[str, ...] = ()) -> dict[str, Any]:
+        """Move tensors to the device; cast floating tensors to `input_dtype` when set (except `keep_dtype` keys,
+        e.g. rollout log-probs, which must stay float32)."""
         out = {}
         for key, value in batch.items():
             if isinstance(value, torch.Tensor):
                 value = value.to(self.device, non_blocking=True)
-                if self.input_dtype is not None and value.is_floating_point():
+                if self.input_dtype is not None and value.is_floating_point() and key not in keep_dtype:
                     value = value.to(self.input_dtype)
             out[key] = value
         return out

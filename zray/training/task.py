@@ -11,7 +11,14 @@ configuration: paths, dataclasses, numbers). In each worker the learner calls, i
     task.save_pretrained(unwrapped_model, dir)          # Hugging Face format, at every checkpoint
     task.load_pretrained(unwrapped_model, dir)          # on resume (optimizer state is restored separately)
 
-`metrics` values are Python floats; the learner averages them over workers and logging steps.
+`metrics` values are Python floats; the learner averages them over workers and logging steps. The learner adds
+`data_s` (collate time) and `update_s` (forward, backward, optimizer) per step.
+
+An `OnlineTask` makes its batches from the policy being trained (RL rollouts). Every `updates_per_rollout`
+steps the learner first calls, on every rank, `task.before_rollout(engine, rollout_index=i)` (e.g. send the
+current weights to the rollout engines; every rank must call it, as gathering ZeRO-3 weights is collective),
+then `collate` (which rolls out), and reuses those batches for the next `updates_per_rollout - 1` steps.
+`fp32_keys` names batch entries never cast to bf16 (log-probs).
 """
 
 from __future__ import annotations
@@ -44,4 +51,14 @@ class LearnerTask(Protocol):
 
     def load_pretrained(self, model: torch.nn.Module, ckpt_dir: Path) -> None:
         """Load weights written by `save_pretrained` into `model` in place."""
+        ...
+
+
+@runtime_checkable
+class OnlineTask(LearnerTask, Protocol):
+    updates_per_rollout: int  # K gradient updates per rollout batch
+    fp32_keys: tuple[str, ...]
+
+    def before_rollout(self, engine: Any, *, rollout_index: int) -> None:
+        """Called on every rank before the rollout `rollout_index` (0-based): e.g. sync weights to the engines."""
         ...

@@ -1,0 +1,158 @@
+"""`zray train-teacher`: the Z-Reward teacher with GDSO, or a baseline (GRPO, SFT, zero-shot), then its evaluation.
+
+    zray train-teacher --recipe dev --method gdso            # one method
+    zray train-teacher --recipe dev --method all             # zero-shot, SFT, GRPO, GDSO on the same data + table
+    zray train-teacher --recipe dev --method gdso --resume   # continue from the latest checkpoint
+
+Every method starts from the same base VLM (`train_teacher.base_model`, default: the teacher of
+`zray pretrain-vlm`, `<out_dir>/pretrain_vlm/teacher/final`) and trains on the same rows: the train split's
+same-prompt pairs (`zray.data.pair_examples`) of `train_teacher.dimensions`.
+
+- zero-shot: no training; the base model scores in the reasoning form.
+- SFT: `ScoreSFTTask` on the generic learner (Ray Train + DeepSpeed): CE on the label bin, no reasoning.
+- GRPO / GDSO: `actors.gdso_task.GDSOTask` on the same learner, with `vllm.num_engines` TeacherEngine actors for
+  the rollouts and a verified weight sync before every rollout (see that module for the loop of methods.md §2).
+
+Outputs under `<out_dir>/train_teacher/<method>/`: Ray Train checkpoints (HF format + optimizer state),
+`tensorboard/` (every logged metric: rewards, advantages, each loss term, KL, format failures, rollout / sync /
+update times), `final/` (the trained model with `zray_scoring.json`), `training.png` (curves), `metrics.json`
+(evaluation + step timing). `<out_dir>/train_teacher/results.md` is the table of every method evaluated so far.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from zray.config import TEACHER_METHODS, ConfigError, RunConfig, to_dict
+from zray.data import ensure_world
+from zray.data.pair_examples import pair_examples
+
+METHOD_NAMES = {"zero_shot": "zero-shot", "sft": "SFT", "grpo": "GRPO", "gdso": "GDSO"}
+CURVES = ("loss", "reward_mean", "kl", "ce_loss", "pw_loss", "format_fail_frac", "pair_acc", "step_time_s")
+
+
+def base_model_dir(cfg: RunConfig) -> Path:
+    """`train_teacher.base_model`, else the pre-trained teacher of this run; a clear error when neither exists."""
+    given = cfg.train_teacher.base_model
+    path = Path(given) if given else Path(cfg.out_dir).resolve() / "pretrain_vlm" / "teacher" / "final"
+    if not (path / "config.json").is_file():
+        hint = "" if given else (f" (run `zray pretrain-vlm --recipe {cfg.name} --model teacher` first, or set "
+                                 "train_teacher.base_model)")
+        raise ConfigError(f"train_teacher.base_model={str(path)!r} is not allowed: no Hugging Face model there{hint}")
+    return path
+
+
+def run_train_teacher(cfg: RunConfig, method: str | None = None, resume: bool = False) -> dict[str, Any]:
+    """Train (unless zero-shot) and evaluate one method, or all four with method="all"; returns {method: record}."""
+    import ray
+
+    from actors.engine_pool import EnginePool, start_engines
+    from actors.gdso_task import GDSOTask
+    from actors.learner import fit
+    from jobs.evaluate import evaluate_model
+    from zray.models.score_sft import ScoreSFTTask
+
+    methods = TEACHER_METHODS[::-1] if method == "all" else (method or cfg.train_teacher.method,)
+    if any(m not in TEACHER_METHODS for m in methods):
+        raise ConfigError(f"--method {method!r} is not allowed: expected one of {', '.join(TEACHER_METHODS)}, all")
+    out = Path(cfg.out_dir).resolve()
+    root = out / "train_teacher"
+    data_dir = ensure_world(cfg.world, out / "data")
+    base = base_model_dir(cfg)
+    if not ray.is_initialized():
+        lcfg = cfg.train_teacher.learner
+        need = lcfg.num_workers * lcfg.cpus_per_worker + cfg.vllm.num_engines * cfg.vllm.cpus_per_engine + 1
+        ray.init(**({} if os.environ.get("RAY_ADDRESS") else {"num_cpus": max(int(need + 0.999), os.cpu_count() or 1)}),
+                 include_dashboard=False, log_to_driver=True)
+    records = {}
+    for name in methods:
+        tcfg = dataclasses.replace(cfg.train_teacher, method=name)
+        run_dir = root / name
+        print(f"[train-teacher] {METHOD_NAMES[name]} from {base}")
+        fitted = None
+        if name == "zero_shot":
+            final_dir = base
+        else:
+            train = ray.data.from_arrow(pair_examples(data_dir, "train", tcfg.dimensions))
+            engines = start_engines(base, cfg.vllm, seed=cfg.seed) if name in ("gdso", "grpo") else []
+            try:
+                task = (ScoreSFTTask(model_dir=str(base)) if name == "sft"
+                        else GDSOTask(model_dir=str(base), cfg=tcfg, engines=engines, seed=cfg.seed, name=f"teacher_{name}"))
+                fitted = fit(task, tcfg.learner, datasets={"train": train}, storage_path=root, name=name,
+                             resume=resume, time_budget_s=tcfg.time_budget_s)
+            finally:
+                if engines:
+                    EnginePool(engines).shutdown()
+            final_dir = run_dir / "final"
+            shutil.rmtree(final_dir, ignore_errors=True)
+            shutil.copytree(fitted.hf_dir, final_dir)
+        evaluation = evaluate_model(cfg, final_dir, form="auto" if name != "zero_shot" else "reasoning",
+                                    name=f"teacher_{name}")
+        record = {"method": name, "model_dir": str(final_dir), "evaluation": evaluation,
+                  "training": training_summary(fitted.history, fitted.final_step, fitted.wall_s) if fitted else None,
+                  "config": to_dict(tcfg)}
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.json").write_text(json.dumps(record, indent=2, default=str))
+        if fitted is not None:
+            save_training_curves(run_dir / "training.png", fitted.history, METHOD_NAMES[name])
+        records[name] = record
+        print(f"[train-teacher] {METHOD_NAMES[name]}: pooled HPA {evaluation['pooled']['hpa']:.4f} -> {run_dir}")
+    table = write_results(root)
+    print(table)
+    return records
+
+
+def training_summary(history: list[dict[str, float]], final_step: int, wall_s: float) -> dict[str, Any]:
+    """Mean per-step figures over the logged windows (one GDSO step = sync + rollout + reference + update)."""
+    keys = ("step_time_s", "sync_s", "rollout_s", "ref_s", "data_s", "update_s", "reward_mean", "kl",
+            "format_fail_frac", "response_tokens", "loss")
+    summary: dict[str, Any] = {"steps": final_step, "fit_wall_s": wall_s}
+    for key in keys:
+        values = [h[key] for h in history if key in h]
+        if values:
+            summary[f"mean_{key}"] = sum(values) / len(values)
+    summary["first"] = history[0] if history else None
+    summary["last"] = history[-1] if history else None
+    return summary
+
+
+def write_results(root: Path) -> str:
+    """`root/results.md`: one row per method with an evaluation so far (zero-shot, SFT, GRPO, GDSO order)."""
+    from jobs.evaluate import results_table
+
+    rows = []
+    for name in TEACHER_METHODS[::-1]:
+        path = root / name / "metrics.json"
+        if path.exists():
+            rows.append((METHOD_NAMES[name], json.loads(path.read_text())["evaluation"]))
+    table = results_table(rows)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "results.md").write_text(table + "\n")
+    return table
+
+
+def save_training_curves(path: Path, history: list[dict[str, float]], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in CURVES if any(k in h for h in history)]
+    if not keys or not history:
+        return
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
+    steps = [h["step"] for h in history]
+    for ax, key in zip(axes[0], keys, strict=True):
+        ax.plot(steps, [h.get(key, float("nan")) for h in history], marker=".")
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.suptitle(f"teacher {title}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

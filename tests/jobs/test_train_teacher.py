@@ -1,0 +1,88 @@
+"""`zray train-teacher` on the tiny_cpu recipe: GDSO through vLLM engines + Ray Train, SFT, zero-shot, errors."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from jobs.cli import main
+from jobs.recipes import tiny_cpu
+from zray.config import ConfigError
+
+
+def _cfg(out_dir, base):
+    cfg = dataclasses.replace(tiny_cpu(), out_dir=str(out_dir))
+    return dataclasses.replace(cfg, train_teacher=dataclasses.replace(cfg.train_teacher, base_model=str(base)))
+
+
+def test_missing_base_model_is_a_clear_error(tmp_path):
+    from jobs.train_teacher import base_model_dir
+
+    with pytest.raises(ConfigError, match=r"train_teacher.base_model=.*pretrain-vlm"):
+        base_model_dir(dataclasses.replace(tiny_cpu(), out_dir=str(tmp_path)))
+
+
+def test_cli_rejects_an_unknown_method(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train-teacher", "--method", "dpo"])
+    assert info.value.code == 2
+    assert "invalid choice: 'dpo'" in capsys.readouterr().err
+
+
+def test_grpo_is_gdso_without_pairwise_reward_and_direct_terms():
+    from actors.gdso_task import GDSOTask
+
+    cfg = tiny_cpu().train_teacher
+    gdso = GDSOTask(model_dir="x", cfg=cfg, engines=[object()])
+    grpo = GDSOTask(model_dir="x", cfg=dataclasses.replace(cfg, method="grpo"), engines=[object()])
+    assert gdso.coefficients == {"lam_pt": 1.0, "lam_pw": 1.0, "alpha_pt": 0.5, "alpha_pw": 0.5}
+    assert grpo.coefficients == {"lam_pt": 1.0, "lam_pw": 0.0, "alpha_pt": 0.0, "alpha_pw": 0.0}
+    with pytest.raises(ValueError, match="method='sft'"):
+        GDSOTask(model_dir="x", cfg=dataclasses.replace(cfg, method="sft"), engines=[object()])
+
+
+@pytest.mark.slow
+def test_all_methods_end_to_end(tmp_path, sharp_teacher_dir):
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("deepspeed")
+    from jobs.train_teacher import run_train_teacher
+    from safetensors.torch import load_file
+
+    cfg = _cfg(tmp_path / "run", sharp_teacher_dir)
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        records = {}
+        for method in ("gdso", "sft", "zero_shot"):
+            records.update(run_train_teacher(cfg, method=method))
+    finally:
+        if started:
+            ray.shutdown()
+    root = tmp_path / "run" / "train_teacher"
+    base = load_file(str(sharp_teacher_dir / "model.safetensors"))
+
+    gdso = records["gdso"]
+    history = json.loads((root / "gdso" / "metrics.json").read_text())["training"]
+    assert history["steps"] == cfg.train_teacher.learner.max_steps
+    last = history["last"]
+    for key in ("reward_mean", "adv_abs_mean", "policy_loss", "ce_loss", "pw_loss", "kl", "format_fail_frac",
+                "rollout_s", "sync_s", "ref_s", "update_s", "clip_frac", "response_tokens"):
+        assert key in last and last[key] == last[key], key  # present and not NaN
+    assert last["weights_version"] == cfg.train_teacher.learner.max_steps  # one verified sync per rollout
+    assert last["kl"] > 0  # pi_ref stayed the step-0 policy within the outer iteration while pi_theta moved
+    final = root / "gdso" / "final"
+    assert json.loads((final / "zray_scoring.json").read_text()) == {"form": "reasoning", "method": "gdso"}
+    trained = load_file(str(final / "model.safetensors"))
+    assert any(not torch.equal(trained[k], base[k]) for k in base)
+    assert (root / "gdso" / "training.png").stat().st_size > 0
+    assert 0.0 <= gdso["evaluation"]["pooled"]["hpa"] <= 1.0
+
+    sft_final = root / "sft" / "final"
+    assert json.loads((sft_final / "zray_scoring.json").read_text())["form"] == "direct"
+    assert records["sft"]["evaluation"]["form"] == "direct"
+    assert records["zero_shot"]["evaluation"]["form"] == "reasoning"
+    assert records["zero_shot"]["model_dir"] == str(sharp_teacher_dir)
+    table = (root / "results.md").read_text()
+    assert all(f"| teacher | {name} |" in table for name in ("zero-shot", "SFT", "GDSO"))

@@ -1,0 +1,101 @@
+"""SFT baseline of the reward teacher (methods.md §2 baselines): `(p, I, d) -> score token`, no reasoning.
+
+Each pair row (`zray.data.pair_examples`) gives two examples, winner and loser, with their labels. The context
+is the student form of `zray.prompts` (the score is the first answer token); the loss is the cross-entropy of
+the nine-bin score distribution q at that position against the label bin (the same decoder as everywhere:
+softmax over the score tokens' logits). The saved model carries `zray_scoring.json` = {"form": "direct"}, so
+`zray evaluate` scores it the way it was trained.
+
+Shape legend: B examples (2 per pair), K = 9 score bins.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from zray.data.render import decode_png
+from zray.prompts import ScoreRequest
+from zray.scores import label_index, score_bins, score_token_ids
+
+SCORING_FILE = "zray_scoring.json"  # {"form": "direct" | "reasoning", "method": ...}: how to evaluate a model
+
+
+def write_scoring_file(out_dir: str | Path, *, form: str, method: str) -> None:
+    Path(out_dir, SCORING_FILE).write_text(json.dumps({"form": form, "method": method}) + "\n")
+
+
+@functools.lru_cache(maxsize=4)
+def _processor(model_dir: str) -> Any:
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    processor.tokenizer.padding_side = "left"  # the last position of every row is its score position
+    return processor
+
+
+def pair_requests(rows: dict[str, Any], *, reasoning: str | None = None) -> tuple[list[ScoreRequest], torch.Tensor]:
+    """[winner, loser] ScoreRequests per pair row, and labels_P2 (float32)."""
+    requests, labels = [], []
+    for p in range(len(rows["prompt"])):
+        for side in ("winner", "loser"):
+            requests.append(ScoreRequest(str(rows["prompt"][p]), decode_png(bytes(rows[f"{side}_image"][p])),
+                                         str(rows["dimension"][p]), reasoning))
+        labels.append([float(rows["winner_label"][p]), float(rows["loser_label"][p])])
+    return requests, torch.tensor(labels, dtype=torch.float32)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScoreSFTTask:
+    """Cross-entropy on the label bin of q at the student-form score position (a `LearnerTask`)."""
+
+    model_dir: str
+    name: str = "teacher_sft"
+
+    @property
+    def processor(self) -> Any:
+        return _processor(str(self.model_dir))
+
+    def build_model(self) -> torch.nn.Module:
+        from transformers import AutoModelForImageTextToText
+
+        return AutoModelForImageTextToText.from_pretrained(str(self.model_dir), dtype=torch.float32).train()
+
+    def collate(self, rows: dict[str, Any]) -> dict[str, torch.Tensor]:
+        from zray.models.vlm import score_inputs
+
+        requests, labels_P2 = pair_requests(rows)
+        batch = {k: v for k, v in score_inputs(self.processor, requests).items() if isinstance(v, torch.Tensor)}
+        batch["label_index"] = torch.tensor([label_index(float(s)) for s in labels_P2.flatten()], dtype=torch.int64)
+        return batch
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        target_B = batch["label_index"]
+        out = model(**{k: v for k, v in batch.items() if k != "label_index"}, logits_to_keep=1, use_cache=False)
+        ids = torch.as_tensor(score_token_ids(self.processor), device=target_B.device)
+        log_q_BK = torch.log_softmax(out.logits[:, -1, :].float()[:, ids], dim=-1)
+        loss = torch.nn.functional.nll_loss(log_q_BK, target_B)
+        with torch.no_grad():
+            mu_B = (log_q_BK.exp() * score_bins(log_q_BK.device)).sum(-1)
+            gap_ok = (mu_B[0::2] > mu_B[1::2]).float().mean()
+            acc = (log_q_BK.argmax(-1) == target_B).float().mean()
+        return loss, {"ce_loss": float(loss.detach()), "bin_acc": float(acc), "pair_acc": float(gap_ok),
+                      "mu_mean": float(mu_B.mean())}
+
+    def save_pretrained(self, model: torch.nn.Module, out_dir: Path) -> None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out)
+        self.processor.save_pretrained(out)
+        write_scoring_file(out, form="direct", method="sft")
+
+    def load_pretrained(self, model: torch.nn.Module, ckpt_dir: Path) -> None:
+        from transformers import AutoModelForImageTextToText
+
+        loaded = AutoModelForImageTextToText.from_pretrained(str(ckpt_dir), dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict(), strict=True)
