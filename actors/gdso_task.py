@@ -7,7 +7,7 @@ How methods.md §2 maps onto the learner (`actors/learner_loop.py` runs it in ev
                             pi_old <- pi_theta: rank 0 sends the full weights to every engine, version i + 1,
                             checked by checksum readback (EnginePool.load_weights); all ranks wait for it
         collate(pairs):     G rollouts per side from the engines (RolloutBatch of version i + 1), rewards
-                            (r_pt, r_pw from the rollout's mu; malformed outputs -> -format_penalty), per-side
+                            (r_pt, r_pw from the rollout's mu; minus format_penalty for a malformed output), per-side
                             advantages, pi_ref's log-probs of the sampled tokens (teacher forcing, no grad)
         loss, K times:      pi_theta's log-probs and q by teacher forcing; L = L_grpo + a_pt L_ce + a_pw L_pw
 

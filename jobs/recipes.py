@@ -91,6 +91,14 @@ def dev() -> RunConfig:
             vae_time_budget_s=480.0, flow_time_budget_s=1560.0, vae_object_weight=2.0, vae_kl_weight=1e-6,
             flow_ema_decay=0.999, num_eval_prompts=200,
         ),
+        # Every method sees the same pairs (max_steps x micro_batch_size of the train split, same order); see
+        # jobs/train_teacher.py for the calibration. The base model is the teacher of `zray pretrain-vlm`.
+        train_teacher=TrainTeacherConfig(
+            learner=LearnerConfig(max_steps=150, micro_batch_size=4, lr=2e-4, warmup_steps=5, checkpoint_every=25,
+                                  keep_checkpoints=2, log_every=5),
+            group_size=8, max_reasoning_tokens=48, inner_steps=10,
+        ),
+        evaluate=EvaluateConfig(num_prompts=50, max_reasoning_tokens=48, num_plot_images=4),
     )
 
 

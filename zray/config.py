@@ -289,7 +289,7 @@ class TrainTeacherConfig:
     alpha_pw: float = 0.5
     clip_eps: float = 0.2
     aggregation: Literal["sum", "mean"] = "sum"
-    format_penalty: float = 1.0  # reward of a malformed output (no score prefix): -format_penalty
+    format_penalty: float = 0.5  # subtracted from the reward of a malformed output (no score prefix written)
     dimensions: tuple[str, ...] = ("alignment", "realism", "aesthetics", "plausibility")
 
     def __post_init__(self) -> None:

@@ -189,8 +189,10 @@ def test_penalize_malformed_sets_the_penalty_and_keeps_the_rest():
     rewards = torch.tensor([[[1.5, 1.2, 0.9], [1.0, 1.0, 1.0]]])
     ok = torch.tensor([[[True, False, True], [True, True, False]]])
     out = penalize_malformed(rewards, ok, 1.0)
-    assert torch.equal(out, torch.tensor([[[1.5, -1.0, 0.9], [1.0, 1.0, -1.0]]]))
+    assert torch.allclose(out, torch.tensor([[[1.5, 0.2, 0.9], [1.0, 1.0, 0.0]]]))
     adv = side_advantages(out)
     assert adv[0, 1, 2] < 0 < adv[0, 1, 0]  # the malformed output is pushed down within its group
+    all_bad = penalize_malformed(rewards, torch.zeros_like(ok), 1.0)  # still ranked by score quality
+    assert torch.allclose(side_advantages(all_bad), side_advantages(rewards), atol=1e-5)
     with pytest.raises(ValueError, match="does not match"):
         penalize_malformed(rewards, ok[..., :2], 1.0)

@@ -64,13 +64,16 @@ def gdso_rewards(mu_P2G: torch.Tensor, labels_P2: torch.Tensor, *, lam_pt: float
 
 
 def penalize_malformed(rewards_P2G: torch.Tensor, format_ok_P2G: torch.Tensor, penalty: float) -> torch.Tensor:
-    """Rewards with every malformed output (no score prefix written by the model) set to `-penalty`.
+    """Rewards with `penalty` subtracted from every malformed output (no score prefix written by the model).
 
-    Our treatment of format failures (methods.md leaves it open): zero reward minus a format penalty, so a
-    group that mixes well-formed and malformed outputs pushes towards writing the prefix."""
+    Our treatment of format failures (methods.md leaves it open): a malformed output keeps the reward of the q
+    read at its forced score position, minus a format penalty. Within a group that mixes well- and malformed
+    outputs this pushes towards writing the prefix; in a group of only malformed outputs (a base model that never
+    learnt the score prefix) the advantages still rank the outputs by their score quality, so training has a
+    signal from the first step."""
     if format_ok_P2G.shape != rewards_P2G.shape:
         raise ValueError(f"format_ok {tuple(format_ok_P2G.shape)} does not match rewards {tuple(rewards_P2G.shape)}")
-    return torch.where(format_ok_P2G.bool(), rewards_P2G, torch.full_like(rewards_P2G, -float(penalty)))
+    return rewards_P2G - float(penalty) * (~format_ok_P2G.bool()).to(rewards_P2G.dtype)
 
 
 def side_advantages(rewards_P2G: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
