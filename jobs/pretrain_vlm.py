@@ -81,9 +81,12 @@ def run_pretrain_vlm(cfg: RunConfig, model: str = "both", resume: bool = False) 
     for role in roles:
         vlm_cfg: VLMConfig = getattr(cfg, role)
         init_dir = init_model(vlm_cfg, root / "init" / role, cfg.world.image_size)
+        vision_s = 0.0
+        if pcfg.vision_warmup:
+            init_dir, vision_s = warm_up_vision(init_dir, pcfg.vision, data_dir, root, role, resume)
         task = CaptionTask(model_dir=str(init_dir), name=f"caption_{role}", style=pcfg.caption_style)
         latest = latest_checkpoint(root / role) if resume else None  # --resume: only roles that have started
-        budget = pcfg.time_budget_s
+        budget = max(pcfg.time_budget_s - vision_s, 1.0) if pcfg.time_budget_s else 0.0
         if latest is not None and budget > 0:  # the budget is for the whole run, not for each resumption
             budget -= max(elapsed_by_step(read_learner_state(latest)["history"]).values(), default=0.0)
         print(f"[pretrain-vlm] {role}: {count_parameters(init_dir):,} parameters, {pcfg.caption_style} captions, "
@@ -115,6 +118,7 @@ def run_pretrain_vlm(cfg: RunConfig, model: str = "both", resume: bool = False) 
         curve.append({"step": fitted.final_step, "train_s": train_s.get(fitted.final_step), **metrics})
 
         record = {"role": role, "model_dir": str(final_dir), "num_params": count_parameters(final_dir),
+                  "vision_warmup_s": vision_s,
                   "steps": fitted.final_step, "train_s": train_s.get(fitted.final_step), "fit_wall_s": fitted.wall_s,
                   "steps_per_s": fitted.final_step / max(train_s.get(fitted.final_step) or 1e-9, 1e-9),
                   "eval_s": eval_s, "caption_style": pcfg.caption_style, "final": metrics, "curve": curve,
@@ -152,6 +156,32 @@ def init_model(vlm_cfg: VLMConfig, path: Path, image_size: int) -> Path:
         build_tiny_vlm(vlm_cfg, path, image_size=image_size)
         marker.write_text(record)
     return path
+
+
+def warm_up_vision(init_dir: Path, learner: Any, data_dir: Path, root: Path, role: str,
+                   resume: bool) -> tuple[Path, float]:
+    """Phase 1: `VisionWarmupTask` on the captions' images and scenes; returns (warmed HF dir, training seconds).
+
+    A finished warm-up (its `final/` dir) is reused on `--resume`; a cut one continues from its checkpoint."""
+    from actors.learner import fit, read_learner_state
+    from zray.models.vision_warmup import VisionWarmupTask
+
+    run_dir = root / f"{role}_vision"
+    final_dir = run_dir / "final"
+    if resume and (final_dir / "config.json").is_file():
+        seconds = max(elapsed_by_step(read_learner_state(latest_checkpoint(run_dir))["history"]).values(), default=0.0)
+        return final_dir, seconds
+    train = read_ray_dataset(data_dir / "captions_train.parquet", "captions").select_columns(["image", "scene_json"])
+    fitted = fit(VisionWarmupTask(model_dir=str(init_dir), name=f"vision_{role}"), learner,
+                 datasets={"train": train}, storage_path=root, name=f"{role}_vision",
+                 resume=resume and latest_checkpoint(run_dir) is not None)
+    shutil.rmtree(final_dir, ignore_errors=True)
+    shutil.copytree(fitted.hf_dir, final_dir)
+    seconds = max(elapsed_by_step(fitted.history).values(), default=0.0)
+    last = fitted.history[-1] if fitted.history else {}
+    print(f"[pretrain-vlm] {role}: vision warm-up {fitted.final_step} steps in {seconds:.0f} s, attribute loss "
+          f"{last.get('loss', float('nan')):.3f}, all attributes right on {last.get('attribute_exact', 0.0):.0%}")
+    return final_dir, seconds
 
 
 def checkpoints(run_dir: Path) -> list[Path]:

@@ -37,6 +37,7 @@ def tiny_cpu() -> RunConfig:
             learner=LearnerConfig(max_steps=4, micro_batch_size=8, lr=2e-3, checkpoint_every=2, keep_checkpoints=2,
                                   log_every=1),
             eval_every=2, num_eval_images=4, max_new_tokens=32,
+            vision=LearnerConfig(max_steps=2, micro_batch_size=8, lr=2e-3, checkpoint_every=2, log_every=1),
         ),
         # A few steps per phase: the plumbing end to end (tests), not a trained generator.
         pretrain_generator=PretrainGeneratorConfig(
@@ -78,6 +79,8 @@ def dev() -> RunConfig:
             learner=LearnerConfig(max_steps=20000, micro_batch_size=16, lr=2e-3, warmup_steps=100,
                                   checkpoint_every=1000, keep_checkpoints=25, log_every=50),
             time_budget_s=1200.0, eval_every=1000, num_eval_images=200, max_new_tokens=96,
+            # 600 steps (about a minute): enough to break the captioning plateau (zray/models/vision_warmup.py).
+            vision=LearnerConfig(max_steps=600, micro_batch_size=16, lr=2e-3, checkpoint_every=600, log_every=100),
         ),
         # Calibrated for about 38 minutes in all on a 2-core CPU (notes in jobs/pretrain_generator.py): 8 min of
         # VAE, 26 min of flow transformer, about 4 min of start-up, checkpoints and evaluation. One thread per

@@ -221,6 +221,11 @@ class PretrainVLMConfig:
     max_new_tokens: int = 96
     # Target text: "compact" (no object positions, about a third fewer tokens) or "canonical" (zray.data.captions).
     caption_style: Literal["canonical", "compact"] = "compact"
+    # Vision warm-up before captioning (zray/models/vision_warmup.py): the vision tower learns the scene's
+    # attributes first, as real VLMs start from a pre-trained vision encoder. Its time counts in time_budget_s.
+    vision_warmup: bool = True
+    vision: LearnerConfig = field(default_factory=lambda: LearnerConfig(max_steps=20, checkpoint_every=20,
+                                                                        log_every=10, lr=2e-3))
 
     def __post_init__(self) -> None:
         _positive(self, "num_eval_images", "max_new_tokens")
