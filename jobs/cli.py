@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             run_train_teacher(cfg, method=args.method, resume=args.resume)
-        except ConfigError as err:
+        except (ConfigError, FileExistsError) as err:  # FileExistsError: a finished run and no --resume
             print(f"zray: error: {err}", file=sys.stderr)
             return 2
         return 0

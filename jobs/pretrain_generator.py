@@ -56,7 +56,7 @@ from zray.data.render import decode_png
 from zray.models.generator import initial_noise, load_zimage, pil_to_tensor, sample_images, to_pil
 from zray.models.generator_eval import frechet_to, judge_many, summarise
 from zray.models.generator_training import FlowTask, VAETask, decode_images
-from zray.models.tiny import build_tiny_zimage, count_parameters
+from zray.models.tiny import build_once, build_tiny_zimage, count_parameters
 
 NUM_GRID = 12
 NUM_LATENT_STAT_IMAGES = 512
@@ -138,15 +138,7 @@ def run_pretrain_generator(cfg: RunConfig, resume: bool = False) -> dict[str, An
 
 def init_pipeline(gen_cfg: GeneratorConfig, path: Path, image_size: int) -> Path:
     """The initial pipeline: `gen_cfg.checkpoint` if set, else a tiny one built (once) under `path`."""
-    if gen_cfg.checkpoint:
-        return Path(gen_cfg.checkpoint)
-    marker = path / "zray_generator_config.json"
-    record = json.dumps({"generator": dataclasses.asdict(gen_cfg), "image_size": image_size}, sort_keys=True)
-    if not (marker.exists() and marker.read_text() == record):
-        shutil.rmtree(path, ignore_errors=True)
-        build_tiny_zimage(gen_cfg, path, image_size=image_size)
-        marker.write_text(record)
-    return path
+    return Path(build_once(gen_cfg, path, build_tiny_zimage, image_size)["path"])
 
 
 def fit_phase(task: Any, learner_cfg: Any, dataset: Any, root: Path, name: str, resume: bool,

@@ -45,7 +45,7 @@ from zray.data import ensure_world, read_ray_dataset, read_table
 from zray.data.render import decode_png
 from zray.data.scene import Defects, Scene
 from zray.models.captioning import ATTRIBUTES, CaptionTask, caption_metrics, describe_images, score_caption
-from zray.models.tiny import build_tiny_vlm, count_parameters
+from zray.models.tiny import build_once, build_tiny_vlm, count_parameters
 from zray.models.vlm import load_vlm
 
 ROLES = ("teacher", "student")
@@ -147,15 +147,7 @@ def run_pretrain_vlm(cfg: RunConfig, model: str = "both", resume: bool = False) 
 
 def init_model(vlm_cfg: VLMConfig, path: Path, image_size: int) -> Path:
     """The initial weights: `vlm_cfg.checkpoint` if set, else a tiny model built (once) under `path`."""
-    if vlm_cfg.checkpoint:
-        return Path(vlm_cfg.checkpoint)
-    marker = path / "zray_vlm_config.json"
-    record = json.dumps({"vlm": dataclasses.asdict(vlm_cfg), "image_size": image_size}, sort_keys=True)
-    if not (marker.exists() and marker.read_text() == record):
-        shutil.rmtree(path, ignore_errors=True)
-        build_tiny_vlm(vlm_cfg, path, image_size=image_size)
-        marker.write_text(record)
-    return path
+    return Path(build_once(vlm_cfg, path, build_tiny_vlm, image_size)["path"])
 
 
 def warm_up_vision(init_dir: Path, learner: Any, data_dir: Path, root: Path, role: str,

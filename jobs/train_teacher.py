@@ -61,6 +61,7 @@ def run_train_teacher(cfg: RunConfig, method: str | None = None, resume: bool = 
     from actors.gdso_task import GDSOTask
     from actors.learner import fit
     from jobs.evaluate import evaluate_model
+    from jobs.pretrain_vlm import latest_checkpoint
     from zray.models.score_sft import ScoreSFTTask
 
     methods = TEACHER_METHODS[::-1] if method == "all" else (method or cfg.train_teacher.method,)
@@ -90,7 +91,8 @@ def run_train_teacher(cfg: RunConfig, method: str | None = None, resume: bool = 
                 task = (ScoreSFTTask(model_dir=str(base)) if name == "sft"
                         else GDSOTask(model_dir=str(base), cfg=tcfg, engines=engines, seed=cfg.seed, name=f"teacher_{name}"))
                 fitted = fit(task, tcfg.learner, datasets={"train": train}, storage_path=root, name=name,
-                             resume=resume, time_budget_s=tcfg.time_budget_s)
+                             resume=resume and latest_checkpoint(run_dir) is not None,  # --resume: started ones
+                             time_budget_s=tcfg.time_budget_s)
             finally:
                 if engines:
                     EnginePool(engines).shutdown()

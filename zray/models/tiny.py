@@ -336,38 +336,41 @@ def count_parameters(path: str | Path) -> int:
 _DONE = "zray_built.json"  # written last: a folder without it is rebuilt
 
 
-def build_zoo(run_cfg: Any, out_dir: str | Path) -> dict[str, dict[str, Any]]:
-    """Build teacher, student and generator under `out_dir/{teacher,student,generator}`; skip finished ones.
+def build_once(cfg: Any, path: str | Path, builder: Any, image_size: int = 64) -> dict[str, Any]:
+    """Build one tiny model with `builder(cfg, path, image_size=)` unless `path` already holds it.
 
-    `run_cfg` is anything with `.teacher`, `.student` (VLMConfig), `.generator` (GeneratorConfig) and
-    optionally `.world.image_size`. A model whose config has a `checkpoint` is not built (its path is the
-    checkpoint). A folder is reused only if its marker records the same config; otherwise it is rebuilt.
-    Returns {role: {"path", "num_params", "build_s", "built"}}.
+    A config with a `checkpoint` is not built (its path is the checkpoint). A folder is reused only if its
+    marker (written last) records the same config and image size; otherwise it is rebuilt from scratch.
+    Returns {"path", "num_params", "build_s", "built"}.
     """
     import dataclasses
     import shutil
 
+    if cfg.checkpoint:
+        return {"path": cfg.checkpoint, "num_params": None, "build_s": 0.0, "built": False}
+    path = Path(path)
+    record = {"config": json.loads(json.dumps(dataclasses.asdict(cfg))), "image_size": image_size}
+    marker = path / _DONE
+    if marker.exists() and json.loads(marker.read_text()).get("build") == record:
+        info = json.loads(marker.read_text())
+        return {"path": str(path), "num_params": info["num_params"], "build_s": 0.0, "built": False}
+    if path.exists():
+        shutil.rmtree(path)
+    start = time.perf_counter()
+    builder(cfg, path, image_size=image_size)
+    build_s = time.perf_counter() - start
+    num_params = count_parameters(path)
+    marker.write_text(json.dumps({"build": record, "num_params": num_params, "build_s": build_s}, indent=1))
+    return {"path": str(path), "num_params": num_params, "build_s": build_s, "built": True}
+
+
+def build_zoo(run_cfg: Any, out_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """Build teacher, student and generator under `out_dir/{teacher,student,generator}` (`build_once` each).
+
+    `run_cfg` is anything with `.teacher`, `.student` (VLMConfig), `.generator` (GeneratorConfig) and
+    optionally `.world.image_size`. Returns {role: {"path", "num_params", "build_s", "built"}}.
+    """
     image_size = getattr(getattr(run_cfg, "world", None), "image_size", 64)
     builders = {"teacher": build_tiny_vlm, "student": build_tiny_vlm, "generator": build_tiny_zimage}
-    result: dict[str, dict[str, Any]] = {}
-    for role, builder in builders.items():
-        cfg = getattr(run_cfg, role)
-        if cfg.checkpoint:
-            result[role] = {"path": cfg.checkpoint, "num_params": None, "build_s": 0.0, "built": False}
-            continue
-        path = Path(out_dir) / role
-        record = {"config": json.loads(json.dumps(dataclasses.asdict(cfg))), "image_size": image_size}
-        marker = path / _DONE
-        if marker.exists() and json.loads(marker.read_text()).get("build") == record:
-            info = json.loads(marker.read_text())
-            result[role] = {"path": str(path), "num_params": info["num_params"], "build_s": 0.0, "built": False}
-            continue
-        if path.exists():
-            shutil.rmtree(path)
-        start = time.perf_counter()
-        builder(cfg, path, image_size=image_size)
-        build_s = time.perf_counter() - start
-        num_params = count_parameters(path)
-        marker.write_text(json.dumps({"build": record, "num_params": num_params, "build_s": build_s}, indent=1))
-        result[role] = {"path": str(path), "num_params": num_params, "build_s": build_s, "built": True}
-    return result
+    return {role: build_once(getattr(run_cfg, role), Path(out_dir) / role, builder, image_size)
+            for role, builder in builders.items()}
