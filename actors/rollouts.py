@@ -116,6 +116,21 @@ def split_sample(completion: Any, decode: Callable[[list[int]], str]) -> tuple[i
                        f"(stop_reason={completion.stop_reason!r}): expected 'stop' or 'length'")
 
 
+MULTIMODAL_TOKENS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+BANNED_BIAS = -100.0
+
+
+def banned_token_bias(hf_config: Any) -> dict[int, float] | None:
+    """logit_bias that keeps sampled reasoning free of the model's multimodal placeholder tokens.
+
+    A reasoning trace holding e.g. `<|image_pad|>` cannot be teacher-forced (the learner's model would look for
+    image features for it), and a tiny or early policy samples any token at temperature 1. vLLM reports the raw
+    log-probs (before this bias) by default, which are what the learner recomputes."""
+    ids = sorted({int(v) for v in (getattr(hf_config, name, None) for name in MULTIMODAL_TOKENS)
+                  if isinstance(v, int) and not isinstance(v, bool)})
+    return {i: BANNED_BIAS for i in ids} or None
+
+
 def _sample_seed(seed: int | None, index: int, group_size: int, g: int) -> int | None:
     return None if seed is None else seed * SEED_STRIDE + index * group_size + g
 
@@ -141,11 +156,12 @@ def generate_rollouts(llm: Any, requests: Sequence[ScoreRequest | tuple], *, sco
     def decode(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=True)
 
-    # ---- call 1: reasoning samples
+    # ---- call 1: reasoning samples (never a multimodal placeholder token: see `banned_token_bias`)
     texts = [render_generation_prompt(tokenizer, r.prompt, r.dimension, reasoning=True) for r in reqs]
+    bias = banned_token_bias(llm.llm_engine.model_config.hf_config)
     params = [SamplingParams(n=group_size, max_tokens=max_reasoning_tokens, temperature=temperature,
                              seed=_sample_seed(seed, request_offset + i, group_size, 0), stop=[STOP_TEXT],
-                             logprobs=0) for i in range(len(reqs))]
+                             logprobs=0, logit_bias=bias) for i in range(len(reqs))]
     outputs = llm.generate([{"prompt": t, "multi_modal_data": {"image": r.image}} for t, r in zip(texts, reqs)],
                            params, use_tqdm=False)
     prompts = [list(out.prompt_token_ids) for out in outputs]

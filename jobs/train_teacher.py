@@ -99,8 +99,14 @@ def run_train_teacher(cfg: RunConfig, method: str | None = None, resume: bool = 
             final_dir = run_dir / "final"
             shutil.rmtree(final_dir, ignore_errors=True)
             shutil.copytree(fitted.hf_dir, final_dir)
-        evaluation = evaluate_model(cfg, final_dir, form="auto" if name != "zero_shot" else "reasoning",
-                                    name=f"teacher_{name}")
+        # The evaluation engine is an actor too: an in-process vLLM engine in the driver would share (and on
+        # shutdown tear down) vLLM's process-global state with any other engine of the driver process.
+        eval_engines = start_engines(final_dir, cfg.vllm, seed=cfg.seed, num_engines=1)
+        try:
+            evaluation = evaluate_model(cfg, final_dir, form="auto" if name != "zero_shot" else "reasoning",
+                                        name=f"teacher_{name}", engine=eval_engines[0])
+        finally:
+            EnginePool(eval_engines).shutdown()
         record = {"method": name, "model_dir": str(final_dir), "evaluation": evaluation,
                   "training": training_summary(fitted.history, fitted.final_step, fitted.wall_s) if fitted else None,
                   "config": to_dict(tcfg)}

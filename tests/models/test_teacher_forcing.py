@@ -1,5 +1,7 @@
 """Teacher forcing of vLLM rollouts in transformers reproduces the rollout's log-probs and score distributions."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -49,3 +51,21 @@ def test_rollout_inputs_reject_wrong_images(teacher_engine, sharp_teacher_dir):
         rollout_inputs(processor, rollout, [image, image])
     with pytest.raises(ValueError, match="different images"):
         rollout_inputs(processor, rollout, [Image.new("RGB", (64, 32), (20, 200, 30))])  # 8 image tokens, not 16
+    # a response holding the image placeholder cannot be teacher-forced: a clear error, not a shape crash
+    image_token = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    ids = rollout.response_ids_NGT.clone()
+    ids[0, 0, 0] = image_token
+    with pytest.raises(ValueError, match="image placeholder token"):
+        rollout_inputs(processor, dataclasses.replace(rollout, response_ids_NGT=ids), [image])
+
+
+def test_rollouts_never_sample_multimodal_placeholders(sharp_teacher_dir):
+    from transformers import AutoConfig
+
+    from actors.rollouts import BANNED_BIAS, banned_token_bias
+
+    hf = AutoConfig.from_pretrained(sharp_teacher_dir)
+    bias = banned_token_bias(hf)
+    assert set(bias) == {hf.image_token_id, hf.video_token_id, hf.vision_start_token_id, hf.vision_end_token_id}
+    assert set(bias.values()) == {BANNED_BIAS}
+    assert banned_token_bias(object()) is None

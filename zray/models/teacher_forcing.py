@@ -49,9 +49,14 @@ def rollout_inputs(processor: Any, rollout: RolloutBatch, images: Sequence[Any])
     pixels = processor.image_processor(images=[images[i] for i in range(n) for _ in range(g)], return_tensors="pt")
     per_image = pixels["image_grid_thw"].prod(-1) // (processor.image_processor.merge_size ** 2)
     found = (input_ids == image_token).sum(-1)
+    in_response = (rollout.response_ids_NGT.reshape(n * g, t) == image_token).sum(-1)
+    if in_response.any():
+        raise ValueError(f"{int((in_response > 0).sum())} sampled responses hold the image placeholder token, which "
+                         "cannot be teacher-forced: the engine must not sample it (actors.rollouts.banned_token_bias)")
     if not torch.equal(found, per_image):
-        raise ValueError(f"the rollout's prompts hold {found.tolist()[:4]}... image tokens but the images need "
-                         f"{per_image.tolist()[:4]}...: the engine and the learner see different images")
+        bad = int(torch.nonzero(found != per_image)[0])
+        raise ValueError(f"sequence {bad}: the rollout's prompt holds {int(found[bad])} image tokens but its image "
+                         f"needs {int(per_image[bad])}: the engine and the learner see different images")
     offsets = torch.tensor([prompt_lens[i] for i in range(n) for _ in range(g)])
     steps = torch.arange(t)
     resp_pos = (offsets[:, None] + steps[None, :]).clamp(max=length - 1)
