@@ -23,6 +23,15 @@ one GDSO step (4 pairs x 2 sides x G = 8 rollouts of about 32 reasoning tokens, 
 about 130 tokens) takes 1.74 s: weight sync 0.07 s, vLLM rollout 0.62 s, reference log-probs 0.29 s, forward +
 backward + ZeRO-2 step 0.83 s. 150 steps (600 pairs) take under 5 minutes per RL method; SFT on the same pairs
 12 s; evaluation of 50 test prompts (1,200 queries with greedy reasoning) about a minute.
+
+Results of `--method all` on the dev recipe (26 Nov 2026; base = the vision-warmed `pretrain-vlm` teacher, colour
+74% / shape 20.5% / exact 17.5% on held-out captions; 600 train pairs per method; 50 test prompts, 2,825 pairs):
+pooled HPA zero-shot 0.474, GRPO 0.496, GDSO 0.518, SFT 0.595 (standard error about 0.009). GDSO > GRPO >
+zero-shot holds; SFT beats all three. Why, as far as we can tell: the base model never writes the score prefix
+(100% format failures, so the score is read after a forced prefix), its rollout mu barely differs between winner
+and loser (gap 0.001-0.003), so the rewards rank samples by noise; and with gradient clipping at 1 the policy term
+(gradient norm about 60 with token-sum aggregation) takes most of each clipped step, leaving GDSO's CE term a
+small share of what SFT gets from the same pairs (CE 2.23 -> 2.07 for GDSO, -> 1.99 for SFT).
 """
 
 from __future__ import annotations
