@@ -29,11 +29,13 @@ import torch
 import torch.distributed as dist
 
 from actors.engine_pool import EnginePool
+from actors.teacher_engine import checkpoint_dtype
 from zray.checksum import weights_checksum
 from zray.config import TrainTeacherConfig
 from zray.losses.gdso import gdso_loss, gdso_rewards, penalize_malformed, side_advantages
 from zray.models.score_sft import pair_requests, write_scoring_file
 from zray.models.teacher_forcing import forced_logprobs, rollout_inputs
+from zray.models.vlm import cached_processor, load_vlm_weights, save_vlm, trainable_vlm
 from zray.scores import score_token_ids
 from zray.types import WeightVersionError
 
@@ -71,31 +73,32 @@ class GDSOTask:
 
     @property
     def processor(self) -> Any:
-        from zray.models.score_sft import _processor
-
-        return _processor(str(self.model_dir))
+        return cached_processor(str(self.model_dir))
 
     # ------------------------------------------------------------------------------------- LearnerTask
     def build_model(self) -> torch.nn.Module:
-        from transformers import AutoModelForImageTextToText
-
-        model = AutoModelForImageTextToText.from_pretrained(str(self.model_dir), dtype=torch.float32)
-        ref = AutoModelForImageTextToText.from_pretrained(str(self.model_dir), dtype=torch.float32).eval()
+        ref = trainable_vlm(self.model_dir).eval()
         ref.requires_grad_(False)
-        self._state.update(ref=ref, pool=EnginePool(self.engines), ref_fresh=False)
-        return model.train()
+        # The engines serve the checkpoint's dtype (TeacherEngine loads it with that dtype): send weights in it.
+        served = checkpoint_dtype(self.model_dir)
+        self._state.update(ref=ref, pool=EnginePool(self.engines), ref_fresh=False,
+                           served_dtype=None if served == "auto" else getattr(torch, served))
+        return trainable_vlm(self.model_dir)
 
     def before_rollout(self, engine: Any, *, rollout_index: int) -> None:
         state = self._state
         t0 = time.perf_counter()
-        weights = engine.full_state_dict()  # every rank (a collective under ZeRO-3)
-        if rollout_index % self.cfg.inner_steps == 0 or not state["ref_fresh"]:
+        reset = rollout_index % self.cfg.inner_steps == 0 or not state["ref_fresh"]
+        weights = None
+        if engine.rank == 0 or reset or engine.zero_stage == 3:  # ZeRO-3's gather is a collective of all ranks
+            weights = engine.full_state_dict()
+        if reset:
             state["ref"].load_state_dict(weights)  # outer iteration: pi_ref <- pi_theta
             state["ref_fresh"] = True
         version = rollout_index + 1
         if engine.rank == 0:
-            served = served_dtype_of(state["ref"])
-            sent = {k: v.to(served) for k, v in weights.items()}
+            served = state["served_dtype"]
+            sent = {k: v.to(served) for k, v in weights.items()} if served is not None else weights
             state["pool"].load_weights(sent, version=version, checksum=weights_checksum(sent))
         if dist.is_initialized():
             dist.barrier()
@@ -152,19 +155,7 @@ class GDSOTask:
         return loss, metrics
 
     def save_pretrained(self, model: torch.nn.Module, out_dir: Path) -> None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out)
-        self.processor.save_pretrained(out)
-        write_scoring_file(out, form="reasoning", method=self.cfg.method)
+        write_scoring_file(save_vlm(model, self.model_dir, out_dir), form="reasoning", method=self.cfg.method)
 
     def load_pretrained(self, model: torch.nn.Module, ckpt_dir: Path) -> None:
-        from transformers import AutoModelForImageTextToText
-
-        loaded = AutoModelForImageTextToText.from_pretrained(str(ckpt_dir), dtype=torch.float32)
-        model.load_state_dict(loaded.state_dict(), strict=True)
-
-
-def served_dtype_of(model: torch.nn.Module) -> torch.dtype:
-    """The dtype the engines serve: the checkpoint's (the engines load it with dtype=checkpoint's)."""
-    return next(model.parameters()).dtype
+        load_vlm_weights(model, ckpt_dir)

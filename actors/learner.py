@@ -35,6 +35,7 @@ directory that already holds checkpoints, so nothing is continued or overwritten
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -79,6 +80,17 @@ class _PresplitDataConfig(DataConfig):
                 for rank in range(world_size):
                     output[rank][name] = self._shards[name][rank].iterator()
         return output
+
+
+def init_ray(cpus_needed: float) -> None:
+    """Join the cluster at RAY_ADDRESS, or start a local Ray instance with at least `cpus_needed` logical CPUs (and
+    at least this machine's count); nothing if Ray is already initialised (tests, notebooks)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    local = {} if os.environ.get("RAY_ADDRESS") else {"num_cpus": max(math.ceil(cpus_needed), os.cpu_count() or 1)}
+    ray.init(**local, include_dashboard=False, log_to_driver=True)
 
 
 def _has_checkpoint(run_dir: Path) -> bool:

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -73,7 +72,7 @@ EVAL_BATCH = 50
 
 def run_pretrain_generator(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
     """Train and evaluate the base generator; returns the metrics record (also written to metrics.json)."""
-    import ray
+    from actors.learner import init_ray
 
     pcfg = cfg.pretrain_generator
     out = Path(cfg.out_dir).resolve()
@@ -87,10 +86,8 @@ def run_pretrain_generator(cfg: RunConfig, resume: bool = False) -> dict[str, An
                          f"generator_test has {len(eval_rows)} prompts (world.num_generator_test_prompts)")
     eval_rows = eval_rows[: pcfg.num_eval_prompts]
     init_dir = init_pipeline(cfg.generator, root / "init", cfg.world.image_size)
-    if not ray.is_initialized():
-        need = max(pcfg.vae.num_workers * pcfg.vae.cpus_per_worker, pcfg.flow.num_workers * pcfg.flow.cpus_per_worker)
-        ray.init(**({} if os.environ.get("RAY_ADDRESS") else {"num_cpus": max(need + 1, os.cpu_count() or 1)}),
-                 include_dashboard=False, log_to_driver=True)
+    init_ray(max(pcfg.vae.num_workers * pcfg.vae.cpus_per_worker,
+                 pcfg.flow.num_workers * pcfg.flow.cpus_per_worker) + 1)
     train = read_ray_dataset(data_dir / "generator_train.parquet", "generator")
     print(f"[pretrain-generator] world {data_dir}; pipeline {count_parameters(init_dir):,} parameters; "
           f"{len(eval_rows)} held-out prompts")

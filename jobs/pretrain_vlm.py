@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -64,9 +63,7 @@ MAX_GRID_LINES = 8  # of a generated description in the grid (an untrained model
 
 def run_pretrain_vlm(cfg: RunConfig, model: str = "both", resume: bool = False) -> dict[str, Any]:
     """Train and evaluate the chosen role(s) (`teacher`, `student` or `both`); returns {role: metrics}."""
-    import ray
-
-    from actors.learner import LearnerResult, fit, read_learner_state
+    from actors.learner import LearnerResult, fit, init_ray, read_learner_state
 
     roles = ROLES if model == "both" else (model,)
     if any(r not in ROLES for r in roles):
@@ -80,10 +77,7 @@ def run_pretrain_vlm(cfg: RunConfig, model: str = "both", resume: bool = False) 
         raise ValueError(f"pretrain_vlm.num_eval_images={pcfg.num_eval_images} is not allowed: captions_test has "
                          f"{len(eval_rows)} images (world.num_caption_test_images)")
     eval_rows = eval_rows[:pcfg.num_eval_images]
-    if not ray.is_initialized():
-        need = pcfg.learner.num_workers * pcfg.learner.cpus_per_worker + 2
-        ray.init(**({} if os.environ.get("RAY_ADDRESS") else {"num_cpus": max(need, os.cpu_count() or 1)}),
-                 include_dashboard=False, log_to_driver=True)
+    init_ray(pcfg.learner.num_workers * pcfg.learner.cpus_per_worker + 2)
     train = read_ray_dataset(data_dir / "captions_train.parquet", "captions").select_columns(["image", "description"])
 
     results: dict[str, Any] = {}

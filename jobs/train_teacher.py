@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -68,7 +67,7 @@ def run_train_teacher(cfg: RunConfig, method: str | None = None, resume: bool = 
 
     from actors.engine_pool import EnginePool, start_engines
     from actors.gdso_task import GDSOTask
-    from actors.learner import fit
+    from actors.learner import fit, init_ray
     from jobs.evaluate import evaluate_model
     from jobs.pretrain_vlm import latest_checkpoint
     from zray.models.score_sft import ScoreSFTTask
@@ -80,11 +79,8 @@ def run_train_teacher(cfg: RunConfig, method: str | None = None, resume: bool = 
     root = out / "train_teacher"
     data_dir = ensure_world(cfg.world, out / "data")
     base = base_model_dir(cfg)
-    if not ray.is_initialized():
-        lcfg = cfg.train_teacher.learner
-        need = lcfg.num_workers * lcfg.cpus_per_worker + cfg.vllm.num_engines * cfg.vllm.cpus_per_engine + 1
-        ray.init(**({} if os.environ.get("RAY_ADDRESS") else {"num_cpus": max(int(need + 0.999), os.cpu_count() or 1)}),
-                 include_dashboard=False, log_to_driver=True)
+    lcfg = cfg.train_teacher.learner
+    init_ray(lcfg.num_workers * lcfg.cpus_per_worker + cfg.vllm.num_engines * cfg.vllm.cpus_per_engine + 1)
     records = {}
     for name in methods:
         tcfg = dataclasses.replace(cfg.train_teacher, method=name)

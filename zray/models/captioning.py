@@ -22,7 +22,6 @@ Shape legend: B batch, L sequence length, V vocabulary.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from zray.data.captions import STYLES, Description, description_of, parse_descri
 from zray.data.prompts import Combo
 from zray.data.render import decode_png
 from zray.data.scene import Defects, Scene
+from zray.models.vlm import cached_processor, load_vlm_weights, save_vlm, trainable_vlm
 
 CAPTION_INSTRUCTION = "Describe the image."
 IGNORE_INDEX = -100
@@ -48,13 +48,6 @@ def caption_messages(image: Any, answer: str | None = None) -> list[dict[str, An
     if answer is not None:
         messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
     return messages
-
-
-@functools.lru_cache(maxsize=4)
-def _processor(model_dir: str) -> Any:
-    from transformers import AutoProcessor
-
-    return AutoProcessor.from_pretrained(model_dir)
 
 
 def _answer_header(tokenizer: Any) -> list[int]:
@@ -100,13 +93,10 @@ class CaptionTask:
 
     @property
     def processor(self) -> Any:
-        return _processor(str(self.model_dir))
+        return cached_processor(str(self.model_dir))
 
     def build_model(self) -> torch.nn.Module:
-        from transformers import AutoModelForImageTextToText
-
-        model = AutoModelForImageTextToText.from_pretrained(str(self.model_dir), dtype=torch.float32)
-        return model.train()
+        return trainable_vlm(self.model_dir)
 
     def collate(self, rows: dict[str, Any]) -> dict[str, torch.Tensor]:
         images = [decode_png(bytes(b)) for b in rows["image"]]
@@ -140,16 +130,10 @@ class CaptionTask:
 
     def save_pretrained(self, model: torch.nn.Module, out_dir: Path) -> None:
         """Model (safetensors) + processor + tokenizer: loads in transformers (`load_vlm`) and vLLM."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out)
-        _processor(str(self.model_dir)).save_pretrained(out)
+        save_vlm(model, self.model_dir, out_dir)
 
     def load_pretrained(self, model: torch.nn.Module, ckpt_dir: Path) -> None:
-        from transformers import AutoModelForImageTextToText
-
-        loaded = AutoModelForImageTextToText.from_pretrained(str(ckpt_dir), dtype=torch.float32)
-        model.load_state_dict(loaded.state_dict(), strict=True)
+        load_vlm_weights(model, ckpt_dir)
 
 
 # ------------------------------------------------------------------------------------------ generation

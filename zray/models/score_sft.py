@@ -11,7 +11,6 @@ Shape legend: B examples (2 per pair), K = 9 score bins.
 
 from __future__ import annotations
 
-import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 
 from zray.data.render import decode_png
 from zray.prompts import ScoreRequest
+from zray.models.vlm import cached_processor, load_vlm_weights, save_vlm, score_inputs, trainable_vlm
 from zray.scores import label_index, score_bins, score_token_ids
 
 SCORING_FILE = "zray_scoring.json"  # {"form": "direct" | "reasoning", "method": ...}: how to evaluate a model
@@ -28,15 +28,6 @@ SCORING_FILE = "zray_scoring.json"  # {"form": "direct" | "reasoning", "method":
 
 def write_scoring_file(out_dir: str | Path, *, form: str, method: str) -> None:
     Path(out_dir, SCORING_FILE).write_text(json.dumps({"form": form, "method": method}) + "\n")
-
-
-@functools.lru_cache(maxsize=4)
-def _processor(model_dir: str) -> Any:
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(model_dir)
-    processor.tokenizer.padding_side = "left"  # the last position of every row is its score position
-    return processor
 
 
 def pair_requests(rows: dict[str, Any], *, reasoning: str | None = None) -> tuple[list[ScoreRequest], torch.Tensor]:
@@ -59,18 +50,16 @@ class ScoreSFTTask:
 
     @property
     def processor(self) -> Any:
-        return _processor(str(self.model_dir))
+        return cached_processor(str(self.model_dir))
 
     def build_model(self) -> torch.nn.Module:
-        from transformers import AutoModelForImageTextToText
-
-        return AutoModelForImageTextToText.from_pretrained(str(self.model_dir), dtype=torch.float32).train()
+        return trainable_vlm(self.model_dir)
 
     def collate(self, rows: dict[str, Any]) -> dict[str, torch.Tensor]:
-        from zray.models.vlm import score_inputs
-
         requests, labels_P2 = pair_requests(rows)
-        batch = {k: v for k, v in score_inputs(self.processor, requests).items() if isinstance(v, torch.Tensor)}
+        processor = self.processor
+        processor.tokenizer.padding_side = "left"  # the last position of every row is its score position
+        batch = {k: v for k, v in score_inputs(processor, requests).items() if isinstance(v, torch.Tensor)}
         batch["label_index"] = torch.tensor([label_index(float(s)) for s in labels_P2.flatten()], dtype=torch.int64)
         return batch
 
@@ -88,14 +77,7 @@ class ScoreSFTTask:
                       "mu_mean": float(mu_B.mean())}
 
     def save_pretrained(self, model: torch.nn.Module, out_dir: Path) -> None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out)
-        self.processor.save_pretrained(out)
-        write_scoring_file(out, form="direct", method="sft")
+        write_scoring_file(save_vlm(model, self.model_dir, out_dir), form="direct", method="sft")
 
     def load_pretrained(self, model: torch.nn.Module, ckpt_dir: Path) -> None:
-        from transformers import AutoModelForImageTextToText
-
-        loaded = AutoModelForImageTextToText.from_pretrained(str(ckpt_dir), dtype=torch.float32)
-        model.load_state_dict(loaded.state_dict(), strict=True)
+        load_vlm_weights(model, ckpt_dir)

@@ -17,7 +17,6 @@ Shape legend: B images, N image tokens per image, D hidden size, A attributes.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ import torch
 
 from zray.data.render import decode_png
 from zray.data.scene import BACKGROUNDS, COLORS, SHAPES, Scene
+from zray.models.vlm import cached_processor, load_vlm_weights, save_vlm, trainable_vlm
 
 HEAD_FILE = "vision_head.safetensors"
 ATTRIBUTES: tuple[str, ...] = (
@@ -63,13 +63,6 @@ class VisionProbe(torch.nn.Module):
         return self.head(tokens.view(num_images, -1, tokens.shape[-1])).amax(dim=1)
 
 
-@functools.lru_cache(maxsize=4)
-def _processor(model_dir: str) -> Any:
-    from transformers import AutoProcessor
-
-    return AutoProcessor.from_pretrained(model_dir)
-
-
 @dataclass(frozen=True, kw_only=True)
 class VisionWarmupTask:
     """A `LearnerTask`; rows need the captions table's `image` (PNG bytes) and `scene_json` columns."""
@@ -78,14 +71,11 @@ class VisionWarmupTask:
     name: str = "vision_warmup"
 
     def build_model(self) -> torch.nn.Module:
-        from transformers import AutoModelForImageTextToText
-
-        vlm = AutoModelForImageTextToText.from_pretrained(str(self.model_dir), dtype=torch.float32)
-        return VisionProbe(vlm).train()
+        return VisionProbe(trainable_vlm(self.model_dir)).train()
 
     def collate(self, rows: dict[str, Any]) -> dict[str, torch.Tensor]:
         images = [decode_png(bytes(b)) for b in rows["image"]]
-        pixels = _processor(str(self.model_dir)).image_processor(images=images, return_tensors="pt")
+        pixels = cached_processor(str(self.model_dir)).image_processor(images=images, return_tensors="pt")
         targets = torch.stack([attribute_targets(Scene.from_json(str(s))) for s in rows["scene_json"]])
         return {"pixel_values": pixels["pixel_values"], "image_grid_thw": pixels["image_grid_thw"],
                 "targets": targets}
@@ -101,16 +91,11 @@ class VisionWarmupTask:
     def save_pretrained(self, model: torch.nn.Module, out_dir: Path) -> None:
         from safetensors.torch import save_file
 
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        model.vlm.save_pretrained(out)
-        _processor(str(self.model_dir)).save_pretrained(out)
+        out = save_vlm(model.vlm, self.model_dir, out_dir)
         save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, str(out / HEAD_FILE))
 
     def load_pretrained(self, model: torch.nn.Module, ckpt_dir: Path) -> None:
         from safetensors.torch import load_file
-        from transformers import AutoModelForImageTextToText
 
-        loaded = AutoModelForImageTextToText.from_pretrained(str(ckpt_dir), dtype=torch.float32)
-        model.vlm.load_state_dict(loaded.state_dict(), strict=True)
+        load_vlm_weights(model.vlm, ckpt_dir)
         model.head.load_state_dict(load_file(str(Path(ckpt_dir) / HEAD_FILE)))

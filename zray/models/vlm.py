@@ -12,6 +12,7 @@ Shape legend: B batch, L sequence length, V vocabulary, K score bins (9).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,41 @@ def load_vlm(path: str | Path, dtype: torch.dtype = torch.float32, device: str |
     model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype).to(device).eval()
     score_token_ids(processor)  # fail early if the tokenizer lacks the score tokens
     return model, processor
+
+
+# ------------------------------------------------------------------ checkpoints of the learner tasks
+
+
+@functools.lru_cache(maxsize=8)
+def cached_processor(model_dir: str) -> Any:
+    """The processor of `model_dir`, loaded once per process (shared: callers set `tokenizer.padding_side`)."""
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(model_dir)
+
+
+def trainable_vlm(model_dir: str | Path) -> torch.nn.Module:
+    """The VLM of `model_dir` in float32, train mode (what the learner tasks build)."""
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(str(model_dir), dtype=torch.float32).train()
+
+
+def save_vlm(model: torch.nn.Module, model_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write `model` (safetensors) and the processor of `model_dir` under `out_dir`: loads in transformers and vLLM."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    cached_processor(str(model_dir)).save_pretrained(out)
+    return out
+
+
+def load_vlm_weights(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
+    """Load the weights of the VLM saved in `ckpt_dir` into `model` in place (strict)."""
+    from transformers import AutoModelForImageTextToText
+
+    loaded = AutoModelForImageTextToText.from_pretrained(str(ckpt_dir), dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=True)
 
 
 def score_inputs(processor: Any, requests: Sequence[ScoreRequest]) -> Any:
