@@ -76,11 +76,13 @@ def dev() -> RunConfig:
         vllm=VLLMConfig(kv_cache_gib=2, enforce_eager=True, in_process=True, max_model_len=1024),
         # Calibrated for 20 minutes of training per model on a 2-core CPU (notes in jobs/pretrain_vlm.py).
         pretrain_vlm=PretrainVLMConfig(
-            learner=LearnerConfig(max_steps=20000, micro_batch_size=16, lr=2e-3, warmup_steps=100,
-                                  checkpoint_every=1000, keep_checkpoints=25, log_every=50),
+            # max_steps: about what 2 workers reach in the budget (8.5 steps/s), so the cosine decay ends near it.
+            learner=LearnerConfig(num_workers=2, max_steps=8000, micro_batch_size=8, lr=2e-3, warmup_steps=100,
+                                  lr_schedule="cosine", checkpoint_every=1000, keep_checkpoints=25, log_every=50),
             time_budget_s=1200.0, eval_every=1000, num_eval_images=200, max_new_tokens=96,
-            # 600 steps (about a minute): enough to break the captioning plateau (zray/models/vision_warmup.py).
-            vision=LearnerConfig(max_steps=600, micro_batch_size=16, lr=2e-3, checkpoint_every=600, log_every=100),
+            vision=LearnerConfig(num_workers=2, max_steps=20000, micro_batch_size=16, lr=1e-3, checkpoint_every=1000,
+                                 keep_checkpoints=2, log_every=100),
+            vision_time_budget_s=200.0,
         ),
         # Calibrated for about 38 minutes in all on a 2-core CPU (notes in jobs/pretrain_generator.py): 8 min of
         # VAE, 26 min of flow transformer, about 4 min of start-up, checkpoints and evaluation. One thread per

@@ -226,11 +226,19 @@ class PretrainVLMConfig:
     vision_warmup: bool = True
     vision: LearnerConfig = field(default_factory=lambda: LearnerConfig(max_steps=20, checkpoint_every=20,
                                                                         log_every=10, lr=2e-3))
+    vision_time_budget_s: float = 0.0  # stop the warm-up after this many seconds (0 = only vision.max_steps)
+    # Weight of the vision loss (scene attributes + object map, from the same image tokens) added to the caption
+    # loss; 0 = captioning alone. map_weight: the object-map term's weight inside the vision loss, in both phases
+    # (zray/models/vision_warmup.py, VisionHeads.loss).
+    vision_aux_weight: float = 1.0
+    map_weight: float = 0.4
 
     def __post_init__(self) -> None:
         _positive(self, "num_eval_images", "max_new_tokens")
         _require(self.time_budget_s >= 0, "PretrainVLMConfig.time_budget_s", self.time_budget_s, "a float >= 0")
         _require(self.eval_every >= 0, "PretrainVLMConfig.eval_every", self.eval_every, "an integer >= 0")
+        for name in ("vision_time_budget_s", "vision_aux_weight", "map_weight"):
+            _require(getattr(self, name) >= 0, f"PretrainVLMConfig.{name}", getattr(self, name), "a float >= 0")
         _require(self.caption_style in ("canonical", "compact"), "PretrainVLMConfig.caption_style",
                  self.caption_style, "'canonical' or 'compact'")
 

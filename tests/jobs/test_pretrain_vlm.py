@@ -67,4 +67,9 @@ def test_tiny_cpu_job_end_to_end(tmp_path):
     assert all(0.0 <= final[k] <= 1.0 for k in ("background", "colour", "shape", "count", "exact"))
     assert json.loads((tmp_path / "run" / "pretrain_vlm" / "metrics.json").read_text())["student"]["steps"] == 4
     model, processor = load_vlm(run_dir / "final")  # the trained model loads without zray's task
+    # captioning trained the vision heads too (vision_aux_weight > 0); they sit where vLLM does not look
+    from zray.models.vision_warmup import HEAD_FILE
+
+    assert (run_dir / "final" / HEAD_FILE).is_file()
+    assert [p.name for p in (run_dir / "final").glob("*.safetensors")] == ["model.safetensors"]
     assert model.config.model_type == "qwen2_5_vl"

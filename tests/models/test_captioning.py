@@ -156,3 +156,32 @@ def test_loss_decreases_and_model_round_trips(vlm_dirs, caption_rows, tmp_path, 
     texts = describe_images(loaded, processor, images, max_new_tokens=12, batch_size=2)
     assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
     assert processor.tokenizer.padding_side == "left"  # restored
+
+
+@pytest.mark.parametrize("role", ["teacher", "student"])
+def test_vision_aux_loss_adds_the_heads_loss_on_the_tokens_the_lm_reads(vlm_dirs, caption_rows, tmp_path, role,
+                                                                       one_thread):
+    from zray.models.vision_warmup import HEAD_FILE, VisionProbe
+
+    torch.manual_seed(0)
+    task = CaptionTask(model_dir=vlm_dirs[role], vision_aux_weight=0.5, map_weight=2.0)
+    model = task.build_model()
+    assert isinstance(model, VisionProbe)
+    batch = task.collate(_numpy_batch(caption_rows, 0, 4))
+    loss, metrics = task.loss(model, batch)
+    caption_only, _ = CaptionTask(model_dir=vlm_dirs[role]).loss(model.vlm, batch)
+    vision, _ = model.heads.loss(model(batch["pixel_values"], batch["image_grid_thw"]), batch, 2.0)
+    assert float(loss) == pytest.approx(float(caption_only) + 0.5 * float(vision), rel=1e-5)
+    assert metrics["caption_loss"] == pytest.approx(float(caption_only), rel=1e-5) and metrics["map_loss"] > 0
+    loss.backward()
+    assert model.heads.objects.weight.grad.abs().sum() > 0
+
+    task.save_pretrained(model, tmp_path / "hf")
+    assert (tmp_path / "hf" / HEAD_FILE).is_file()
+    # vLLM loads every top-level *.safetensors file as model weights: only the model's may be there
+    assert all(p.name.startswith("model") for p in (tmp_path / "hf").glob("*.safetensors"))
+    loaded, _ = load_vlm(tmp_path / "hf")  # the VLM alone, Hugging Face format
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.vlm.state_dict().values(),
+                                                 strict=True))
+    resumed = CaptionTask(model_dir=str(tmp_path / "hf"), vision_aux_weight=0.5).build_model()  # heads from the file
+    assert torch.equal(resumed.heads.objects.weight, model.heads.objects.weight)

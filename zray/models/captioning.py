@@ -33,6 +33,7 @@ from zray.data.captions import STYLES, Description, description_of, parse_descri
 from zray.data.prompts import Combo
 from zray.data.render import decode_png
 from zray.data.scene import Defects, Scene
+from zray.models.vision_warmup import HEAD_FILE, VisionProbe, vision_targets, visual_tokens
 from zray.models.vlm import cached_processor, load_vlm_weights, save_vlm, trainable_vlm
 
 CAPTION_INSTRUCTION = "Describe the image."
@@ -78,11 +79,19 @@ class CaptionTask:
 
     model_dir: a Hugging Face format VLM dir (model + processor). style: the caption style trained on.
     Rows (Ray Data numpy batches) need the captions table's `image` (PNG bytes) and `description` columns.
+
+    vision_aux_weight > 0 adds `vision_aux_weight * L_vision` (zray/models/vision_warmup.py: scene attributes and
+    object map from the same image tokens the language model reads, captured in the one forward pass), which keeps
+    the vision tower learning what the captions name; rows then also need `scene_json`. The model is then a
+    `VisionProbe` (VLM + heads; the heads start from `model_dir`'s HEAD_FILE when a warm-up wrote one), and the
+    saved directory is the VLM alone in Hugging Face format plus that heads file in a subdirectory.
     """
 
     model_dir: str
     name: str = "caption"
     style: str = "compact"
+    vision_aux_weight: float = 0.0
+    map_weight: float = 0.4
 
     def __post_init__(self) -> None:
         if self.style not in STYLES:
@@ -96,12 +105,22 @@ class CaptionTask:
         return cached_processor(str(self.model_dir))
 
     def build_model(self) -> torch.nn.Module:
-        return trainable_vlm(self.model_dir)
+        vlm = trainable_vlm(self.model_dir)
+        if not self.vision_aux_weight:
+            return vlm
+        probe = VisionProbe(vlm).train()
+        if (Path(self.model_dir) / HEAD_FILE).is_file():
+            probe.load(self.model_dir, vlm=False)
+        return probe
 
     def collate(self, rows: dict[str, Any]) -> dict[str, torch.Tensor]:
         images = [decode_png(bytes(b)) for b in rows["image"]]
         answers = [restyle(str(t), self.style) for t in rows["description"]]
-        return self.encode(images, answers)
+        batch = self.encode(images, answers)
+        if self.vision_aux_weight:
+            merge = int(self.processor.image_processor.merge_size)
+            batch.update(vision_targets(rows["scene_json"], batch["image_grid_thw"], merge))
+        return batch
 
     def encode(self, images: Sequence[Any], answers: Sequence[str]) -> dict[str, torch.Tensor]:
         """The processor's model inputs (input_ids_BL, attention_mask_BL, pixel_values, image_grid_thw, ...) plus
@@ -116,9 +135,27 @@ class CaptionTask:
         return batch
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        """Mean token cross-entropy over the answer tokens of the batch; also answer-token accuracy."""
+        """Mean token cross-entropy over the answer tokens of the batch (plus the weighted vision loss); also
+        answer-token accuracy."""
+        if not self.vision_aux_weight:
+            return self._caption_loss(model, batch)
+        captured: list[torch.Tensor] = []
+        hook = model.vlm.model.visual.register_forward_hook(lambda _m, _i, out: captured.append(visual_tokens(out)))
+        try:
+            loss, info = self._caption_loss(model.vlm, batch)
+        finally:
+            hook.remove()
+        tokens = captured[0]
+        tokens_BND = tokens.view(batch["image_grid_thw"].shape[0], -1, tokens.shape[-1])
+        vision_loss, vision_info = model.heads.loss(tokens_BND, batch, self.map_weight)
+        info["caption_loss"] = info.pop("loss")  # "loss" is the total (the learner logs it)
+        info.update(vision_loss=float(vision_loss.detach()), **vision_info)
+        return loss + self.vision_aux_weight * vision_loss, info
+
+    def _caption_loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         labels_BL = batch["labels"]
-        out = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False)
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "attribute_targets", "object_maps")}
+        out = model(**inputs, use_cache=False)
         logits_BLV = out.logits[:, :-1].float()
         target_BL = labels_BL[:, 1:]
         loss = torch.nn.functional.cross_entropy(logits_BLV.reshape(-1, logits_BLV.shape[-1]), target_BL.reshape(-1),
@@ -130,10 +167,16 @@ class CaptionTask:
 
     def save_pretrained(self, model: torch.nn.Module, out_dir: Path) -> None:
         """Model (safetensors) + processor + tokenizer: loads in transformers (`load_vlm`) and vLLM."""
-        save_vlm(model, self.model_dir, out_dir)
+        if isinstance(model, VisionProbe):
+            model.save(self.model_dir, out_dir)
+        else:
+            save_vlm(model, self.model_dir, out_dir)
 
     def load_pretrained(self, model: torch.nn.Module, ckpt_dir: Path) -> None:
-        load_vlm_weights(model, ckpt_dir)
+        if isinstance(model, VisionProbe):
+            model.load(ckpt_dir)
+        else:
+            load_vlm_weights(model, ckpt_dir)
 
 
 # ------------------------------------------------------------------------------------------ generation
