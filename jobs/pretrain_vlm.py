@@ -43,6 +43,9 @@ thread each, DeepSpeed ZeRO-2):
   image tokens apart by position: its multimodal rotary embedding (theta 1e6, 12 frequencies per axis) turns a
   1-3 token offset into a rotation of at most 0.1 rad.
 - decoding 200 held-out images with the teacher takes about 2 s.
+- the student (0.23M parameters, same recipe): warm-up 6,037 steps in 193 s, captioning 8,000 steps in 601 s
+  (13.3 steps/s; it reaches max_steps, sized for the teacher, after 13.2 minutes of training): background 100%,
+  colour 87.0%, shape 73.5%, count 88.0%, relation 38.3%, exact 60.5%.
 """
 
 from __future__ import annotations
