@@ -102,7 +102,7 @@ def run_pretrain_vlm(cfg: RunConfig, model: str = "both", resume: bool = False) 
         latest = latest_checkpoint(root / role) if resume else None  # --resume: only roles that have started
         budget = max(pcfg.time_budget_s - vision_s, 1.0) if pcfg.time_budget_s else 0.0
         if latest is not None and budget > 0:  # the budget is for the whole run, not for each resumption
-            budget -= max(elapsed_by_step(read_learner_state(latest)["history"]).values(), default=0.0)
+            budget -= trained_seconds(read_learner_state(latest)["history"])
         print(f"[pretrain-vlm] {role}: {count_parameters(init_dir):,} parameters, {pcfg.caption_style} captions, "
               f"budget {f'{budget:.0f} s' if pcfg.time_budget_s else 'none'}, max {pcfg.learner.max_steps} steps"
               + (f", resuming {latest.name}" if latest else ""))
@@ -175,19 +175,18 @@ def warm_up_vision(init_dir: Path, pcfg: Any, data_dir: Path, root: Path, role: 
     run_dir = root / f"{role}_vision"
     final_dir = run_dir / "final"
     if resume and (final_dir / "config.json").is_file():
-        seconds = max(elapsed_by_step(read_learner_state(latest_checkpoint(run_dir))["history"]).values(), default=0.0)
-        return final_dir, seconds
+        return final_dir, trained_seconds(read_learner_state(latest_checkpoint(run_dir))["history"])
     train = read_ray_dataset(data_dir / "captions_train.parquet", "captions").select_columns(["image", "scene_json"])
     latest = latest_checkpoint(run_dir) if resume else None
     budget = pcfg.vision_time_budget_s
     if latest is not None and budget > 0:  # the budget is for the whole warm-up, not for each resumption
-        budget = max(budget - max(elapsed_by_step(read_learner_state(latest)["history"]).values(), default=0.0), 1.0)
+        budget = max(budget - trained_seconds(read_learner_state(latest)["history"]), 1.0)
     task = VisionWarmupTask(model_dir=str(init_dir), name=f"vision_{role}", map_weight=pcfg.map_weight)
     fitted = fit(task, pcfg.vision, datasets={"train": train}, storage_path=root, name=f"{role}_vision",
                  resume=latest is not None, time_budget_s=budget)
     shutil.rmtree(final_dir, ignore_errors=True)
     shutil.copytree(fitted.hf_dir, final_dir)
-    seconds = max(elapsed_by_step(fitted.history).values(), default=0.0)
+    seconds = trained_seconds(fitted.history)
     last = fitted.history[-1] if fitted.history else {}
     print(f"[pretrain-vlm] {role}: vision warm-up {fitted.final_step} steps in {seconds:.0f} s, loss "
           f"{last.get('loss', float('nan')):.3f}; all scene attributes right on {last.get('attribute_exact', 0.0):.0%}"
@@ -203,6 +202,11 @@ def checkpoints(run_dir: Path) -> list[Path]:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     found = checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def trained_seconds(history: list[dict[str, float]]) -> float:
+    """Training seconds of the whole logged history (0 when empty)."""
+    return max(elapsed_by_step(history).values(), default=0.0)
 
 
 def elapsed_by_step(history: list[dict[str, float]]) -> dict[int, float]:

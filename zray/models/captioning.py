@@ -33,7 +33,7 @@ from zray.data.captions import STYLES, Description, description_of, parse_descri
 from zray.data.prompts import Combo
 from zray.data.render import decode_png
 from zray.data.scene import Defects, Scene
-from zray.models.vision_warmup import HEAD_FILE, VisionProbe, vision_targets, visual_tokens
+from zray.models.vision_warmup import HEAD_FILE, VISION_TARGET_KEYS, VisionProbe, vision_targets, visual_tokens
 from zray.models.vlm import cached_processor, load_vlm_weights, save_vlm, trainable_vlm
 
 CAPTION_INSTRUCTION = "Describe the image."
@@ -139,22 +139,23 @@ class CaptionTask:
         answer-token accuracy."""
         if not self.vision_aux_weight:
             return self._caption_loss(model, batch)
+        num_images = batch["image_grid_thw"].shape[0]
         captured: list[torch.Tensor] = []
-        hook = model.vlm.model.visual.register_forward_hook(lambda _m, _i, out: captured.append(visual_tokens(out)))
+        hook = model.vlm.model.visual.register_forward_hook(
+            lambda _m, _i, out: captured.append(visual_tokens(out, num_images)))
         try:
             loss, info = self._caption_loss(model.vlm, batch)
         finally:
             hook.remove()
-        tokens = captured[0]
-        tokens_BND = tokens.view(batch["image_grid_thw"].shape[0], -1, tokens.shape[-1])
-        vision_loss, vision_info = model.heads.loss(tokens_BND, batch, self.map_weight)
+        vision_loss, vision_info = model.heads.loss(captured[0], batch, self.map_weight)
         info["caption_loss"] = info.pop("loss")  # "loss" is the total (the learner logs it)
         info.update(vision_loss=float(vision_loss.detach()), **vision_info)
         return loss + self.vision_aux_weight * vision_loss, info
 
-    def _caption_loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def _caption_loss(self, model: torch.nn.Module,
+                      batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         labels_BL = batch["labels"]
-        inputs = {k: v for k, v in batch.items() if k not in ("labels", "attribute_targets", "object_maps")}
+        inputs = {k: v for k, v in batch.items() if k != "labels" and k not in VISION_TARGET_KEYS}
         out = model(**inputs, use_cache=False)
         logits_BLV = out.logits[:, :-1].float()
         target_BL = labels_BL[:, 1:]

@@ -18,8 +18,8 @@ heads on its output tokens (the merged tokens the language model reads):
   object lines and counts of a caption need).
 
 Loss: BCE(scene) + map_weight * BCE(map), BCE(map) summed over the (colour, shape) pairs and averaged over the
-tokens (`VisionHeads.loss`). `VisionWarmupTask` trains the tower on it alone (phase 1 of `zray pretrain-vlm`); `CaptionTask` adds it
-to the caption loss with `vision_aux_weight` (zray/models/captioning.py). The saved model is the whole VLM
+tokens (`VisionHeads.loss`). `VisionWarmupTask` trains the tower on it alone (phase 1 of `zray pretrain-vlm`);
+`CaptionTask` adds it to the caption loss with `vision_aux_weight` (zray/models/captioning.py). The saved model is the whole VLM
 (Hugging Face format, heads dropped); the heads are kept in `vision_heads/heads.safetensors` beside it (a
 subdirectory, so vLLM serves the dir as it is), and a resumed run and the captioning phase continue from them.
 
@@ -74,10 +74,14 @@ def object_map_targets(scene: Scene, side: int) -> torch.Tensor:
 def token_grid_side(image_grid_thw: torch.Tensor, merge: int) -> int:
     """The side of the (square) grid of merged image tokens; every image of a batch must have the same grid."""
     grids = {(int(t), int(h) // merge, int(w) // merge) for t, h, w in image_grid_thw.tolist()}
-    if len(grids) != 1 or next(iter(grids))[0] != 1 or next(iter(grids))[1] != next(iter(grids))[2]:
+    t, h, w = next(iter(grids))
+    if len(grids) != 1 or t != 1 or h != w:
         raise ValueError(f"image_grid_thw={image_grid_thw.tolist()} is not allowed: vision supervision needs "
                          "single square images of one size per batch")
-    return next(iter(grids))[1]
+    return h
+
+
+VISION_TARGET_KEYS = ("attribute_targets", "object_maps")  # what `vision_targets` adds to a batch
 
 
 def vision_targets(scene_jsons: Any, image_grid_thw: torch.Tensor, merge: int) -> dict[str, torch.Tensor]:
@@ -88,9 +92,10 @@ def vision_targets(scene_jsons: Any, image_grid_thw: torch.Tensor, merge: int) -
             "object_maps": torch.stack([object_map_targets(s, side) for s in scenes])}
 
 
-def visual_tokens(output: Any) -> torch.Tensor:
-    """The merged image tokens (all images, (B * N, D)) of the vision tower's output."""
-    return output.pooler_output if hasattr(output, "pooler_output") else output
+def visual_tokens(output: Any, num_images: int) -> torch.Tensor:
+    """tokens_BND: the merged image tokens of the vision tower's output, per image."""
+    tokens = output.pooler_output if hasattr(output, "pooler_output") else output  # (B * N, D)
+    return tokens.view(num_images, -1, tokens.shape[-1])
 
 
 class VisionHeads(torch.nn.Module):
@@ -129,14 +134,9 @@ class VisionProbe(torch.nn.Module):
         self.vlm = vlm
         self.heads = VisionHeads(vlm.config.text_config.hidden_size)
 
-    @property
-    def merge(self) -> int:
-        return int(self.vlm.config.vision_config.spatial_merge_size)
-
     def forward(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
         """tokens_BND of the vision tower alone."""
-        tokens = visual_tokens(self.vlm.model.visual(pixel_values, grid_thw=image_grid_thw))
-        return tokens.view(image_grid_thw.shape[0], -1, tokens.shape[-1])
+        return visual_tokens(self.vlm.model.visual(pixel_values, grid_thw=image_grid_thw), image_grid_thw.shape[0])
 
     def save(self, model_dir: str | Path, out_dir: Path) -> None:
         """The VLM in Hugging Face format (with `model_dir`'s processor) and the heads in HEAD_FILE."""
