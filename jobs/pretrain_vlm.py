@@ -21,31 +21,39 @@ Outputs under `<out_dir>/pretrain_vlm/<role>/` (next to Ray Train's checkpoints 
 the evaluations do not eat the time budget; keep `learner.keep_checkpoints` large enough).
 
 Calibration of the dev recipe (26 Nov 2026, `zray pretrain-vlm --recipe dev --model teacher`, 2-core CPU, idle;
-teacher = 0.70M-parameter Qwen2.5-VL, 16 image tokens per 64x64 image, compact captions, fp32, 2 workers of one
+teacher = 0.78M-parameter Qwen3-VL, 16 image tokens per 64x64 image, canonical captions, fp32, 2 workers of one
 thread each, DeepSpeed ZeRO-2):
-- phase 1, vision warm-up (zray/models/vision_warmup.py): 3,794 steps of global batch 32 in 196 s (its budget
-  is 200 s), lr 1e-3; scene attributes and object map with map_weight 0.4.
-- phase 2, captioning plus the vision loss (vision_aux_weight 1.0): 8,000 steps of global batch 16 in 958 s
-  (8.3 steps/s), lr 2e-3 with a cosine decay over the 8,000 steps. 19.2 minutes of training in all; 22.5
+- phase 1, vision warm-up (zray/models/vision_warmup.py): 196 s (its budget is 200 s) of global batch 32, lr
+  1e-3; scene attributes and object map with map_weight 0.4.
+- phase 2, captioning plus the vision loss (vision_aux_weight 1.0): 6,800 steps of global batch 16 in 907 s
+  (7.5 steps/s), lr 2e-3 with a cosine decay over the 6,800 steps. 18.4 minutes of training in all; 19.8
   minutes of wall time with Ray start-up, dataset reads, checkpoints and evaluation.
 - held-out accuracy (200 images) by step, background / colour / shape / count / relation / exact:
-  1000: 100 / 70.5 / 54.0 / 78.5 / 23.3 / 44.0%; 3000: 100 / 81.0 / 70.0 / 87.5 / 33.3 / 55.5%;
-  5000: 100 / 92.5 / 84.5 / 95.0 / 43.3 / 68.5%; 8000 (final): 100 / 92.0 / 86.0 / 95.5 / 41.7 / 70.0%.
+  1000: 100 / 61.5 / 38.5 / 63.0 / 25.0 / 35.0%; 3000: 99.5 / 82.0 / 68.5 / 90.0 / 70.0 / 65.0%;
+  5000: 100 / 88.5 / 78.5 / 92.5 / 81.7 / 75.5%; 6800 (final): 100 / 93.0 / 81.0 / 95.5 / 81.7 / 79.5%.
   Relation is over the 60 of those images whose scene has one.
-- what got it there (plain-torch ablations, one thread, 200 s of warm-up then 8 minutes of captioning, 100
-  held-out images): warm-up of the scene head alone, then captioning alone: exact 24%; plus the vision loss
-  during captioning: 47%; plus the object map: 59%. A regression of object centres from the image tokens
-  (weight 10) hurt (exact 34%). The scene head must pool features, not logits: with max-pooled logits a probe
-  never learnt which shapes are present. The previous recipe (a 600-step warm-up with pooled logits, captioning
-  alone, 1 worker) reached colour 74%, shape 20.5%, exact 17.5% in the same 20 minutes; captioning without any
-  warm-up, colour 54%, shape 12%, exact 7.5%.
-- still short of the issue's targets: shape (86%) and relations (42%). The tiny language model can hardly tell
-  image tokens apart by position: its multimodal rotary embedding (theta 1e6, 12 frequencies per axis) turns a
-  1-3 token offset into a rotation of at most 0.1 rad.
+- what got relations from 42% to 82% (120 held-out images with a relation, why each one failed):
+  - Qwen2.5-VL, compact captions (the previous recipe; final 100 / 92.0 / 86.0 / 95.5 / 41.7 / 70.0%): objects
+    right but numbered in the wrong left-to-right order in 43, above/below wrong in 15, objects wrong in 12. Its
+    vision tower has only rotary positions, so an image token does not know where it is; the language model's
+    multimodal rotary embedding alone did not teach it (rope theta 100, 1e4 and 1e6 tried: within noise).
+  - Qwen3-VL, compact captions (learned absolute position embeddings in the vision tower; final 100 / 95.5 /
+    83.0 / 97.5 / 63.3 / 76.0%): order wrong in 2, above/below wrong in 23 (nearly always "above"), objects
+    wrong in 21. Objects are numbered left to right in every caption, a dense target; above/below is one word
+    per pair.
+  - Qwen3-VL, canonical captions (each object's position written, "at (x, y)"; 3,045 steps in a 650 s trial):
+    relation line wrong in 2, objects wrong in 21. The rest of the relation errors are perception errors.
+- what got perception there (plain-torch ablations with Qwen2.5-VL, one thread, 200 s of warm-up then 8 minutes
+  of captioning, 100 held-out images): warm-up of the scene head alone, then captioning alone: exact 24%; plus
+  the vision loss during captioning: 47%; plus the object map: 59%. The scene head must pool features, not
+  logits: with max-pooled logits a probe never learnt which shapes are present.
+- still short of the issue's targets (90% on every attribute): shape (81%) and relations (82%, now limited by
+  shape and colour errors on the two objects).
 - decoding 200 held-out images with the teacher takes about 2 s.
-- the student (0.23M parameters, same recipe): warm-up 6,037 steps in 193 s, captioning 8,000 steps in 601 s
-  (13.3 steps/s; it reaches max_steps, sized for the teacher, after 13.2 minutes of training): background 100%,
-  colour 87.0%, shape 73.5%, count 88.0%, relation 38.3%, exact 60.5%.
+- the student (0.25M-parameter Qwen3-VL, same recipe): warm-up 193 s, captioning 6,800 steps in 560 s (12.1
+  steps/s; it reaches max_steps, sized for the teacher, after 12.5 minutes of training, 13.9 minutes of wall
+  time): background 100%, colour 81.5%, shape 67.0%, count 86.5%, relation 55.0%, exact 60.0% (the Qwen2.5-VL
+  student with compact captions: 100 / 87.0 / 73.5 / 88.0 / 38.3 / 60.5%).
 """
 
 from __future__ import annotations

@@ -65,9 +65,11 @@ def dev() -> RunConfig:
             num_caption_images=20000, num_caption_test_images=500, num_generator_images=20000,
             num_generator_test_prompts=200,
         ),
-        teacher=VLMConfig(hidden_size=128, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=64,
+        # Qwen3-VL (as the full recipe): its vision tower's learned absolute position embeddings let the tiny
+        # language model order objects left to right; Qwen2.5-VL's (rotary positions only) did not.
+        teacher=VLMConfig(arch="qwen3_vl", hidden_size=128, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=64,
                           intermediate_size=256, vision_hidden_size=64, vision_depth=2, vision_num_heads=2),
-        student=VLMConfig(hidden_size=64, num_layers=2, num_heads=1, num_kv_heads=1, head_dim=64,
+        student=VLMConfig(arch="qwen3_vl", hidden_size=64, num_layers=2, num_heads=1, num_kv_heads=1, head_dim=64,
                           intermediate_size=128, vision_hidden_size=32, vision_depth=1, vision_num_heads=1),
         # VAE: 64x64 -> 16x16x16 latents (64 transformer tokens); GroupNorm with 4 groups (see GeneratorConfig).
         generator=GeneratorConfig(dim=128, num_layers=4, num_refiner_layers=1, num_heads=4,
@@ -76,10 +78,10 @@ def dev() -> RunConfig:
         vllm=VLLMConfig(kv_cache_gib=2, enforce_eager=True, in_process=True, max_model_len=1024),
         # Calibrated for 20 minutes of training per model on a 2-core CPU (notes in jobs/pretrain_vlm.py).
         pretrain_vlm=PretrainVLMConfig(
-            # max_steps: about what 2 workers reach in the budget (8.5 steps/s), so the cosine decay ends near it.
-            learner=LearnerConfig(num_workers=2, max_steps=8000, micro_batch_size=8, lr=2e-3, warmup_steps=100,
+            # max_steps: about what 2 workers reach in the budget (6.8 steps/s), so the cosine decay ends near it.
+            learner=LearnerConfig(num_workers=2, max_steps=6800, micro_batch_size=8, lr=2e-3, warmup_steps=100,
                                   lr_schedule="cosine", checkpoint_every=1000, keep_checkpoints=25, log_every=50),
-            time_budget_s=1200.0, eval_every=1000, num_eval_images=200, max_new_tokens=96,
+            time_budget_s=1200.0, eval_every=1000, num_eval_images=200, max_new_tokens=128,
             vision=LearnerConfig(num_workers=2, max_steps=20000, micro_batch_size=16, lr=1e-3, checkpoint_every=1000,
                                  keep_checkpoints=2, log_every=100),
             vision_time_budget_s=200.0,

@@ -219,8 +219,10 @@ class PretrainVLMConfig:
     eval_every: int = 0
     num_eval_images: int = 16
     max_new_tokens: int = 96
-    # Target text: "compact" (no object positions, about a third fewer tokens) or "canonical" (zray.data.captions).
-    caption_style: Literal["canonical", "compact"] = "compact"
+    # Target text (zray.data.captions): "canonical" (each object's position written out) or "compact" (without,
+    # about a third fewer tokens). Canonical teaches the vertical relations: writing each object's y gives the
+    # language model a dense position target, where compact captions have only the sparse above/below words.
+    caption_style: Literal["canonical", "compact"] = "canonical"
     # Vision warm-up before captioning (zray/models/vision_warmup.py): the vision tower learns the scene's
     # attributes first, as real VLMs start from a pre-trained vision encoder. Its time counts in time_budget_s.
     vision_warmup: bool = True
