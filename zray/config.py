@@ -218,7 +218,7 @@ class PretrainVLMConfig:
     # Evaluate every kept checkpoint whose step is a multiple of this, after training (0 = only the final model).
     eval_every: int = 0
     num_eval_images: int = 16
-    max_new_tokens: int = 96
+    max_new_tokens: int = 128  # a canonical description of three objects is at most about 115 tokens
     # Target text (zray.data.captions): "canonical" (each object's position written out) or "compact" (without,
     # about a third fewer tokens). Canonical teaches the vertical relations: writing each object's y gives the
     # language model a dense position target, where compact captions have only the sparse above/below words.

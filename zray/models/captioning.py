@@ -184,7 +184,7 @@ class CaptionTask:
 
 
 @torch.no_grad()
-def describe_images(model: Any, processor: Any, images: Sequence[Any], max_new_tokens: int = 96,
+def describe_images(model: Any, processor: Any, images: Sequence[Any], max_new_tokens: int = 128,
                     batch_size: int = 32) -> list[str]:
     """Greedy descriptions of PIL images (the assistant text, special tokens dropped), `batch_size` at a time."""
     if max_new_tokens < 1 or batch_size < 1:
