@@ -78,7 +78,8 @@ def dev() -> RunConfig:
         vllm=VLLMConfig(kv_cache_gib=2, enforce_eager=True, in_process=True, max_model_len=1024),
         # Calibrated for 20 minutes of training per model on a 2-core CPU (notes in jobs/pretrain_vlm.py).
         pretrain_vlm=PretrainVLMConfig(
-            # max_steps: about what 2 workers reach in the budget (6.8 steps/s), so the cosine decay ends near it.
+            # max_steps: about what 2 workers reach in the budget (6.8-7.5 steps/s with canonical captions), so the
+            # cosine decay ends near it (the calibration run reached it after 907 of the 1,000 s left).
             learner=LearnerConfig(num_workers=2, max_steps=6800, micro_batch_size=8, lr=2e-3, warmup_steps=100,
                                   lr_schedule="cosine", checkpoint_every=1000, keep_checkpoints=25, log_every=50),
             time_budget_s=1200.0, eval_every=1000, num_eval_images=200, max_new_tokens=128,
