@@ -82,6 +82,7 @@ def dev() -> RunConfig:
             # cosine decay ends near it (the calibration run reached it after 907 of the 1,000 s left).
             learner=LearnerConfig(num_workers=2, max_steps=6800, micro_batch_size=8, lr=2e-3, warmup_steps=100,
                                   lr_schedule="cosine", checkpoint_every=1000, keep_checkpoints=25, log_every=50),
+            student_max_steps=11500,  # the student's 12.3 steps/s fill its budget (with 6,800 it stopped at 12.5 min)
             time_budget_s=1200.0, eval_every=1000, num_eval_images=200, max_new_tokens=128,
             vision=LearnerConfig(num_workers=2, max_steps=20000, micro_batch_size=16, lr=1e-3, checkpoint_every=1000,
                                  keep_checkpoints=2, log_every=100),

@@ -214,6 +214,9 @@ class PretrainVLMConfig:
     """Base VLM pre-training on the captioning corpus (image -> scene description)."""
 
     learner: LearnerConfig = field(default_factory=lambda: LearnerConfig(max_steps=50, checkpoint_every=25))
+    # The student's step cap (0 = learner.max_steps): a smaller model takes more steps in the same time budget,
+    # and the cosine decay should end where its budget does.
+    student_max_steps: int = 0
     time_budget_s: float = 0.0  # stop training after this many seconds (0 = no limit), then evaluate
     # Evaluate every kept checkpoint whose step is a multiple of this, after training (0 = only the final model).
     eval_every: int = 0
@@ -238,7 +241,8 @@ class PretrainVLMConfig:
     def __post_init__(self) -> None:
         _positive(self, "num_eval_images", "max_new_tokens")
         _require(self.time_budget_s >= 0, "PretrainVLMConfig.time_budget_s", self.time_budget_s, "a float >= 0")
-        _require(self.eval_every >= 0, "PretrainVLMConfig.eval_every", self.eval_every, "an integer >= 0")
+        for name in ("eval_every", "student_max_steps"):
+            _require(getattr(self, name) >= 0, f"PretrainVLMConfig.{name}", getattr(self, name), "an integer >= 0")
         for name in ("vision_time_budget_s", "vision_aux_weight", "map_weight"):
             _require(getattr(self, name) >= 0, f"PretrainVLMConfig.{name}", getattr(self, name), "a float >= 0")
         _require(self.caption_style in ("canonical", "compact"), "PretrainVLMConfig.caption_style",

@@ -7,7 +7,7 @@ import pytest
 
 from jobs.cli import main
 from jobs.recipes import tiny_cpu
-from jobs.pretrain_vlm import elapsed_by_step, ensure_world, latest_checkpoint
+from jobs.pretrain_vlm import elapsed_by_step, ensure_world, latest_checkpoint, remaining_budget
 
 
 def test_cli_rejects_an_unknown_model(capsys):
@@ -31,6 +31,24 @@ def test_elapsed_by_step():
     assert elapsed_by_step(history) == {10: 5.0, 30: 10.0}
 
 
+def test_remaining_budget_counts_the_training_of_earlier_runs(tmp_path):
+    ckpt = tmp_path / "checkpoint_000030"
+    ckpt.mkdir()
+    history = [{"step": 10, "step_time_s": 0.5}, {"step": 30, "step_time_s": 0.25}]  # 10 s trained
+    (ckpt / "learner.json").write_text(json.dumps({"step": 30, "history": history}))
+    assert remaining_budget(100.0, None) == 100.0  # nothing trained yet
+    assert remaining_budget(100.0, ckpt) == 90.0
+    assert remaining_budget(8.0, ckpt) == -2.0  # spent: the caller only evaluates
+    assert remaining_budget(0.0, ckpt) == 0.0  # no budget stays no budget
+
+
+def test_student_max_steps_must_not_be_negative():
+    from zray.config import PretrainVLMConfig
+
+    with pytest.raises(ValueError, match="student_max_steps"):
+        PretrainVLMConfig(student_max_steps=-1)
+
+
 def test_latest_checkpoint_is_the_highest_complete_one(tmp_path):
     assert latest_checkpoint(tmp_path) is None
     for step, complete in ((1000, True), (2000, True), (3000, False)):  # 3000: a crash while writing it
@@ -46,7 +64,9 @@ def test_tiny_cpu_job_end_to_end(tmp_path):
     from jobs.pretrain_vlm import run_pretrain_vlm
     from zray.models.vlm import load_vlm
 
-    cfg = dataclasses.replace(tiny_cpu(), out_dir=str(tmp_path / "run"))
+    cfg = tiny_cpu()  # the student gets its own step cap (6), the teacher keeps learner.max_steps (4)
+    cfg = dataclasses.replace(cfg, out_dir=str(tmp_path / "run"),
+                              pretrain_vlm=dataclasses.replace(cfg.pretrain_vlm, student_max_steps=6))
     started = not ray.is_initialized()
     if started:
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
@@ -57,15 +77,15 @@ def test_tiny_cpu_job_end_to_end(tmp_path):
             ray.shutdown()
     record = results["student"]
     run_dir = tmp_path / "run" / "pretrain_vlm" / "student"
-    assert record["steps"] == cfg.pretrain_vlm.learner.max_steps
-    assert [p["step"] for p in record["curve"]] == [2, 4]  # the step-2 checkpoint (eval_every=2) and the final
+    assert record["steps"] == 6
+    assert [p["step"] for p in record["curve"]] == [4, 6]  # the kept step-4 checkpoint (eval_every=2), the final
     for name in ("metrics.json", "summary.md", "descriptions.png", "learning_curve.png", "final/config.json"):
         assert (run_dir / name).is_file(), name
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     final = record["final"]
     assert final["num_images"] == cfg.pretrain_vlm.num_eval_images
     assert all(0.0 <= final[k] <= 1.0 for k in ("background", "colour", "shape", "count", "exact"))
-    assert json.loads((tmp_path / "run" / "pretrain_vlm" / "metrics.json").read_text())["student"]["steps"] == 4
+    assert json.loads((tmp_path / "run" / "pretrain_vlm" / "metrics.json").read_text())["student"]["steps"] == 6
     model, processor = load_vlm(run_dir / "final")  # the trained model loads without zray's task
     # captioning trained the vision heads too (vision_aux_weight > 0); they sit where vLLM does not look
     from zray.models.vision_warmup import HEAD_FILE
