@@ -64,7 +64,7 @@ def test_tiny_cpu_job_end_to_end(tmp_path):
     from jobs.pretrain_vlm import run_pretrain_vlm
     from zray.models.vlm import load_vlm
 
-    cfg = tiny_cpu()  # the student gets its own step cap (6), the teacher keeps learner.max_steps (4)
+    cfg = tiny_cpu()  # the student gets its own step cap (6; learner.max_steps is 4)
     cfg = dataclasses.replace(cfg, out_dir=str(tmp_path / "run"),
                               pretrain_vlm=dataclasses.replace(cfg.pretrain_vlm, student_max_steps=6))
     started = not ray.is_initialized()
