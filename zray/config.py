@@ -92,6 +92,9 @@ class VLMConfig:
     vision_num_heads: int = 1
     vision_patch_size: int = 8
     spatial_merge_size: int = 2
+    # The side (pixels) the processor resizes a square image to before cutting patches; 0 keeps the image's
+    # own size. A multiple of vision_patch_size * spatial_merge_size (checked when the model is built).
+    vision_input_size: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -104,6 +107,8 @@ class VLMConfig:
                  f"a divisor of num_heads={self.num_heads}")
         _require(self.vision_hidden_size % self.vision_num_heads == 0, "VLMConfig.vision_num_heads",
                  self.vision_num_heads, f"a divisor of vision_hidden_size={self.vision_hidden_size}")
+        _require(self.vision_input_size >= 0, "VLMConfig.vision_input_size", self.vision_input_size,
+                 "0 (the image's own size) or a side in pixels")
 
 
 @dataclass(frozen=True, kw_only=True)

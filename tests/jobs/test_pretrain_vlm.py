@@ -85,6 +85,8 @@ def test_tiny_cpu_job_end_to_end(tmp_path):
     final = record["final"]
     assert final["num_images"] == cfg.pretrain_vlm.num_eval_images
     assert all(0.0 <= final[k] <= 1.0 for k in ("background", "colour", "shape", "count", "exact"))
+    assert record["slices"][0]["slice"] == "all" and record["slices"][0]["shape"] == final["shape"]
+    assert "Final accuracy by slice" in (run_dir / "summary.md").read_text()
     assert json.loads((tmp_path / "run" / "pretrain_vlm" / "metrics.json").read_text())["student"]["steps"] == 6
     model, processor = load_vlm(run_dir / "final")  # the trained model loads without zray's task
     # captioning trained the vision heads too (vision_aux_weight > 0); they sit where vLLM does not look

@@ -8,7 +8,7 @@ from zray.config import VLMConfig, WorldConfig
 from zray.data import build_world, read_table
 from zray.data.captions import describe, format_description, parse_description, restyle
 from zray.data.scene import Defects, Relation, Scene, SceneObject
-from zray.models.captioning import CaptionTask, caption_metrics, describe_images, score_caption
+from zray.models.captioning import CaptionTask, caption_metrics, caption_slices, describe_images, score_caption
 from zray.models.tiny import build_tiny_vlm
 from zray.models.vlm import load_vlm
 
@@ -125,6 +125,21 @@ def test_caption_metrics_aggregates():
     assert metrics["relation"] == 1.0 and metrics["num_relation_images"] == 1.0 and metrics["num_images"] == 2.0
     with pytest.raises(ValueError, match="predictions"):
         caption_metrics(["x"], [TWO, THREE])
+
+
+def test_caption_slices_show_where_descriptions_fail():
+    blur = Defects(blur=0.8)
+    rows = caption_slices([describe(TWO), describe(THREE, blur).replace("2: large green star", "2: large green circle")
+                           .replace("two green stars", "a green circle and a green star")],
+                          [TWO, THREE], [Defects(), blur])
+    by = {r["slice"]: r for r in rows}
+    assert [r["slice"] for r in rows] == ["all", "2 objects", "3 objects", "objects sharing a colour", "clean",
+                                          "degraded"]
+    assert by["all"]["images"] == 2 and by["all"]["shape"] == 0.5 and by["all"]["count"] == 1.0
+    assert by["objects sharing a colour"]["shape"] == 0.0 == by["degraded"]["exact"]
+    assert by["clean"]["shape"] == 1.0 == by["2 objects"]["exact"]
+    with pytest.raises(ValueError, match="caption_slices"):
+        caption_slices(["x"], [TWO, THREE], [Defects()])
 
 
 def test_loss_decreases_and_model_round_trips(vlm_dirs, caption_rows, tmp_path, one_thread):

@@ -52,6 +52,17 @@ def test_64px_image_is_16_tokens_not_resized(loaded):
     assert num_image_tokens == tiny.image_tokens(64, VLMConfig()) == 16
 
 
+def test_vision_input_size_resizes_to_a_finer_token_grid():
+    cfg = VLMConfig(arch="qwen3_vl", vision_input_size=80)
+    processor = tiny.build_processor(cfg, image_size=64)
+    inputs = processor(text=["<|vision_start|><|image_pad|><|vision_end|>"], images=[_image(0)], return_tensors="pt")
+    assert inputs["image_grid_thw"].tolist() == [[1, 10, 10]]  # 64 px resized to 80, patches of 8
+    assert int((inputs["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum()) == 25
+    assert tiny.image_tokens(64, cfg) == 25
+    hf = tiny.vlm_hf_config(cfg, processor.tokenizer, image_size=64)
+    assert hf.vision_config.num_position_embeddings == 100  # one learned position per patch of the 10 x 10 grid
+
+
 def test_forward_and_score_distribution(loaded):
     role, model, processor = loaded
     with torch.no_grad():
@@ -67,6 +78,10 @@ def test_forward_and_score_distribution(loaded):
 def test_builder_rejects_bad_sizes(tmp_path):
     with pytest.raises(ValueError, match="image_size=72"):
         tiny.build_tiny_vlm(VLMConfig(), tmp_path, image_size=72)
+    with pytest.raises(ValueError, match="vision_input_size=72 is not allowed.*multiple of.*16"):
+        tiny.build_tiny_vlm(VLMConfig(vision_input_size=72), tmp_path)
+    with pytest.raises(ValueError, match="vision_input_size"):
+        VLMConfig(vision_input_size=-8)
     with pytest.raises(ValueError, match="head_dim=32"):
         tiny.build_tiny_vlm(VLMConfig(hidden_size=64, num_heads=1, head_dim=32), tmp_path)
 

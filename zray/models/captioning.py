@@ -300,3 +300,31 @@ def caption_metrics(predictions: Sequence[str], truth_scenes: Sequence[Scene],
     out["num_images"] = float(len(scored))
     out["num_relation_images"] = float(sum(r["relation"] is not None for r in scored))
     return out
+
+
+def caption_slices(predictions: Sequence[str], truth_scenes: Sequence[Scene],
+                   truth_defects: Sequence[Defects]) -> list[dict[str, float | str]]:
+    """Where descriptions fail: shape, count and exact accuracy (fractions) over slices of the images.
+
+    Slices: all; 1, 2 and 3 objects; two or more objects of one colour (which a tiny model tells apart least
+    well); clean (no defect at the visible level of the descriptions) and degraded. Each row: slice, images,
+    shape, count, exact. A slice without images is left out.
+    """
+    if not (len(predictions) == len(truth_scenes) == len(truth_defects)) or not predictions:
+        raise ValueError(f"caption_slices: {len(predictions)} predictions, {len(truth_scenes)} scenes and "
+                         f"{len(truth_defects)} defects: expected equal, non-zero lengths")
+    members: dict[str, list[dict[str, bool | None]]] = {}
+    for text, scene, defects in zip(predictions, truth_scenes, truth_defects, strict=True):
+        scored = score_caption(text, scene)
+        colours = [o.color for o in scene.objects]
+        names = ["all", f"{len(scene.objects)} object" + ("s" if len(scene.objects) != 1 else "")]
+        if len(set(colours)) < len(colours):
+            names.append("objects sharing a colour")
+        names.append("degraded" if description_of(scene, defects).defects else "clean")
+        for name in names:
+            members.setdefault(name, []).append(scored)
+    order = ["all", "1 object", "2 objects", "3 objects", "objects sharing a colour", "clean", "degraded"]
+    return [{"slice": name, "images": float(len(members[name])),
+             **{key: sum(bool(r[key]) for r in members[name]) / len(members[name])
+                for key in ("shape", "count", "exact")}}
+            for name in sorted(members, key=lambda n: (order.index(n) if n in order else len(order), n))]

@@ -165,15 +165,22 @@ def mrope_section(head_dim: int) -> list[int]:
     return [t, h, half - t - h]
 
 
+def input_side(image_size: int, cfg: VLMConfig) -> int:
+    """The side an image_size x image_size image has when it is cut into patches (`VLMConfig.vision_input_size`)."""
+    return cfg.vision_input_size or image_size
+
+
 def image_tokens(image_size: int, cfg: VLMConfig) -> int:
-    """Image tokens an image_size x image_size image becomes: (size / (patch * merge))^2."""
-    return (image_size // (cfg.vision_patch_size * cfg.spatial_merge_size)) ** 2
+    """Image tokens an image_size x image_size image becomes: (input side / (patch * merge))^2."""
+    return (input_side(image_size, cfg) // (cfg.vision_patch_size * cfg.spatial_merge_size)) ** 2
 
 
 def _check_vlm(cfg: VLMConfig, image_size: int) -> None:
     factor = cfg.vision_patch_size * cfg.spatial_merge_size
-    if image_size % factor:
-        raise ValueError(f"image_size={image_size} is not allowed: expected a multiple of "
+    side = input_side(image_size, cfg)
+    if side % factor:
+        name = "VLMConfig.vision_input_size" if cfg.vision_input_size else "image_size"
+        raise ValueError(f"{name}={side} is not allowed: expected a multiple of "
                          f"vision_patch_size * spatial_merge_size = {factor}")
     if cfg.arch == "qwen2_5_vl" and cfg.hidden_size != cfg.num_heads * cfg.head_dim:
         raise ValueError(f"VLMConfig.head_dim={cfg.head_dim} is not allowed for qwen2_5_vl: expected "
@@ -181,10 +188,13 @@ def _check_vlm(cfg: VLMConfig, image_size: int) -> None:
 
 
 def build_processor(cfg: VLMConfig, image_size: int = 64) -> Any:
-    """A Qwen-VL processor (image + video processors, local tokenizer) that keeps image_size^2 images as they are.
+    """A Qwen-VL processor (image + video processors, local tokenizer) for image_size^2 images.
 
-    min_pixels is one merged patch, max_pixels is image_size^2: an image_size x image_size image is not resized
-    and becomes `image_tokens(image_size, cfg)` tokens; larger images are scaled down to about that many.
+    With `cfg.vision_input_size` 0, min_pixels is one merged patch and max_pixels image_size^2: an image_size x
+    image_size image is not resized and becomes `image_tokens(image_size, cfg)` tokens; larger images are scaled
+    down to about that many. With a vision_input_size S, min_pixels = max_pixels = S^2: square images are resized
+    to S x S (e.g. 64 -> 80 puts a 5 x 5 grid of merged tokens on the image, so that a centred object lies inside
+    one token rather than on the corner of four).
     """
     _check_vlm(cfg, image_size)
     try:
@@ -197,7 +207,9 @@ def build_processor(cfg: VLMConfig, image_size: int = 64) -> Any:
         raise ImportError(f"building a Qwen-VL processor needs an importable torchvision: {err}") from err
     factor = cfg.vision_patch_size * cfg.spatial_merge_size
     sizes = dict(patch_size=cfg.vision_patch_size, merge_size=cfg.spatial_merge_size, temporal_patch_size=2)
-    image_processor = Qwen2VLImageProcessor(min_pixels=factor * factor, max_pixels=image_size * image_size, **sizes)
+    side = input_side(image_size, cfg)
+    image_processor = Qwen2VLImageProcessor(min_pixels=side * side if cfg.vision_input_size else factor * factor,
+                                            max_pixels=side * side, **sizes)
     video_processor = VideoProc(size={"shortest_edge": factor * factor, "longest_edge": 4 * image_size * image_size},
                                 **sizes)
     tokenizer = build_tokenizer()
@@ -225,7 +237,7 @@ def vlm_hf_config(cfg: VLMConfig, tokenizer: Any, image_size: int = 64) -> Any:
                 pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"))
     if cfg.arch == "qwen3_vl":
         from transformers import Qwen3VLConfig
-        side = image_size // cfg.vision_patch_size  # learned position grid matches the native patch grid
+        side = input_side(image_size, cfg) // cfg.vision_patch_size  # learned positions: the native patch grid
         vision.update(num_position_embeddings=side * side, deepstack_visual_indexes=[0])
         text.update(head_dim=cfg.head_dim, rope_parameters={
             "rope_type": "default", "rope_theta": 5_000_000.0, "mrope_section": mrope_section(cfg.head_dim),
