@@ -69,14 +69,16 @@ thread each, DeepSpeed ZeRO-2):
   exact; the recipe's teacher: 82.4 / 80.0 / 78.8%), every one lands at shape 80-83%:
   - object lines before the `objects:` line (an order that lets the summary be read off the lines; tried as
     a third caption style, not kept): 79.8 / 86.2 / 77.2%.
-  - micro-batch 4 (global 8; 12.4 steps/s, 10,500 steps): 81.0 / 80.0 / 78.2%.
-  - a third language-model layer (0.92M parameters; 5.9 steps/s, 5,700 steps): 78.6 / 77.2 / 77.0%; its
+  - micro-batch 4 (global 8; 10,500 steps in 844 s, 12.4 steps/s, so it stopped 2.6 minutes early):
+    81.0 / 80.0 / 78.2%.
+  - a third language-model layer (0.93M parameters; 5.8 steps/s, 5,700 steps): 78.6 / 77.2 / 77.0%; its
     training loss was lower, its held-out accuracy was not.
-  - `teacher.vision_input_size=80` (the processor resizes 64 px to 80, a 5x5 grid of 25 image tokens; 11%
-    slower steps, 6,100 of them): 82.4 / 84.1 / 79.4%, and again with model seed 1: 83.0 / 77.9 / 78.2%. On a
-    4x4 grid a lone object sits at the corner of four tokens (layouts are centred) and the recipe's teacher
-    calls it two objects on 5 of 100 single-object images; the 5x5 grid takes single-object shape from 92% to
-    97% and halves the object-map loss, but three-object scenes fall from 73% to 61% (135 images).
+  - `teacher.vision_input_size=80` (the processor resizes 64 px to 80, a 5x5 grid of 25 image tokens;
+    about 10% slower steps, 6,100 of them): 82.4 / 84.1 / 79.4%; again with model seed 1: 83.0 / 77.9 /
+    78.2%. On the 4x4 grid a lone object sits at the corner of four tokens (layouts are centred), and the
+    recipe's teacher calls it two objects on 5 of 100 single-object images. In the first 5x5 run,
+    single-object shape rose from 92% to 97% and the object-map loss halved, but three-object scenes fell
+    from 73% to 61% (135 images).
   - where the recipe's teacher fails (500 images, shape): 1 object 92%, 2 objects 84%, 3 objects 73%; images
     with two objects of one colour 75% (the others 87%); clean images 91% (56 of them), and 65-85% under each
     kind of defect, none of which dominates. The summary now reports this breakdown (`caption_slices`).
