@@ -132,6 +132,8 @@ def run_pretrain_vlm(cfg: RunConfig, model: str = "both", resume: bool = False) 
         raise ValueError(f"pretrain_vlm.num_eval_images={pcfg.num_eval_images} is not allowed: captions_test has "
                          f"{len(eval_rows)} images (world.num_caption_test_images)")
     eval_rows = eval_rows[:pcfg.num_eval_images]
+    truth = ([Scene.from_json(r["scene_json"]) for r in eval_rows],  # parsed once: every evaluation scores on it
+             [Defects.from_json(r["defects_json"]) for r in eval_rows])
     init_ray(pcfg.learner.num_workers * pcfg.learner.cpus_per_worker + 2)
     columns = ["image", "description"] + (["scene_json"] if pcfg.vision_aux_weight else [])
     train = read_ray_dataset(data_dir / "captions_train.parquet", "captions").select_columns(columns)
@@ -171,13 +173,12 @@ def run_pretrain_vlm(cfg: RunConfig, model: str = "both", resume: bool = False) 
         for ckpt in fitted.checkpoints:
             step = int(read_learner_state(ckpt)["step"])
             if ckpt != fitted.final_checkpoint and pcfg.eval_every and step % pcfg.eval_every == 0:
-                metrics, _ = evaluate(ckpt / "hf", eval_rows, pcfg.max_new_tokens)
+                metrics, _ = evaluate(ckpt / "hf", eval_rows, truth, pcfg.max_new_tokens)
                 curve.append({"step": step, "train_s": train_s.get(step), **metrics})
         clock = time.perf_counter()
-        metrics, predictions = evaluate(final_dir, eval_rows, pcfg.max_new_tokens)
+        metrics, predictions = evaluate(final_dir, eval_rows, truth, pcfg.max_new_tokens)
         eval_s = time.perf_counter() - clock
-        slices = caption_slices(predictions, [Scene.from_json(r["scene_json"]) for r in eval_rows],
-                                [Defects.from_json(r["defects_json"]) for r in eval_rows])
+        slices = caption_slices(predictions, *truth)
         curve.append({"step": fitted.final_step, "train_s": train_s.get(fitted.final_step), **metrics})
 
         record = {"role": role, "model_dir": str(final_dir), "num_params": count_parameters(final_dir),
@@ -287,8 +288,10 @@ def _styled(row: dict[str, Any], style: str) -> str:
     return restyle(row["description"], style)
 
 
-def evaluate(model_dir: Path, rows: list[dict[str, Any]], max_new_tokens: int) -> tuple[dict[str, float], list[str]]:
-    """Greedy descriptions of the rows' images by the model in `model_dir`, and their `caption_metrics`.
+def evaluate(model_dir: Path, rows: list[dict[str, Any]], truth: tuple[list[Scene], list[Defects]],
+             max_new_tokens: int) -> tuple[dict[str, float], list[str]]:
+    """Greedy descriptions of the rows' images by the model in `model_dir`, and their `caption_metrics` against
+    `truth` (the rows' scenes and defects, parsed once per run).
 
     One intra-op thread: a tiny model's decoding gains nothing from more, and on a shared CPU spinning OpenMP
     threads made it several times slower (200 images: 9 s with one thread, over 40 s with two)."""
@@ -301,8 +304,7 @@ def evaluate(model_dir: Path, rows: list[dict[str, Any]], max_new_tokens: int) -
         predictions = describe_images(model, processor, [decode_png(r["image"]) for r in rows], max_new_tokens)
     finally:
         torch.set_num_threads(threads)
-    metrics = caption_metrics(predictions, [Scene.from_json(r["scene_json"]) for r in rows],
-                              [Defects.from_json(r["defects_json"]) for r in rows])
+    metrics = caption_metrics(predictions, *truth)
     return metrics, predictions
 
 
