@@ -6,10 +6,12 @@
 
 Two training steps, random weights built from config (no download):
 
-- vlm: a Qwen2.5-VL-7B-shaped model (LM 3584 x 28 layers, GQA 28/4 heads, vocabulary 152064; ViT 1280 x 32
-  blocks, windowed attention, 4 full-attention blocks) in bf16 with LoRA (rank --lora-rank) on every LM linear
-  layer, frozen base and vision tower; a captioning batch: --vlm-batch images of --vlm-image px
-  (256 merged image tokens at 448 px) plus --vlm-text answer tokens, loss on the answer tokens.
+- vlm: a Qwen3-VL-8B-shaped model (zray's teacher and student family; LM 4096 x 36 layers, GQA 32/8 heads, head
+  dim 128, vocabulary 151936; ViT 1152 x 27 blocks, full attention, DeepStack mergers at blocks 8/16/24) or, with
+  --vlm-arch qwen2_5_vl, a Qwen2.5-VL-7B-shaped one (LM 3584 x 28, ViT 1280 x 32 with windowed attention), in bf16
+  with LoRA (rank --lora-rank) on every LM linear layer, frozen base and vision tower; a captioning batch:
+  --vlm-batch images of --vlm-image px (196 merged image tokens at 448 px for Qwen3-VL's 16-px patches, 256 for
+  Qwen2.5-VL's 14-px ones) plus --vlm-text answer tokens, loss on the answer tokens.
 - zimage: the Z-Image transformer (ZImageTransformer2DModel at its default, real config: dim 3840, 30 layers +
   2 + 2 refiners, ~6.15B params) on 1024 px latents (16 x 128 x 128 -> 4096 image tokens) and --cap-len caption
   tokens; flow-matching MSE. --zimage-mode full trains every parameter with pure-bf16 AdamW (bf16 weights,
@@ -21,7 +23,18 @@ peak, where the peak is the best bf16 matmul throughput measured here (square ma
 count the matmuls and attention of the forward pass and of the backward pass that the step needs (full: 2x the
 forward for input and weight grads; LoRA / frozen: 1x, input grads only; frozen vision tower: forward only),
 without recomputation. This script imports torch, transformers, diffusers and (optionally) peft only; without peft
-a minimal LoRA wrapper stands in.
+a minimal LoRA wrapper stands in. Every step repeats one batch, so the printed loss should fall (a sanity check
+that the step trains; a non-finite loss stops the script).
+
+Measured 26 Nov 2026 on one NVIDIA H200 (torch 2.11, transformers 5.17, peft, diffusers 0.42.1; bf16 matmul peak
+measured at 780.5 TFLOP/s), defaults (5 timed steps after 2 warm-up steps, median):
+- vlm, Qwen3-VL-8B-shaped (8.77B parameters, LoRA r=16: 43.7M trainable), batch 16 x (448 px = 196 image tokens
+  + 160 answer tokens): 1,037 ms/step, 15.4 samples/s, peak memory 28.4 GiB, 180.5 TFLOP/s, MFU 23.1%; loss on
+  the repeated batch 12.74 -> 11.48 over 7 steps.
+- zimage, full parameters, pure-bf16 AdamW (6.15B trainable), batch 1 x 1024 px (4,096 image + 128 caption
+  tokens): 664 ms/step, 1.51 samples/s, peak memory 47.4 GiB, 255.6 TFLOP/s, MFU 32.7%; loss 1.33 -> 1.04.
+Both with gradient checkpointing, whose recomputed forward is not counted in the model FLOPs: the GPU does a third
+(full training: 4 forwards' worth instead of 3) to a half (LoRA: 3 instead of 2) more work than MFU credits.
 """
 
 from __future__ import annotations
@@ -65,17 +78,18 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, sizes: tuple[i
     return best
 
 
-def time_steps(step: Callable[[], None], device: torch.device, warmup: int, steps: int) -> list[float]:
-    for _ in range(warmup):
-        step()
+def time_steps(step: Callable[[], torch.Tensor], device: torch.device, warmup: int, steps: int
+               ) -> tuple[list[float], list[float]]:
+    """(seconds of each timed step, loss of every step): the steps repeat one batch, so the loss should fall."""
+    losses = [step() for _ in range(warmup)]
     _sync(device)
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        step()
+        losses.append(step())
         _sync(device)
         times.append(time.perf_counter() - start)
-    return times
+    return times, [float(loss) for loss in losses]
 
 
 # ------------------------------------------------------------------------------------------ LoRA
@@ -136,25 +150,50 @@ def linear_params(module: torch.nn.Module, skip: tuple[str, ...] = ()) -> int:
 # ------------------------------------------------------------------------------------------ VLM
 
 
-def vlm_config(smoke: bool) -> Any:
+def vlm_config(smoke: bool, arch: str) -> Any:
+    """Qwen3-VL-8B-Instruct's shapes (`arch` qwen3_vl, zray's teacher and student family) or Qwen2.5-VL-7B's; toy
+    sizes with `smoke`."""
+    ids = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
+               vision_end_token_id=151653)
+    special = dict(bos_token_id=151643, eos_token_id=151645, pad_token_id=151643)
+    if smoke:
+        ids = dict(image_token_id=990, video_token_id=991, vision_start_token_id=992, vision_end_token_id=993)
+        special = dict(bos_token_id=0, eos_token_id=1, pad_token_id=0)
+    if arch == "qwen3_vl":
+        from transformers import Qwen3VLConfig
+
+        if smoke:
+            text = dict(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                        num_attention_heads=2, num_key_value_heads=1, head_dim=64)
+            vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, deepstack_visual_indexes=[0],
+                          num_position_embeddings=256)
+        else:
+            text = dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                        num_attention_heads=32, num_key_value_heads=8, head_dim=128)
+            vision = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16,
+                          deepstack_visual_indexes=[8, 16, 24], num_position_embeddings=2304)
+        mrope = [8, 12, 12] if smoke else [24, 20, 20]
+        text.update(max_position_embeddings=32768, rms_norm_eps=1e-6, **special,
+                    rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0, "mrope_section": mrope,
+                                     "mrope_interleaved": True})
+        vision.update(patch_size=16, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                      out_hidden_size=text["hidden_size"])
+        return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
+    if arch != "qwen2_5_vl":
+        raise ValueError(f"--vlm-arch={arch!r} is not allowed: expected 'qwen3_vl' or 'qwen2_5_vl'")
     from transformers import Qwen2_5_VLConfig
 
     if smoke:
         text = dict(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                     num_attention_heads=2, num_key_value_heads=1, mrope_section=[8, 12, 12])
         vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, fullatt_block_indexes=[1])
-        ids = dict(image_token_id=990, video_token_id=991, vision_start_token_id=992, vision_end_token_id=993)
-        text.update(bos_token_id=0, eos_token_id=1, pad_token_id=0)
     else:  # Qwen2.5-VL-7B-Instruct's shapes
         text = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                     num_attention_heads=28, num_key_value_heads=4, mrope_section=[16, 24, 24])
         vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
                       fullatt_block_indexes=[7, 15, 23, 31])
-        ids = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
-                   vision_end_token_id=151653)
-        text.update(bos_token_id=151643, eos_token_id=151645, pad_token_id=151643)
     mrope = text.pop("mrope_section")
-    text.update(max_position_embeddings=32768, rms_norm_eps=1e-6,
+    text.update(max_position_embeddings=32768, rms_norm_eps=1e-6, **special,
                 rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": mrope})
     vision.update(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                   out_hidden_size=text["hidden_size"], in_channels=3)
@@ -174,7 +213,10 @@ def vlm_batch(cfg: Any, batch: int, image_px: int, text_len: int, device: torch.
     input_ids = torch.cat([prefix.expand(batch, -1), text], dim=1)
     labels = input_ids.clone()
     labels[:, :prefix.numel()] = -100
-    return {"input_ids": input_ids.to(device), "attention_mask": torch.ones_like(input_ids).to(device),
+    extra = {}
+    if cfg.model_type == "qwen3_vl":  # Qwen3-VL's multimodal rotary positions need the token types (1 = image)
+        extra["mm_token_type_ids"] = (input_ids == cfg.image_token_id).int().to(device)
+    return {**extra, "input_ids": input_ids.to(device), "attention_mask": torch.ones_like(input_ids).to(device),
             "labels": labels.to(device),
             "pixel_values": torch.randn(batch * num_patches, patch_dim, device=device, dtype=dtype),
             "image_grid_thw": torch.tensor([[1, grid, grid]] * batch, device=device)}
@@ -191,10 +233,16 @@ def vlm_flops(model: torch.nn.Module, cfg: Any, batch: int, image_px: int, text_
     lm_linear = linear_params(lm, skip=("lora_",)) + txt.vocab_size * txt.hidden_size  # + lm_head
     attn_dim = txt.num_attention_heads * (txt.hidden_size // txt.num_attention_heads)
     lm_fwd = batch * (2 * lm_linear * seq + 2 * txt.num_hidden_layers * seq**2 * attn_dim)  # causal: half of 4
-    window = (vis.window_size // vis.patch_size) ** 2
-    full_blocks = len(vis.fullatt_block_indexes)
-    vis_attn = 4 * vis.hidden_size * patches * (full_blocks * patches + (vis.depth - full_blocks) * window)
-    vis_fwd = batch * (2 * linear_params(visual, skip=("lora_",)) * patches + vis_attn)
+    merged = patches // vis.spatial_merge_size**2
+    if hasattr(vis, "fullatt_block_indexes"):  # Qwen2.5-VL: windowed attention but in a few blocks
+        window = (vis.window_size // vis.patch_size) ** 2
+        full_blocks = len(vis.fullatt_block_indexes)
+        vis_attn = 4 * vis.hidden_size * patches * (full_blocks * patches + (vis.depth - full_blocks) * window)
+    else:  # Qwen3-VL: full attention in every block
+        vis_attn = 4 * vis.hidden_size * patches * vis.depth * patches
+    mergers = linear_params(visual, skip=("lora_", "blocks"))  # patch merger(s): one token per merged group
+    per_patch = linear_params(visual, skip=("lora_", "merger"))
+    vis_fwd = batch * (2 * per_patch * patches + 2 * mergers * merged + vis_attn)
     return 2 * lm_fwd + vis_fwd
 
 
@@ -206,10 +254,10 @@ def _find(model: torch.nn.Module, suffix: str) -> str:
 
 
 def bench_vlm(args, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
-    cfg = vlm_config(args.smoke)
-    model = build_on(lambda: Qwen2_5_VLForConditionalGeneration(cfg), device, dtype)
+    cfg = vlm_config(args.smoke, args.vlm_arch)
+    model = build_on(lambda: AutoModelForImageTextToText.from_config(cfg), device, dtype)
     num_params = sum(p.numel() for p in model.parameters())
     if args.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -221,19 +269,23 @@ def bench_vlm(args, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=device.type == "cuda")
     inputs = vlm_batch(cfg, args.vlm_batch, args.vlm_image, args.vlm_text, device, dtype)
 
-    def step() -> None:
+    def step() -> torch.Tensor:
         loss = model(**inputs).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
 
-    times = time_steps(step, device, args.warmup, args.steps)
+    times, losses = time_steps(step, device, args.warmup, args.steps)
     flops = vlm_flops(model, cfg, args.vlm_batch, args.vlm_image, args.vlm_text)
-    shape = "toy Qwen2.5-VL" if args.smoke else "Qwen2.5-VL-7B-shaped"
+    name = {"qwen3_vl": "Qwen3-VL-8B", "qwen2_5_vl": "Qwen2.5-VL-7B"}[args.vlm_arch]
+    shape = f"toy {name.split('-')[0]}-VL" if args.smoke else f"{name}-shaped"
+    tokens = (args.vlm_image // cfg.vision_config.patch_size) ** 2 // cfg.vision_config.spatial_merge_size**2
     desc = (f"{shape}, {str(dtype).replace('torch.', '')} base + {lora_kind} r={args.lora_rank} on LM linears; batch "
-            f"{args.vlm_batch} x ({args.vlm_image}px image + {args.vlm_text} answer tokens)")
-    return _summary("vlm", desc, num_params, sum(p.numel() for p in trainable), times, flops, args.vlm_batch)
+            f"{args.vlm_batch} x ({args.vlm_image}px image = {tokens} tokens + {args.vlm_text} answer tokens)")
+    return _summary("vlm", desc, num_params, sum(p.numel() for p in trainable), times, losses, flops,
+                    args.vlm_batch)
 
 
 # ------------------------------------------------------------------------------------------ Z-Image
@@ -268,15 +320,16 @@ def bench_zimage(args, device: torch.device, dtype: torch.dtype) -> dict[str, An
     t = torch.rand(batch, device=device, dtype=dtype)
     target = torch.randn(batch, channels, 1, latent_px, latent_px, device=device, dtype=dtype)
 
-    def step() -> None:
+    def step() -> torch.Tensor:
         out = torch.stack(model(x, t, cap, return_dict=False)[0])
         loss = F.mse_loss(out.float(), target.float())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
 
-    times = time_steps(step, device, args.warmup, args.steps)
+    times, losses = time_steps(step, device, args.warmup, args.steps)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     patch = cfg.all_patch_size[0]
     img_tokens = (latent_px // patch) ** 2
@@ -292,16 +345,18 @@ def bench_zimage(args, device: torch.device, dtype: torch.dtype) -> dict[str, An
     flops = fwd * (3 if args.zimage_mode == "full" else 2)
     desc = (f"Z-Image transformer ({num_params / 1e9:.2f}B), {lora_kind}; batch {batch} x {args.zimage_res}px "
             f"({img_tokens} image + {args.cap_len} caption tokens)")
-    return _summary("zimage", desc, num_params, sum(p.numel() for p in trainable), times, flops, batch)
+    return _summary("zimage", desc, num_params, sum(p.numel() for p in trainable), times, losses, flops, batch)
 
 
 # ------------------------------------------------------------------------------------------ main
 
 
-def _summary(name: str, desc: str, num_params: int, num_trainable: int, times: list[float], flops: float,
-             samples: int) -> dict[str, Any]:
+def _summary(name: str, desc: str, num_params: int, num_trainable: int, times: list[float], losses: list[float],
+             flops: float, samples: int) -> dict[str, Any]:
     step_s = statistics.median(times)
-    return {"model": name, "description": desc, "params": num_params, "trainable": num_trainable,
+    if not all(math.isfinite(x) for x in losses):
+        raise RuntimeError(f"[{name}] a non-finite loss: {losses}")
+    return {"model": name, "description": desc, "params": num_params, "trainable": num_trainable, "losses": losses,
             "time_per_step_s": step_s, "samples_per_s": samples / step_s, "model_tflop_per_step": flops / 1e12,
             "achieved_tflops": flops / step_s / 1e12}
 
@@ -313,6 +368,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--lora-rank", type=int, default=16)
+    parser.add_argument("--vlm-arch", choices=("qwen3_vl", "qwen2_5_vl"), default="qwen3_vl")
     parser.add_argument("--vlm-batch", type=int, default=16)
     parser.add_argument("--vlm-image", type=int, default=448)
     parser.add_argument("--vlm-text", type=int, default=160)
@@ -331,7 +387,7 @@ def main() -> None:
     if args.smoke:
         device, dtype = torch.device("cpu"), torch.float32
         args.steps, args.warmup = min(args.steps, 2), min(args.warmup, 1)
-        args.vlm_batch, args.vlm_image, args.vlm_text = 2, 56, 16
+        args.vlm_batch, args.vlm_image, args.vlm_text = 2, 64, 16
         args.zimage_batch, args.zimage_res, args.cap_len = 1, 128, 16
         args.lora_rank = min(args.lora_rank, 4)
         peak = measure_matmul_peak(device, dtype, sizes=(256, 512), iters=5)
@@ -360,7 +416,9 @@ def main() -> None:
               f"  params {result['params'] / 1e9:.3f}B (trainable {result['trainable'] / 1e6:.2f}M); "
               f"{result['time_per_step_s'] * 1e3:.1f} ms/step, {result['samples_per_s']:.2f} samples/s, peak memory "
               f"{mem}; {result['model_tflop_per_step']:.4g} TFLOP/step -> {result['achieved_tflops']:.4g} TFLOP/s, "
-              f"MFU {100 * result['mfu']:.1f}%")
+              f"MFU {100 * result['mfu']:.1f}%\n  loss on the repeated batch, step 1 -> {len(result['losses'])}: "
+              f"{result['losses'][0]:.4f} -> {result['losses'][-1]:.4f}"
+              + ("" if result["losses"][-1] < result["losses"][0] else " (did NOT fall)"))
         gc.collect()
     if args.out:
         with open(args.out, "w") as f:
