@@ -189,7 +189,7 @@ def train_phase(task: Any, model: torch.nn.Module, data: dict[str, torch.Tensor]
         optimizer.zero_grad(set_to_none=True)
         return info
 
-    # probe the step rate on a throw-away copy of the optimiser state: 50 steps, then restart from the same weights
+    # probe the step rate with a throw-away optimiser: 50 steps, then start again from the same weights
     start_state = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer, schedule = build_optimizer(model, lcfg)
     for _ in range(5):
@@ -253,7 +253,8 @@ def run_variant(name: str, args: argparse.Namespace) -> dict[str, Any]:
     probe.cpu().save(str(init_dir), warm_dir)
 
     cap_task = CaptionTask(model_dir=str(warm_dir), name="caption", style=pcfg.caption_style,
-                           vision_aux_weight=pcfg.vision_aux_weight, map_weight=pcfg.map_weight)
+                           vision_aux_weight=pcfg.vision_aux_weight, map_weight=pcfg.map_weight,
+                           position_weight=pcfg.position_weight)
     model = cap_task.build_model().to(device)
     cap = train_phase(cap_task, model, data, cap_cfg, args.caption_s, True, device, log)
     final_dir = work / "final"

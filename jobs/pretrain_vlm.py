@@ -82,6 +82,24 @@ thread each, DeepSpeed ZeRO-2):
   - where the recipe's teacher fails (500 images, shape): 1 object 92%, 2 objects 84%, 3 objects 73%; images
     with two objects of one colour 75% (the others 87%); clean images 91% (56 of them), and 65-85% under each
     kind of defect, none of which dominates. The summary now reports this breakdown (`caption_slices`).
+- by defect severity (the recipe's teacher, 500 images, shape): no defect 91%, only mild ones (< 0.5) 89%, at
+  least one severe 74% (228 images); severe blotches 54%, clashing 52%, blur 62%. Looking at the failures: most
+  shapes are plain to the eye (a circle read as a square, a lone triangle as two), so the images still hold the
+  answer and the model's perception is what falls short.
+- three more full-length trials and one check (26 Nov, 200 images unless said; none adopted):
+  - a 128-wide, 4-deep vision tower (1.73M parameters; on one GPU it had learnt shape much faster per step at
+    batch 64, see bench/gpu_pretrain_vlm.py): 1,169 warm-up steps, 4,609 captioning steps (4.6 steps/s):
+    100 / 91.0 / 76.5 / 94.5 / 48.3 / 66.5%. On the CPU it was no faster per step at batch 16 (shape 74% at
+    step 4,000, as the recipe), and it gets fewer steps.
+  - 4 attention heads of 32 in the language model (2 key-value heads; the same parameters and matmuls as 2 of
+    64): 5,539 steps: 100 / 94.0 / 81.0 / 96.0 / 80.0 / 79.0%, the recipe's figures (500 images: shape /
+    relation / exact 79.6 / 79.3 / 77.6%).
+  - `pretrain_vlm.position_weight=0.25`: the position digits of canonical captions are 22% of the answer
+    tokens but 61% of the recipe teacher's held-out loss, so they dominate the gradient; at a quarter of the
+    weight (6,259 steps): 100 / 94.0 / 81.5 / 96.5 / 78.3 / 79.0% (500 images: 80.8 / 78.6 / 78.4%).
+  - averaging the recipe teacher's last checkpoints (a cheap stand-in for an EMA of the weights), scored on 500
+    images (the recipe's own: 82.4 / 80.0 / 78.8%): steps 6,000 and 6,800: 82.4 / 81.4 / 79.4%; 5,000 to 6,800:
+    82.2 / 80.7 / 78.4%.
 - decoding 200 held-out images with the teacher takes about 2 s.
 - the student (0.44M-parameter Qwen3-VL: the teacher's vision tower, a 64-wide language model; `--model
   student`, 26 Nov): warm-up 196 s, captioning 9,939 steps in 991 s (10.0 steps/s; the budget ended it short
@@ -146,7 +164,8 @@ def run_pretrain_vlm(cfg: RunConfig, model: str = "both", resume: bool = False) 
         if pcfg.vision_warmup:
             init_dir, vision_s = warm_up_vision(init_dir, pcfg, data_dir, root, role, resume)
         task = CaptionTask(model_dir=str(init_dir), name=f"caption_{role}", style=pcfg.caption_style,
-                           vision_aux_weight=pcfg.vision_aux_weight, map_weight=pcfg.map_weight)
+                           vision_aux_weight=pcfg.vision_aux_weight, map_weight=pcfg.map_weight,
+                           position_weight=pcfg.position_weight)
         learner = pcfg.learner
         if role == "student" and pcfg.student_max_steps:
             learner = dataclasses.replace(learner, max_steps=pcfg.student_max_steps)

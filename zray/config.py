@@ -242,13 +242,16 @@ class PretrainVLMConfig:
     # (zray/models/vision_warmup.py, VisionHeads.loss).
     vision_aux_weight: float = 1.0
     map_weight: float = 0.4
+    # Loss weight of the position digits of canonical captions ("at (36, 74)"), the other answer tokens weighing 1
+    # (zray/models/captioning.py, CaptionTask.position_weight); 1 = the plain mean over the answer tokens.
+    position_weight: float = 1.0
 
     def __post_init__(self) -> None:
         _positive(self, "num_eval_images", "max_new_tokens")
         _require(self.time_budget_s >= 0, "PretrainVLMConfig.time_budget_s", self.time_budget_s, "a float >= 0")
         for name in ("eval_every", "student_max_steps"):
             _require(getattr(self, name) >= 0, f"PretrainVLMConfig.{name}", getattr(self, name), "an integer >= 0")
-        for name in ("vision_time_budget_s", "vision_aux_weight", "map_weight"):
+        for name in ("vision_time_budget_s", "vision_aux_weight", "map_weight", "position_weight"):
             _require(getattr(self, name) >= 0, f"PretrainVLMConfig.{name}", getattr(self, name), "a float >= 0")
         _require(self.caption_style in ("canonical", "compact"), "PretrainVLMConfig.caption_style",
                  self.caption_style, "'canonical' or 'compact'")

@@ -49,6 +49,13 @@ def test_student_max_steps_must_not_be_negative():
         PretrainVLMConfig(student_max_steps=-1)
 
 
+def test_position_weight_must_not_be_negative():
+    from zray.config import ConfigError, PretrainVLMConfig
+
+    with pytest.raises(ConfigError, match="PretrainVLMConfig.position_weight"):
+        PretrainVLMConfig(position_weight=-0.1)
+
+
 def test_latest_checkpoint_is_the_highest_complete_one(tmp_path):
     assert latest_checkpoint(tmp_path) is None
     for step, complete in ((1000, True), (2000, True), (3000, False)):  # 3000: a crash while writing it

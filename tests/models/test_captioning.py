@@ -1,5 +1,7 @@
 """Captioning task: answer-only labels, per-attribute scoring, loss falls in a short run, HF round trip."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +10,8 @@ from zray.config import VLMConfig, WorldConfig
 from zray.data import build_world, read_table
 from zray.data.captions import describe, format_description, parse_description, restyle
 from zray.data.scene import Defects, Relation, Scene, SceneObject
-from zray.models.captioning import CaptionTask, caption_metrics, caption_slices, describe_images, score_caption
+from zray.models.captioning import (LOSS_WEIGHTS, CaptionTask, caption_metrics, caption_slices, describe_images,
+                                    position_digits, score_caption)
 from zray.models.tiny import build_tiny_vlm
 from zray.models.vlm import load_vlm
 
@@ -200,3 +203,46 @@ def test_vision_aux_loss_adds_the_heads_loss_on_the_tokens_the_lm_reads(vlm_dirs
                                                  strict=True))
     resumed = CaptionTask(model_dir=str(tmp_path / "hf"), vision_aux_weight=0.5).build_model()  # heads from the file
     assert torch.equal(resumed.heads.objects.weight, model.heads.objects.weight)
+
+
+def test_position_digits_are_the_written_positions_only(vlm_dirs, caption_rows):
+    task = CaptionTask(model_dir=vlm_dirs["student"], style="canonical")
+    batch = task.collate(_numpy_batch(caption_rows, 0, 4))
+    marked = position_digits(batch["input_ids"], task.processor.tokenizer)
+    for b in range(4):
+        caption = restyle(caption_rows["description"][b], "canonical")
+        expected = "".join(x + y for x, y in re.findall(r"\((\d+), (\d+)\)", caption))
+        assert expected and task.processor.tokenizer.decode(batch["input_ids"][b][marked[b]]) == expected
+        # object numbers ("1: ...") and relation indices ("1 left of 2") are not positions
+        assert not marked[b][batch["labels"][b] == -100].any()
+
+
+def test_position_weight_weights_the_digit_losses(vlm_dirs, caption_rows, one_thread):
+    torch.manual_seed(0)
+    plain = CaptionTask(model_dir=vlm_dirs["student"], style="canonical")
+    weighted = CaptionTask(model_dir=vlm_dirs["student"], style="canonical", position_weight=0.25)
+    model = plain.build_model()
+    rows = _numpy_batch(caption_rows, 0, 4)
+    batch, wbatch = plain.collate(rows), weighted.collate(rows)
+    assert LOSS_WEIGHTS not in batch
+    digits = position_digits(batch["input_ids"], plain.processor.tokenizer)
+    assert torch.equal(wbatch[LOSS_WEIGHTS], torch.where(digits, 0.25, 1.0))
+
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1]
+        target = batch["labels"][:, 1:]
+        ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
+        trained, digit = target != -100, digits[:, 1:]
+        w = torch.where(digit, 0.25, 1.0) * trained
+        loss_plain, _ = plain.loss(model, batch)
+        loss_weighted, info = weighted.loss(model, wbatch)
+    assert float(loss_plain) == pytest.approx(float(ce[trained].mean()), rel=1e-5)
+    assert float(loss_weighted) == pytest.approx(float((ce * w).sum() / w.sum()), rel=1e-5)
+    assert 0 < int(digit[trained].sum()) < int(trained.sum())  # both kinds of tokens are weighed
+    assert info["answer_tokens"] == float(trained.sum())
+
+
+@pytest.mark.parametrize("weight", [-0.5, float("nan")])
+def test_bad_position_weight_is_refused(vlm_dirs, weight):
+    with pytest.raises(ValueError, match="CaptionTask.position_weight"):
+        CaptionTask(model_dir=vlm_dirs["student"], position_weight=weight)
