@@ -318,7 +318,7 @@ def main() -> None:
     print(f"encoded the training images once in {encode_once(args):.0f} s", flush=True)
     procs = {}
     for name in names:
-        cmd = [sys.executable, __file__, "--child", name, *[a for a in sys.argv[1:]]]
+        cmd = [sys.executable, __file__, "--child", name, *sys.argv[1:]]
         procs[name] = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "2"})
     results = []
     for name, proc in procs.items():

@@ -231,7 +231,7 @@ def vlm_flops(model: torch.nn.Module, cfg: Any, batch: int, image_px: int, text_
     lm = model.get_submodule(_find(model, "language_model"))
     visual = model.get_submodule(_find(model, "visual"))
     lm_linear = linear_params(lm, skip=("lora_",)) + txt.vocab_size * txt.hidden_size  # + lm_head
-    attn_dim = txt.num_attention_heads * (txt.hidden_size // txt.num_attention_heads)
+    attn_dim = txt.num_attention_heads * (getattr(txt, "head_dim", None) or txt.hidden_size // txt.num_attention_heads)
     lm_fwd = batch * (2 * lm_linear * seq + 2 * txt.num_hidden_layers * seq**2 * attn_dim)  # causal: half of 4
     merged = patches // vis.spatial_merge_size**2
     if hasattr(vis, "fullatt_block_indexes"):  # Qwen2.5-VL: windowed attention but in a few blocks
