@@ -37,7 +37,8 @@ What it showed:
   compute lifts shape: no run reached the CPU recipe's step count.
 - At equal steps and batch, the 128-wide, 4-deep vision tower learnt shape far faster than the recipe's 64-wide,
   2-deep one (61.4% against 35.6% after about 800 steps of 64), as did its training object-map accuracy (52%
-  against 20%). That is the lead followed on the CPU (see jobs/pretrain_vlm.py).
+  against 20%). On the CPU, at the recipe's batch of 16, it was no faster per step and got fewer steps in the
+  budget: shape 76.5% against 81% (notes in jobs/pretrain_vlm.py).
 """
 
 from __future__ import annotations
