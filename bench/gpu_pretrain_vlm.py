@@ -66,7 +66,7 @@ from zray.models.captioning import (IGNORE_INDEX, CaptionTask, caption_metrics, 
                                     describe_images)
 from zray.models.tiny import build_tiny_vlm, count_parameters  # noqa: E402
 from zray.models.vision_warmup import VISION_TARGET_KEYS, VisionWarmupTask  # noqa: E402
-from zray.models.vlm import load_vlm  # noqa: E402
+from zray.models.vlm import cached_processor, load_vlm  # noqa: E402
 from zray.training.engine import build_optimizer  # noqa: E402
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -96,7 +96,7 @@ def encode_all(model_dir: str, rows: dict[str, list[Any]], workers: int, chunk: 
     jobs = [(model_dir, {k: v[i:i + chunk] for k, v in rows.items()}) for i in range(0, n, chunk)]
     with multiprocessing.get_context("fork").Pool(workers) as pool:
         parts = pool.map(_encode_chunk, jobs)
-    pad_id = CaptionTask(model_dir=model_dir, style=STYLE).processor.tokenizer.pad_token_id
+    pad_id = cached_processor(model_dir).tokenizer.pad_token_id
     length = max(p["input_ids"].shape[1] for p in parts)
     out: dict[str, torch.Tensor] = {}
     for key in parts[0]:
@@ -241,11 +241,11 @@ def run_variant(name: str, args: argparse.Namespace) -> dict[str, Any]:
         print(f"[{name}] {msg}", file=log_file, flush=True)
 
     data = load_encoded(Path(args.work) / "encoded.pt", str(init_dir), args.data, device)
-    scale = 1 if not args.smoke else 0
-    warm_cfg = dataclasses.replace(pcfg.vision, micro_batch_size=spec["warm_batch"] if scale else 4,
-                                   max_steps=spec["warm_steps"] if scale else 3)
-    cap_cfg = dataclasses.replace(pcfg.learner, micro_batch_size=spec["cap_batch"] if scale else 4,
-                                  max_steps=spec["cap_steps"] if scale else 3, warmup_steps=100 if scale else 1)
+    warm_cfg = dataclasses.replace(pcfg.vision, micro_batch_size=spec["warm_batch"], max_steps=spec["warm_steps"])
+    cap_cfg = dataclasses.replace(pcfg.learner, micro_batch_size=spec["cap_batch"], max_steps=spec["cap_steps"])
+    if args.smoke:  # 3 steps of 4 images per phase
+        warm_cfg = dataclasses.replace(warm_cfg, micro_batch_size=4, max_steps=3)
+        cap_cfg = dataclasses.replace(cap_cfg, micro_batch_size=4, max_steps=3, warmup_steps=1)
 
     warm_task = VisionWarmupTask(model_dir=str(init_dir), map_weight=pcfg.map_weight)
     probe = warm_task.build_model().to(device)

@@ -212,9 +212,9 @@ def test_position_digits_are_the_written_positions_only(vlm_dirs, caption_rows):
     for b in range(4):
         caption = restyle(caption_rows["description"][b], "canonical")
         expected = "".join(x + y for x, y in re.findall(r"\((\d+), (\d+)\)", caption))
+        # exactly the positions' digits: object numbers ("1: ...") and relation indices ("1 left of 2") are not
         assert expected and task.processor.tokenizer.decode(batch["input_ids"][b][marked[b]]) == expected
-        # object numbers ("1: ...") and relation indices ("1 left of 2") are not positions
-        assert not marked[b][batch["labels"][b] == -100].any()
+        assert not marked[b][batch["labels"][b] == -100].any()  # nothing in the prompt
 
 
 def test_position_weight_weights_the_digit_losses(vlm_dirs, caption_rows, one_thread):
