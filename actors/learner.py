@@ -47,7 +47,7 @@ from ray.train.torch import TorchTrainer
 
 from actors.learner_loop import LEARNER_STATE_FILE, train_loop_per_worker
 from zray.config import LearnerConfig
-from zray.training.task import LearnerTask
+from zray.training.task import LearnerTask, LengthGrouped
 
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of a run's checkpoints
 
@@ -136,6 +136,9 @@ def fit(task: LearnerTask, cfg: LearnerConfig, *, datasets: dict[str, Any], stor
     unknown = sorted(set(extra) - {"deepspeed", "_fail_after_step"})
     if unknown:
         raise ValueError(f"extra_config has unknown keys {unknown}; allowed: 'deepspeed', '_fail_after_step'")
+    if cfg.length_window and not isinstance(task, LengthGrouped):
+        raise ValueError(f"LearnerConfig.length_window={cfg.length_window} is not allowed for task {task.name!r}: it "
+                         "has no row_lengths (zray.training.task.LengthGrouped); use 0")
     if "deepspeed" in extra and cfg.backend != "deepspeed":
         raise ValueError(f"extra_config['deepspeed'] given but LearnerConfig.backend={cfg.backend!r}")
 

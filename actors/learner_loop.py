@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import ray.train
@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from zray.config import LearnerConfig
 from zray.training.engine import StepInfo, TrainEngine
-from zray.training.task import LearnerTask, OnlineTask
+from zray.training.task import LearnerTask, LengthGrouped, OnlineTask
 
 LEARNER_STATE_FILE = "learner.json"
 
@@ -69,9 +69,15 @@ class ShardBatches:
     Micro batch `i` (0-based, counted over the whole run) is the `i % batches_per_epoch`-th slice of epoch
     `i // batches_per_epoch`'s permutation of the shard, seeded by (seed, epoch, rank): a pure function of the
     index, so a resumed worker continues exactly where the checkpoint left off, without re-reading anything.
+
+    With `cfg.length_window = k > 0`, `lengths_of(columns)` gives every row's length, and each run of k micro
+    batches of the permutation is regrouped: its rows sorted by length, cut into k micro batches, and those taken
+    in an order seeded by (seed, epoch, window) alone, the same on every rank, so the ranks of one step hold
+    micro batches of similar length (a step waits for its slowest rank).
     """
 
-    def __init__(self, shard: Any, cfg: LearnerConfig, *, rank: int) -> None:
+    def __init__(self, shard: Any, cfg: LearnerConfig, *, rank: int,
+                 lengths_of: Callable[[dict[str, np.ndarray]], np.ndarray] | None = None) -> None:
         parts: dict[str, list[np.ndarray]] = {}
         for rows in shard.iter_batches(batch_size=4096, batch_format="numpy"):
             for key, column in rows.items():
@@ -79,18 +85,42 @@ class ShardBatches:
         self.columns = {key: np.concatenate(chunks) for key, chunks in parts.items()}
         self.num_rows = len(next(iter(self.columns.values()))) if self.columns else 0
         self.batch_size, self.seed, self.rank, self.shuffle = cfg.micro_batch_size, cfg.seed, rank, cfg.shuffle
+        self.window = cfg.length_window
         self.batches_per_epoch = self.num_rows // self.batch_size
         if self.batches_per_epoch < 1:
             raise ValueError(f"worker {rank}: its shard has {self.num_rows} rows, fewer than "
                              f"LearnerConfig.micro_batch_size={self.batch_size}")
+        self.lengths: np.ndarray | None = None
+        if self.window:
+            if lengths_of is None:
+                raise ValueError(f"LearnerConfig.length_window={self.window} needs the rows' lengths (a task with "
+                                 "row_lengths)")
+            self.lengths = np.asarray(lengths_of(self.columns), dtype=np.float64)
+            if self.lengths.shape != (self.num_rows,):
+                raise ValueError(f"row_lengths gave shape {self.lengths.shape} for {self.num_rows} rows: expected "
+                                 f"({self.num_rows},)")
         self._epoch, self._order = -1, np.arange(self.num_rows)
 
     def order(self, epoch: int) -> np.ndarray:
         if epoch != self._epoch:
             self._epoch = epoch
             rng = np.random.default_rng([self.seed, epoch, self.rank])
-            self._order = rng.permutation(self.num_rows) if self.shuffle else np.arange(self.num_rows)
+            order = rng.permutation(self.num_rows) if self.shuffle else np.arange(self.num_rows)
+            self._order = self._grouped(order, epoch) if self.window else order
         return self._order
+
+    def _grouped(self, order: np.ndarray, epoch: int) -> np.ndarray:
+        """`order` with each run of `window` micro batches sorted by row length and its micro batches reordered."""
+        assert self.lengths is not None
+        b, out = self.batch_size, order.copy()
+        for first in range(0, self.batches_per_epoch, self.window):
+            k = min(self.window, self.batches_per_epoch - first)
+            rows = order[first * b:(first + k) * b]
+            rows = rows[np.argsort(self.lengths[rows], kind="stable")].reshape(k, b)
+            if self.shuffle:  # rank-independent: every rank takes its r-th shortest micro batch at the same step
+                rows = rows[np.random.default_rng([self.seed, epoch, first, 1]).permutation(k)]
+            out[first * b:(first + k) * b] = rows.ravel()
+        return out
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         epoch, slot = divmod(index, self.batches_per_epoch)
@@ -182,10 +212,12 @@ def _restore(engine: TrainEngine, ckpt_dir: Path, cfg: LearnerConfig) -> tuple[i
     if state["world_size"] != engine.world_size or state["backend"] != engine.backend:
         raise ValueError(f"checkpoint {ckpt_dir} was written by {state['world_size']} {state['backend']} workers; "
                          f"this run has {engine.world_size} {engine.backend} workers (resume needs the same)")
-    if state["config"]["micro_batch_size"] != cfg.micro_batch_size or state["config"]["seed"] != cfg.seed:
-        raise ValueError(f"checkpoint {ckpt_dir} used micro_batch_size={state['config']['micro_batch_size']}, "
-                         f"seed={state['config']['seed']}; this run has {cfg.micro_batch_size}, {cfg.seed}: the data "
-                         "position would not carry over")
+    data_keys = ("micro_batch_size", "seed", "length_window")
+    then = {k: state["config"].get(k, 0) for k in data_keys}  # checkpoints before length_window had none (0)
+    now = {k: getattr(cfg, k) for k in data_keys}
+    if then != now:
+        raise ValueError(f"checkpoint {ckpt_dir} used {then}; this run has {now}: the data position would not "
+                         "carry over")
     engine.load(ckpt_dir / "engine")
     worker = torch.load(ckpt_dir / f"worker_{engine.rank}.pt", weights_only=False)
     _set_rng_state(worker["rng"])
@@ -200,6 +232,20 @@ def _should_stop(started: float, budget_s: float, device: torch.device) -> bool:
     flag = torch.tensor([1.0 if time.perf_counter() - started > budget_s else 0.0], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item() > 0)
+
+
+def budget_end_step(step: int, first_step: int, elapsed_s: float, budget_s: float, max_steps: int) -> int:
+    """The step a time-budgeted run is expected to end at: `step` plus what is left of the budget at the mean
+    rate of the steps since `first_step` (this process's first), never past `max_steps` nor before `step`."""
+    rate = (step - first_step) / max(elapsed_s, 1e-9)
+    return max(step, min(max_steps, step + int(rate * max(0.0, budget_s - elapsed_s))))
+
+
+def _agreed_elapsed(started: float, device: torch.device) -> float:
+    """Seconds since `started`, the largest over the ranks (so every rank computes the same schedule)."""
+    elapsed = torch.tensor([time.perf_counter() - started], dtype=torch.float64, device=device)
+    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    return float(elapsed.item())
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -227,13 +273,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             step, consumed, history = _restore(engine, Path(ckpt_dir), cfg)
     if step >= cfg.max_steps:
         return  # finished before: the latest checkpoint is the result
-    batches = ShardBatches(ray.train.get_dataset_shard("train"), cfg, rank=rank)
+    lengths_of = task.row_lengths if isinstance(task, LengthGrouped) else None
+    batches = ShardBatches(ray.train.get_dataset_shard("train"), cfg, rank=rank, lengths_of=lengths_of)
     if batches.batches_per_epoch != config["batches_per_epoch"]:
         raise RuntimeError(f"worker {rank} got {batches.batches_per_epoch} batches per epoch, expected "
                            f"{config['batches_per_epoch']} (shards must be equal)")
     display = _Display(task.name, cfg, run_dir, step) if rank == 0 else None
     global_batch = cfg.micro_batch_size * cfg.grad_accum_steps * engine.world_size
-    window, logged_step, started = _Window(), step, time.perf_counter()
+    window, logged_step, first_step, started = _Window(), step, step, time.perf_counter()
+    fit_schedule = cfg.budget_schedule and budget_s > 0
     # Online tasks (zray.training.task.OnlineTask) make their batches from the current policy (rollouts): a new
     # rollout every `updates_per_rollout` steps, announced by `before_rollout` on every rank, reused in between.
     online = isinstance(task, OnlineTask)
@@ -273,7 +321,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ckpt_now = stop or step % cfg.checkpoint_every == 0
             if not (log_now or ckpt_now):
                 continue
+            if fit_schedule and not stop:
+                end = budget_end_step(step, first_step, _agreed_elapsed(started, device), budget_s, cfg.max_steps)
+                engine.set_schedule_steps(end)
             metrics = window.averaged()
+            if fit_schedule:
+                metrics["schedule_steps"] = float(engine.scheduler.lr_lambdas[0].total_steps)
             metrics.update(step=float(step), lr=info.lr, grad_norm=info.grad_norm,
                            samples_per_s=global_batch / metrics["step_time_s"],
                            epoch=consumed / config["batches_per_epoch"])

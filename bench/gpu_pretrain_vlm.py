@@ -247,7 +247,7 @@ def run_variant(name: str, args: argparse.Namespace) -> dict[str, Any]:
         warm_cfg = dataclasses.replace(warm_cfg, micro_batch_size=4, max_steps=3)
         cap_cfg = dataclasses.replace(cap_cfg, micro_batch_size=4, max_steps=3, warmup_steps=1)
 
-    warm_task = VisionWarmupTask(model_dir=str(init_dir), map_weight=pcfg.map_weight)
+    warm_task = VisionWarmupTask(model_dir=str(init_dir), map_weight=pcfg.map_weight, cover_weight=pcfg.cover_weight)
     probe = warm_task.build_model().to(device)
     warm = train_phase(warm_task, probe, data, warm_cfg, args.warmup_s, False, device, log)
     warm_dir = work / "warm"
@@ -255,7 +255,7 @@ def run_variant(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
     cap_task = CaptionTask(model_dir=str(warm_dir), name="caption", style=pcfg.caption_style,
                            vision_aux_weight=pcfg.vision_aux_weight, map_weight=pcfg.map_weight,
-                           position_weight=pcfg.position_weight)
+                           cover_weight=pcfg.cover_weight, position_weight=pcfg.position_weight)
     model = cap_task.build_model().to(device)
     cap = train_phase(cap_task, model, data, cap_cfg, args.caption_s, True, device, log)
     final_dir = work / "final"

@@ -165,7 +165,7 @@ def run_pretrain_vlm(cfg: RunConfig, model: str = "both", resume: bool = False) 
             init_dir, vision_s = warm_up_vision(init_dir, pcfg, data_dir, root, role, resume)
         task = CaptionTask(model_dir=str(init_dir), name=f"caption_{role}", style=pcfg.caption_style,
                            vision_aux_weight=pcfg.vision_aux_weight, map_weight=pcfg.map_weight,
-                           position_weight=pcfg.position_weight)
+                           cover_weight=pcfg.cover_weight, position_weight=pcfg.position_weight)
         learner = pcfg.learner
         if role == "student" and pcfg.student_max_steps:
             learner = dataclasses.replace(learner, max_steps=pcfg.student_max_steps)
@@ -250,7 +250,8 @@ def warm_up_vision(init_dir: Path, pcfg: Any, data_dir: Path, root: Path, role: 
     latest = latest_checkpoint(run_dir) if resume else None
     budget = remaining_budget(pcfg.vision_time_budget_s, latest)
     budget = max(budget, 1.0) if pcfg.vision_time_budget_s else 0.0  # a spent budget still saves a final model
-    task = VisionWarmupTask(model_dir=str(init_dir), name=f"vision_{role}", map_weight=pcfg.map_weight)
+    task = VisionWarmupTask(model_dir=str(init_dir), name=f"vision_{role}", map_weight=pcfg.map_weight,
+                            cover_weight=pcfg.cover_weight)
     fitted = fit(task, pcfg.vision, datasets={"train": train}, storage_path=root, name=f"{role}_vision",
                  resume=latest is not None, time_budget_s=budget)
     shutil.rmtree(final_dir, ignore_errors=True)

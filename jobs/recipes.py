@@ -35,7 +35,7 @@ def tiny_cpu() -> RunConfig:
         # A few steps: the plumbing end to end (tests), not a trained model.
         pretrain_vlm=PretrainVLMConfig(
             learner=LearnerConfig(max_steps=4, micro_batch_size=8, lr=2e-3, checkpoint_every=2, keep_checkpoints=2,
-                                  log_every=1),
+                                  log_every=1, length_window=2),
             eval_every=2, num_eval_images=4, max_new_tokens=32,
             vision=LearnerConfig(max_steps=2, micro_batch_size=8, lr=2e-3, checkpoint_every=2, log_every=1),
         ),
@@ -80,11 +80,12 @@ def dev() -> RunConfig:
         vllm=VLLMConfig(kv_cache_gib=2, enforce_eager=True, in_process=True, max_model_len=1024),
         # Calibrated for 20 minutes of training per model on a 2-core CPU (notes in jobs/pretrain_vlm.py).
         pretrain_vlm=PretrainVLMConfig(
-            # max_steps: about what 2 workers reach in the budget (6.8-7.5 steps/s with canonical captions), so the
-            # cosine decay ends near it (the calibration run reached it after 907 of the 1,000 s left).
-            learner=LearnerConfig(num_workers=2, max_steps=6800, micro_batch_size=8, lr=2e-3, warmup_steps=100,
-                                  lr_schedule="cosine", checkpoint_every=1000, keep_checkpoints=25, log_every=50),
-            student_max_steps=10000,  # the student's 10 steps/s fill its budget (with 6,800 it stopped at 12.5 min)
+            # The budget ends captioning: budget_schedule moves the end of the cosine decay to where the budget is
+            # expected to end (the step rate of this machine varies by a third from day to day); max_steps only
+            # caps it. length_window: micro batches of similar caption length (less padding).
+            learner=LearnerConfig(num_workers=2, max_steps=20000, micro_batch_size=8, lr=2e-3, warmup_steps=100,
+                                  lr_schedule="cosine", checkpoint_every=1000, keep_checkpoints=25, log_every=50,
+                                  length_window=8, budget_schedule=True),
             time_budget_s=1200.0, eval_every=1000, num_eval_images=200, max_new_tokens=128,
             vision=LearnerConfig(num_workers=2, max_steps=20000, micro_batch_size=16, lr=1e-3, checkpoint_every=1000,
                                  keep_checkpoints=2, log_every=100),

@@ -198,8 +198,19 @@ class LearnerConfig:
     seed: int = 0
     # A fresh seeded permutation of each worker's shard every epoch (False: dataset order every epoch).
     shuffle: bool = True
+    # Length grouping: > 0 cuts each epoch's permutation into windows of this many micro batches and sorts each
+    # window's rows by the task's `row_lengths` before slicing it into micro batches (less padding); every rank
+    # takes the window's micro batches in the same seeded order, so the ranks of a step get similar lengths.
+    # 0 = off. Needs a task with `row_lengths` (zray.training.task.LengthGrouped).
+    length_window: int = 0
+    # With a time budget (fit's time_budget_s): every log_every steps, move the end of the LR schedule to the step
+    # the budget is expected to end at (the mean step rate so far, agreed by all ranks), capped by max_steps, so a
+    # cosine decay ends with the budget on a machine of any speed. The LR per step then depends on the timing.
+    budget_schedule: bool = False
 
     def __post_init__(self) -> None:
+        _require(self.length_window >= 0, "LearnerConfig.length_window", self.length_window,
+                 "an integer >= 0 (0 = off)")
         _positive(self, "num_workers", "cpus_per_worker", "micro_batch_size", "grad_accum_steps", "max_steps",
                   "checkpoint_every", "keep_checkpoints", "log_every")
         _require(self.lr_schedule in ("constant", "cosine"), "LearnerConfig.lr_schedule", self.lr_schedule,
@@ -242,6 +253,9 @@ class PretrainVLMConfig:
     # (zray/models/vision_warmup.py, VisionHeads.loss).
     vision_aux_weight: float = 1.0
     map_weight: float = 0.4
+    # The cover term's weight inside the vision loss, in both phases (every token names the objects covering its
+    # cell; VisionHeads.loss); 0 = no cover head.
+    cover_weight: float = 0.0
     # Loss weight of the position digits of canonical captions ("at (36, 74)"), the other answer tokens weighing 1
     # (zray/models/captioning.py, CaptionTask.position_weight); 1 = the plain mean over the answer tokens.
     position_weight: float = 1.0
@@ -251,7 +265,7 @@ class PretrainVLMConfig:
         _require(self.time_budget_s >= 0, "PretrainVLMConfig.time_budget_s", self.time_budget_s, "a float >= 0")
         for name in ("eval_every", "student_max_steps"):
             _require(getattr(self, name) >= 0, f"PretrainVLMConfig.{name}", getattr(self, name), "an integer >= 0")
-        for name in ("vision_time_budget_s", "vision_aux_weight", "map_weight", "position_weight"):
+        for name in ("vision_time_budget_s", "vision_aux_weight", "map_weight", "cover_weight", "position_weight"):
             _require(getattr(self, name) >= 0, f"PretrainVLMConfig.{name}", getattr(self, name), "a float >= 0")
         _require(self.caption_style in ("canonical", "compact"), "PretrainVLMConfig.caption_style",
                  self.caption_style, "'canonical' or 'compact'")

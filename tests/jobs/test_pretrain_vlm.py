@@ -49,11 +49,12 @@ def test_student_max_steps_must_not_be_negative():
         PretrainVLMConfig(student_max_steps=-1)
 
 
-def test_position_weight_must_not_be_negative():
+@pytest.mark.parametrize("name", ["position_weight", "cover_weight"])
+def test_loss_weights_must_not_be_negative(name):
     from zray.config import ConfigError, PretrainVLMConfig
 
-    with pytest.raises(ConfigError, match="PretrainVLMConfig.position_weight"):
-        PretrainVLMConfig(position_weight=-0.1)
+    with pytest.raises(ConfigError, match=f"PretrainVLMConfig.{name}"):
+        PretrainVLMConfig(**{name: -0.1})
 
 
 def test_latest_checkpoint_is_the_highest_complete_one(tmp_path):

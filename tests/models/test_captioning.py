@@ -75,6 +75,17 @@ def test_collate_labels_only_the_assistant_answer(vlm_dirs, caption_rows, role, 
     assert int((ids == task.processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum()) == 3 * 16
 
 
+@pytest.mark.parametrize("style", ["compact", "canonical"])
+def test_row_lengths_follow_the_answer_token_counts(vlm_dirs, caption_rows, style):
+    task = CaptionTask(model_dir=vlm_dirs["student"], style=style)
+    rows = _numpy_batch(caption_rows, 0, 24)
+    lengths = task.row_lengths(rows)
+    tokens = (task.collate(rows)["labels"] != -100).sum(dim=1).numpy()
+    assert lengths.shape == (24,)
+    ranks = lambda x: np.argsort(np.argsort(x))  # noqa: E731
+    assert np.corrcoef(ranks(lengths), ranks(tokens))[0, 1] > 0.9
+
+
 def test_compact_style_round_trips():
     canonical = describe(THREE, Defects(blur=0.8))
     compact = restyle(canonical, "compact")
@@ -176,19 +187,20 @@ def test_loss_decreases_and_model_round_trips(vlm_dirs, caption_rows, tmp_path, 
     assert processor.tokenizer.padding_side == "left"  # restored
 
 
-@pytest.mark.parametrize("role", ["teacher", "student"])
+@pytest.mark.parametrize(("role", "cover"), [("teacher", 0.0), ("student", 0.0), ("student", 0.3)])
 def test_vision_aux_loss_adds_the_heads_loss_on_the_tokens_the_lm_reads(vlm_dirs, caption_rows, tmp_path, role,
-                                                                       one_thread):
+                                                                       cover, one_thread):
     from zray.models.vision_warmup import HEAD_FILE, VisionProbe
 
     torch.manual_seed(0)
-    task = CaptionTask(model_dir=vlm_dirs[role], vision_aux_weight=0.5, map_weight=2.0)
+    task = CaptionTask(model_dir=vlm_dirs[role], vision_aux_weight=0.5, map_weight=2.0, cover_weight=cover)
     model = task.build_model()
-    assert isinstance(model, VisionProbe)
+    assert isinstance(model, VisionProbe) and (model.heads.cover is not None) == (cover > 0)
     batch = task.collate(_numpy_batch(caption_rows, 0, 4))
+    assert ("object_cover" in batch) == (cover > 0)
     loss, metrics = task.loss(model, batch)
     caption_only, _ = CaptionTask(model_dir=vlm_dirs[role]).loss(model.vlm, batch)
-    vision, _ = model.heads.loss(model(batch["pixel_values"], batch["image_grid_thw"]), batch, 2.0)
+    vision, _ = model.heads.loss(model(batch["pixel_values"], batch["image_grid_thw"]), batch, 2.0, cover)
     assert float(loss) == pytest.approx(float(caption_only) + 0.5 * float(vision), rel=1e-5)
     assert metrics["caption_loss"] == pytest.approx(float(caption_only), rel=1e-5) and metrics["map_loss"] > 0
     loss.backward()
@@ -201,7 +213,8 @@ def test_vision_aux_loss_adds_the_heads_loss_on_the_tokens_the_lm_reads(vlm_dirs
     loaded, _ = load_vlm(tmp_path / "hf")  # the VLM alone, Hugging Face format
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.vlm.state_dict().values(),
                                                  strict=True))
-    resumed = CaptionTask(model_dir=str(tmp_path / "hf"), vision_aux_weight=0.5).build_model()  # heads from the file
+    resumed = CaptionTask(model_dir=str(tmp_path / "hf"), vision_aux_weight=0.5,
+                          cover_weight=cover).build_model()  # heads from the file
     assert torch.equal(resumed.heads.objects.weight, model.heads.objects.weight)
 
 
@@ -217,10 +230,12 @@ def test_position_digits_are_the_written_positions_only(vlm_dirs, caption_rows):
         assert not marked[b][batch["labels"][b] == -100].any()  # nothing in the prompt
 
 
-def test_position_weight_weights_the_digit_losses(vlm_dirs, caption_rows, one_thread):
+@pytest.mark.parametrize("role", ["teacher", "student"])  # Qwen2.5-VL and Qwen3-VL
+def test_position_weight_weights_the_digit_losses(vlm_dirs, caption_rows, one_thread, role):
+    """Also checks the loss against the full logits: the task runs the LM head on the answer positions only."""
     torch.manual_seed(0)
-    plain = CaptionTask(model_dir=vlm_dirs["student"], style="canonical")
-    weighted = CaptionTask(model_dir=vlm_dirs["student"], style="canonical", position_weight=0.25)
+    plain = CaptionTask(model_dir=vlm_dirs[role], style="canonical")
+    weighted = CaptionTask(model_dir=vlm_dirs[role], style="canonical", position_weight=0.25)
     model = plain.build_model()
     rows = _numpy_batch(caption_rows, 0, 4)
     batch, wbatch = plain.collate(rows), weighted.collate(rows)

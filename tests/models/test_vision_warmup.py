@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from zray.data.scene import Scene
-from zray.models.vision_warmup import (ATTRIBUTES, HEAD_FILE, PAIRS, VisionWarmupTask, attribute_targets,
-                                       object_map_targets, token_grid_side)
+from zray.models.vision_warmup import (ATTRIBUTES, HEAD_FILE, PAIRS, VisionHeads, VisionWarmupTask,
+                                       attribute_targets, object_cover_targets, object_map_targets, token_grid_side)
 
 
 def _scene():
@@ -26,6 +26,40 @@ def test_object_map_marks_each_object_centre_cell():
     m = object_map_targets(_scene(), 4)  # centres (0.3, 0.5) -> row 2, col 1; (0.7, 0.5) -> row 2, col 2
     on = {(cell, PAIRS[p]) for cell, p in torch.nonzero(m).tolist()}
     assert on == {(2 * 4 + 1, ("red", "star")), (2 * 4 + 2, ("blue", "star"))}
+
+
+def test_object_cover_marks_every_cell_an_object_covers():
+    scene = Scene.from_json('{"background": "white", "objects": [{"color": "green", "shape": "circle", "size": '
+                            '"large", "x": 0.5, "y": 0.5}, {"color": "red", "shape": "square", "size": "small", '
+                            '"x": 0.125, "y": 0.125}], "relation": null}')
+    cover, centre = object_cover_targets(scene, 4), object_map_targets(scene, 4)
+    covered = {PAIRS[p]: sorted(cell for cell, q in torch.nonzero(cover).tolist() if q == p) for p in range(len(PAIRS))}
+    # the large circle (radius 11 of 64 px) at the centre covers the four middle cells; the small square sits in
+    # the corner cell
+    assert {k: v for k, v in covered.items() if v} == {("green", "circle"): [5, 6, 9, 10], ("red", "square"): [0]}
+    assert sorted(torch.nonzero(centre)[:, 0].tolist()) == [0, 10]  # the map marks the circle's centre cell only
+    assert object_cover_targets(scene, 5).shape == (25, len(PAIRS))
+
+
+def test_cover_loss_adds_its_weighted_term(tiny_zoo):
+    from zray.data.render import render_scene
+
+    task = VisionWarmupTask(model_dir=str(tiny_zoo["teacher"]["path"]), map_weight=0.4, cover_weight=0.5)
+    torch.manual_seed(0)
+    model = task.build_model()
+    buf = __import__("io").BytesIO()
+    render_scene(_scene(), 64).save(buf, format="PNG")
+    batch = task.collate({"image": np.array([buf.getvalue()] * 2, dtype=object),
+                          "scene_json": np.array([_scene().to_json()] * 2)})
+    assert torch.equal(batch["object_cover"][0], object_cover_targets(_scene(), 4))
+    with torch.no_grad():
+        tokens = model(batch["pixel_values"], batch["image_grid_thw"])
+        total, info = task.loss(model, batch)
+        without, _ = model.heads.loss(tokens, batch, 0.4)
+    assert info["cover_loss"] > 0
+    assert float(total) == pytest.approx(float(without) + 0.5 * info["cover_loss"], rel=1e-5)
+    with pytest.raises(ValueError, match="cover_weight=0.5 needs VisionHeads built with cover=True"):
+        VisionHeads(tokens.shape[-1]).loss(tokens, batch, 0.4, 0.5)
 
 
 def test_token_grid_side_refuses_mixed_grids():

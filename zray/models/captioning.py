@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from zray.data.captions import STYLES, Description, description_of, parse_description, restyle
@@ -112,7 +113,8 @@ class CaptionTask:
     object map from the same image tokens the language model reads, captured in the one forward pass), which keeps
     the vision tower learning what the captions name; rows then also need `scene_json`. The model is then a
     `VisionProbe` (VLM + heads; the heads start from `model_dir`'s HEAD_FILE when a warm-up wrote one), and the
-    saved directory is the VLM alone in Hugging Face format plus that heads file in a subdirectory.
+    saved directory is the VLM alone in Hugging Face format plus that heads file in a subdirectory. cover_weight > 0
+    adds the heads' cover term (every token names the objects covering its cell) to the vision loss.
 
     position_weight != 1 weights the loss of the position digits of canonical captions ("at (36, 74)",
     `position_digits`) by it, the other answer tokens by 1: the caption loss is then sum_t w_t CE_t / sum_t w_t.
@@ -126,6 +128,7 @@ class CaptionTask:
     style: str = "compact"
     vision_aux_weight: float = 0.0
     map_weight: float = 0.4
+    cover_weight: float = 0.0
     position_weight: float = 1.0
 
     def __post_init__(self) -> None:
@@ -146,7 +149,7 @@ class CaptionTask:
         vlm = trainable_vlm(self.model_dir)
         if not self.vision_aux_weight:
             return vlm
-        probe = VisionProbe(vlm).train()
+        probe = VisionProbe(vlm, cover=self.cover_weight > 0).train()
         if (Path(self.model_dir) / HEAD_FILE).is_file():
             probe.load(self.model_dir, vlm=False)
         return probe
@@ -157,7 +160,8 @@ class CaptionTask:
         batch = self.encode(images, answers)
         if self.vision_aux_weight:
             merge = int(self.processor.image_processor.merge_size)
-            batch.update(vision_targets(rows["scene_json"], batch["image_grid_thw"], merge))
+            batch.update(vision_targets(rows["scene_json"], batch["image_grid_thw"], merge,
+                                        cover=self.cover_weight > 0))
         return batch
 
     def encode(self, images: Sequence[Any], answers: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -189,26 +193,38 @@ class CaptionTask:
             loss, info = self._caption_loss(model.vlm, batch)
         finally:
             hook.remove()
-        vision_loss, vision_info = model.heads.loss(captured[0], batch, self.map_weight)
+        vision_loss, vision_info = model.heads.loss(captured[0], batch, self.map_weight, self.cover_weight)
         info["caption_loss"] = info.pop("loss")  # "loss" is the total (the learner logs it)
         info.update(vision_loss=float(vision_loss.detach()), **vision_info)
         return loss + self.vision_aux_weight * vision_loss, info
 
     def _caption_loss(self, model: torch.nn.Module,
                       batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        """The language model head runs only from the first answer position on (`logits_to_keep`): every row's
+        prompt has the same length, so that skips the prompt, about half of a batch's positions, and the head
+        (hidden x vocabulary) costs as much per position as a layer of the tiny models."""
         labels_BL = batch["labels"]
         inputs = {k: v for k, v in batch.items() if k not in ("labels", LOSS_WEIGHTS, *VISION_TARGET_KEYS)}
-        out = model(**inputs, use_cache=False)
-        logits_BLV = out.logits[:, :-1].float()
         target_BL = labels_BL[:, 1:]
-        mask = target_BL != IGNORE_INDEX
-        ce_BL = torch.nn.functional.cross_entropy(logits_BLV.reshape(-1, logits_BLV.shape[-1]), target_BL.reshape(-1),
-                                                  ignore_index=IGNORE_INDEX, reduction="none").view_as(target_BL)
-        weight_BL = batch[LOSS_WEIGHTS][:, 1:] * mask if LOSS_WEIGHTS in batch else mask.float()
-        loss = (ce_BL * weight_BL).sum() / weight_BL.sum().clamp_min(1e-8)
+        answers = (target_BL != IGNORE_INDEX).any(dim=0).nonzero()
+        first = int(answers[0]) if len(answers) else target_BL.shape[1] - 1
+        out = model(**inputs, use_cache=False, logits_to_keep=labels_BL.shape[1] - first)
+        logits_BKV = out.logits[:, :-1]  # predictions for target positions first .. L-2
+        target_BK = target_BL[:, first:]
+        mask_BK = target_BK != IGNORE_INDEX
+        logits_TV = logits_BKV[mask_BK].float()  # the T answer tokens of the batch
+        target_T = target_BK[mask_BK]
+        ce_T = torch.nn.functional.cross_entropy(logits_TV, target_T, reduction="none")
+        weight_T = batch[LOSS_WEIGHTS][:, 1:][:, first:][mask_BK] if LOSS_WEIGHTS in batch else torch.ones_like(ce_T)
+        loss = (ce_T * weight_T).sum() / weight_T.sum().clamp_min(1e-8)
         with torch.no_grad():
-            acc = (logits_BLV.argmax(-1)[mask] == target_BL[mask]).float().mean()
-        return loss, {"loss": float(loss.detach()), "token_acc": float(acc), "answer_tokens": float(mask.sum())}
+            acc = (logits_TV.argmax(-1) == target_T).float().mean()
+        return loss, {"loss": float(loss.detach()), "token_acc": float(acc), "answer_tokens": float(mask_BK.sum())}
+
+    def row_lengths(self, columns: dict[str, Any]) -> np.ndarray:
+        """Characters of each row's description in the trained style: what varies in its sequence length (the
+        image tokens and the prompt are the same for every row). For `LearnerConfig.length_window`."""
+        return np.array([len(restyle(str(t), self.style)) for t in columns["description"]])
 
     def save_pretrained(self, model: torch.nn.Module, out_dir: Path) -> None:
         """Model (safetensors) + processor + tokenizer: loads in transformers (`load_vlm`) and vLLM."""

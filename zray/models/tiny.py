@@ -85,7 +85,11 @@ _EXTRA = (
 
 def tokenizer_corpus() -> list[str]:
     """The built-in training corpus: Shapes-world prompts, captions, reasoning, rubrics and score lines."""
-    lines: list[str] = [_EXTRA, SYSTEM_TEXT]
+    # The chat template's own words (roles, default system turn) and the captioning instruction, each at a line
+    # start as they follow a special token: one token each, as in a real Qwen tokenizer (spelt out in pieces they
+    # were 14 more tokens in every captioning example).
+    lines: list[str] = [_EXTRA, SYSTEM_TEXT, "system\nYou are a helpful assistant.", "user", "assistant",
+                        "Describe the image."]
     for dim in DIMENSIONS:
         lines.append(rubric_text(dim))
         lines.extend(RUBRICS[dim])

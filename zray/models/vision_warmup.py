@@ -17,11 +17,17 @@ heads on its output tokens (the merged tokens the language model reads):
   cell of the image (a grounding target: where each object is and what it is, which is what the numbered
   object lines and counts of a caption need).
 
-Loss: BCE(scene) + map_weight * BCE(map), BCE(map) summed over the (colour, shape) pairs and averaged over the
-tokens (`VisionHeads.loss`). `VisionWarmupTask` trains the tower on it alone (phase 1 of `zray pretrain-vlm`);
-`CaptionTask` adds it to the caption loss with `vision_aux_weight` (zray/models/captioning.py). The saved model is the whole VLM
-(Hugging Face format, heads dropped); the heads are kept in `vision_heads/heads.safetensors` beside it (a
-subdirectory, so vLLM serves the dir as it is), and a resumed run and the captioning phase continue from them.
+- cover head (only with cover_weight > 0): for every image token, the (colour, shape) of each object that covers
+  part of its cell (at least COVER_MIN of the cell's area, from the object's own rasterised shape). The object
+  map marks an object on its centre cell only, which trains the other tokens an object covers towards "nothing
+  here"; the cover target tells every token what its part of the image shows.
+
+Loss: BCE(scene) + map_weight * BCE(map) [+ cover_weight * BCE(cover)], each per-token BCE summed over the
+(colour, shape) pairs and averaged over the tokens (`VisionHeads.loss`). `VisionWarmupTask` trains the tower on
+it alone (phase 1 of `zray pretrain-vlm`); `CaptionTask` adds it to the caption loss with `vision_aux_weight`
+(zray/models/captioning.py). The saved model is the whole VLM (Hugging Face format, heads dropped); the heads are
+kept in `vision_heads/heads.safetensors` beside it (a subdirectory, so vLLM serves the dir as it is), and a
+resumed run and the captioning phase continue from them.
 
 Shape legend: B images, N image tokens per image (side x side, row-major), D hidden size, A scene attributes,
 P (colour, shape) pairs.
@@ -33,9 +39,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from zray.data.render import decode_png
+from zray.data.layout import radius
+from zray.data.render import decode_png, shape_polygon
 from zray.data.scene import BACKGROUNDS, COLORS, SHAPES, Scene
 from zray.models.vlm import cached_processor, load_vlm_weights, save_vlm, trainable_vlm
 
@@ -71,6 +79,31 @@ def object_map_targets(scene: Scene, side: int) -> torch.Tensor:
     return m
 
 
+COVER_MIN = 1 / 16  # of a cell's area: the least an object must cover for the cover target to name it there
+_COVER_CELL_PX = 16  # raster pixels per cell side for the cover target (any image size)
+
+
+def object_cover_targets(scene: Scene, side: int) -> torch.Tensor:
+    """c_NP (N = side^2, row-major cells): 1 where an object of pair P covers at least COVER_MIN of cell N.
+
+    Each object's own shape (as drawn, occlusion ignored) is rasterised on a side * 16 pixel grid."""
+    from PIL import Image, ImageDraw
+
+    raster, c = side * _COVER_CELL_PX, torch.zeros(side * side, len(PAIRS))
+    for o in scene.objects:
+        mask = Image.new("L", (raster, raster), 0)
+        draw, poly = ImageDraw.Draw(mask), shape_polygon(o, raster)
+        if poly is None:
+            cx, cy, r = o.x * raster, o.y * raster, radius(o) * raster
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=1)
+        else:
+            draw.polygon(poly, fill=1)
+        cells = torch.tensor(np.asarray(mask), dtype=torch.float32).view(side, _COVER_CELL_PX, side, _COVER_CELL_PX)
+        covered = cells.mean(dim=(1, 3)).flatten() >= COVER_MIN
+        c[covered, _PAIR_INDEX[(o.color, o.shape)]] = 1.0
+    return c
+
+
 def token_grid_side(image_grid_thw: torch.Tensor, merge: int) -> int:
     """The side of the (square) grid of merged image tokens; every image of a batch must have the same grid."""
     grids = {(int(t), int(h) // merge, int(w) // merge) for t, h, w in image_grid_thw.tolist()}
@@ -81,15 +114,20 @@ def token_grid_side(image_grid_thw: torch.Tensor, merge: int) -> int:
     return h
 
 
-VISION_TARGET_KEYS = ("attribute_targets", "object_maps")  # what `vision_targets` adds to a batch
+VISION_TARGET_KEYS = ("attribute_targets", "object_maps", "object_cover")  # what `vision_targets` may add
 
 
-def vision_targets(scene_jsons: Any, image_grid_thw: torch.Tensor, merge: int) -> dict[str, torch.Tensor]:
-    """{'attribute_targets': y_BA, 'object_maps': m_BNP} of the rows' scenes."""
+def vision_targets(scene_jsons: Any, image_grid_thw: torch.Tensor, merge: int,
+                   cover: bool = False) -> dict[str, torch.Tensor]:
+    """{'attribute_targets': y_BA, 'object_maps': m_BNP} of the rows' scenes, and 'object_cover': c_BNP if
+    `cover`."""
     side = token_grid_side(image_grid_thw, merge)
     scenes = [Scene.from_json(str(s)) for s in scene_jsons]
-    return {"attribute_targets": torch.stack([attribute_targets(s) for s in scenes]),
-            "object_maps": torch.stack([object_map_targets(s, side) for s in scenes])}
+    out = {"attribute_targets": torch.stack([attribute_targets(s) for s in scenes]),
+           "object_maps": torch.stack([object_map_targets(s, side) for s in scenes])}
+    if cover:
+        out["object_cover"] = torch.stack([object_cover_targets(s, side) for s in scenes])
+    return out
 
 
 def visual_tokens(output: Any, num_images: int) -> torch.Tensor:
@@ -99,20 +137,22 @@ def visual_tokens(output: Any, num_images: int) -> torch.Tensor:
 
 
 class VisionHeads(torch.nn.Module):
-    """Scene head (on max-pooled tokens) and object-map head (per token), and their loss."""
+    """Scene head (on max-pooled tokens), object-map head and, if `cover`, cover head (per token), and their loss."""
 
-    def __init__(self, hidden: int) -> None:
+    def __init__(self, hidden: int, cover: bool = False) -> None:
         super().__init__()
         self.scene = torch.nn.Linear(hidden, len(ATTRIBUTES))
         self.objects = torch.nn.Linear(hidden, len(PAIRS))
+        self.cover = torch.nn.Linear(hidden, len(PAIRS)) if cover else None
 
     def forward(self, tokens_BND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(scene logits_BA, object-map logits_BNP)."""
         return self.scene(tokens_BND.amax(dim=1)), self.objects(tokens_BND)
 
-    def loss(self, tokens_BND: torch.Tensor, batch: dict[str, torch.Tensor],
-             map_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
-        """L = BCE(scene) + map_weight * BCE(map); BCE(map) summed over the pairs and averaged over the tokens."""
+    def loss(self, tokens_BND: torch.Tensor, batch: dict[str, torch.Tensor], map_weight: float,
+             cover_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+        """L = BCE(scene) + map_weight * BCE(map) + cover_weight * BCE(cover); the per-token BCEs summed over the
+        pairs and averaged over the tokens. cover_weight > 0 needs the cover head and batch['object_cover']."""
         scene_BA, map_BNP = (x.float() for x in self(tokens_BND))
         y_BA, m_BNP = batch["attribute_targets"].float(), batch["object_maps"].float()
         bce = torch.nn.functional.binary_cross_entropy_with_logits
@@ -121,18 +161,26 @@ class VisionHeads(torch.nn.Module):
         with torch.no_grad():
             exact = ((scene_BA > 0) == (y_BA > 0.5)).all(dim=1).float().mean()
             cells = ((map_BNP > 0) == (m_BNP > 0.5)).all(dim=2).all(dim=1).float().mean()
-        return scene_loss + map_weight * map_loss, {"scene_loss": float(scene_loss.detach()),
-                                                    "map_loss": float(map_loss.detach()),
-                                                    "attribute_exact": float(exact), "object_map_exact": float(cells)}
+        total = scene_loss + map_weight * map_loss
+        info = {"scene_loss": float(scene_loss.detach()), "map_loss": float(map_loss.detach()),
+                "attribute_exact": float(exact), "object_map_exact": float(cells)}
+        if cover_weight:
+            if self.cover is None:
+                raise ValueError(f"cover_weight={cover_weight} needs VisionHeads built with cover=True")
+            cover_loss = bce(self.cover(tokens_BND).float(), batch["object_cover"].float(),
+                             reduction="none").sum(-1).mean()
+            total = total + cover_weight * cover_loss
+            info["cover_loss"] = float(cover_loss.detach())
+        return total, info
 
 
 class VisionProbe(torch.nn.Module):
     """The VLM plus `VisionHeads` on its vision tower's output tokens."""
 
-    def __init__(self, vlm: torch.nn.Module) -> None:
+    def __init__(self, vlm: torch.nn.Module, cover: bool = False) -> None:
         super().__init__()
         self.vlm = vlm
-        self.heads = VisionHeads(vlm.config.text_config.hidden_size)
+        self.heads = VisionHeads(vlm.config.text_config.hidden_size, cover=cover)
 
     def forward(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
         """tokens_BND of the vision tower alone."""
@@ -165,9 +213,10 @@ class VisionWarmupTask:
     model_dir: str
     name: str = "vision_warmup"
     map_weight: float = 0.4
+    cover_weight: float = 0.0  # > 0 adds the cover head and its loss
 
     def build_model(self) -> torch.nn.Module:
-        return VisionProbe(trainable_vlm(self.model_dir)).train()
+        return VisionProbe(trainable_vlm(self.model_dir), cover=self.cover_weight > 0).train()
 
     def collate(self, rows: dict[str, Any]) -> dict[str, torch.Tensor]:
         images = [decode_png(bytes(b)) for b in rows["image"]]
@@ -175,10 +224,11 @@ class VisionWarmupTask:
         pixels = processor.image_processor(images=images, return_tensors="pt")
         merge = int(processor.image_processor.merge_size)
         return {"pixel_values": pixels["pixel_values"], "image_grid_thw": pixels["image_grid_thw"],
-                **vision_targets(rows["scene_json"], pixels["image_grid_thw"], merge)}
+                **vision_targets(rows["scene_json"], pixels["image_grid_thw"], merge, cover=self.cover_weight > 0)}
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        return model.heads.loss(model(batch["pixel_values"], batch["image_grid_thw"]), batch, self.map_weight)
+        return model.heads.loss(model(batch["pixel_values"], batch["image_grid_thw"]), batch, self.map_weight,
+                                self.cover_weight)
 
     def save_pretrained(self, model: torch.nn.Module, out_dir: Path) -> None:
         model.save(self.model_dir, out_dir)

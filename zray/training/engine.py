@@ -161,6 +161,12 @@ class TrainEngine:
         self.optimizer, self.scheduler = optimizer, scheduler
         self.zero_stage = 0
 
+    def set_schedule_steps(self, total_steps: int) -> None:
+        """Move the end of the LR schedule (where a cosine decay reaches min_lr_ratio) to `total_steps`; the LR of
+        the next step follows it. It is part of the scheduler's state, so a checkpoint keeps it."""
+        for schedule in self.scheduler.lr_lambdas:
+            schedule.total_steps = int(total_steps)
+
     # ------------------------------------------------------------------ the step
 
     @property

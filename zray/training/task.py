@@ -19,6 +19,10 @@ steps the learner first calls, on every rank, `task.before_rollout(engine, rollo
 current weights to the rollout engines; every rank must call it, as gathering ZeRO-3 weights is collective),
 then `collate` (which rolls out), and reuses those batches for the next `updates_per_rollout - 1` steps.
 `fp32_keys` names batch entries never cast to bf16 (log-probs).
+
+A `LengthGrouped` task also says how long each row's sequence will be (`row_lengths`, any monotone proxy such
+as characters); with `LearnerConfig.length_window > 0` the learner then batches rows of similar length
+together, so less of each micro batch is padding.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
 
@@ -61,4 +66,11 @@ class OnlineTask(LearnerTask, Protocol):
 
     def before_rollout(self, engine: Any, *, rollout_index: int) -> None:
         """Called on every rank before the rollout `rollout_index` (0-based): e.g. sync weights to the engines."""
+        ...
+
+
+@runtime_checkable
+class LengthGrouped(LearnerTask, Protocol):
+    def row_lengths(self, columns: dict[str, np.ndarray]) -> np.ndarray:
+        """The sequence length (or a monotone proxy) of every row of a shard's columns, shape (num_rows,)."""
         ...
