@@ -178,6 +178,8 @@ class _Display:
         self.writer.flush()
         self.bar.set_description(f"{self.task_name} loss {metrics['loss']:.4f} "
                                  f"{metrics['samples_per_s']:.1f} samples/s")
+        if "schedule_steps" in metrics:  # a budget schedule: the bar ends where the budget is expected to
+            self.bar.total = int(metrics["schedule_steps"])
         self.bar.update(steps_done)
 
     def close(self) -> None:
