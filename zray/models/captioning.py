@@ -200,9 +200,9 @@ class CaptionTask:
 
     def _caption_loss(self, model: torch.nn.Module,
                       batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        """The language model head runs only from the first answer position on (`logits_to_keep`): every row's
-        prompt has the same length, so that skips the prompt, about half of a batch's positions, and the head
-        (hidden x vocabulary) costs as much per position as a layer of the tiny models."""
+        """The language model head runs only from the batch's first answer position on (`logits_to_keep`). Every
+        row's prompt has the same length here, so that skips the prompts, about half of a batch's positions; the
+        head (hidden x vocabulary) costs as much per position as a layer of the tiny models."""
         labels_BL = batch["labels"]
         inputs = {k: v for k, v in batch.items() if k not in ("labels", LOSS_WEIGHTS, *VISION_TARGET_KEYS)}
         target_BL = labels_BL[:, 1:]
