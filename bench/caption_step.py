@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -83,7 +84,8 @@ def main() -> None:
 
             yield {k: np.array(v, dtype=object) for k, v in columns.items()}
 
-    model_dir = build_tiny_vlm(getattr(cfg, args.model), os.path.join("/tmp", f"zray_bench_caption_{args.model}"),
+    tmp = tempfile.TemporaryDirectory()
+    model_dir = build_tiny_vlm(getattr(cfg, args.model), os.path.join(tmp.name, args.model),
                                image_size=cfg.world.image_size)
     task = CaptionTask(model_dir=str(model_dir), style=pcfg.caption_style, vision_aux_weight=pcfg.vision_aux_weight,
                        map_weight=pcfg.map_weight, cover_weight=pcfg.cover_weight)
