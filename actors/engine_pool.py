@@ -24,7 +24,7 @@ import torch
 
 from actors.teacher_engine import TeacherEngine
 from zray.config import VLLMConfig
-from zray.prompts import ScoreRequest
+from zray.rubric import ScoreRequest
 from zray.types import RolloutBatch, WeightSyncReport, WeightVersionError, concat_rollouts
 
 TeacherEngineActor = ray.remote(TeacherEngine)

@@ -35,8 +35,8 @@ def full_logits_loss(task, model, batch):
     """The caption loss with the LM head on every position (the pre-`logits_to_keep` path), plus the vision loss."""
     import torch
 
-    from zray.models.captioning import IGNORE_INDEX, LOSS_WEIGHTS
-    from zray.models.vision_warmup import VISION_TARGET_KEYS, visual_tokens
+    from zray.models.vision_heads import VISION_TARGET_KEYS, visual_tokens
+    from zray.tasks.caption import IGNORE_INDEX, LOSS_WEIGHTS
 
     captured = []
     hook = model.vlm.model.visual.register_forward_hook(
@@ -64,11 +64,11 @@ def main() -> None:
 
     import torch
 
-    from actors.learner_loop import ShardBatches
+    from zray.training.shards import ShardBatches
     from jobs.recipes import RECIPES
     from zray.config import LearnerConfig
     from zray.data import ensure_world, read_table
-    from zray.models.captioning import CaptionTask
+    from zray.tasks.caption import CaptionTask
     from zray.models.tiny import build_tiny_vlm
 
     torch.set_num_threads(args.threads)

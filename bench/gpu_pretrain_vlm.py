@@ -62,11 +62,12 @@ from jobs.recipes import dev  # noqa: E402
 from zray.config import LearnerConfig  # noqa: E402
 from zray.data import Defects, Scene, read_table  # noqa: E402
 from zray.data.render import decode_png  # noqa: E402
-from zray.models.captioning import (IGNORE_INDEX, CaptionTask, caption_metrics, caption_slices,  # noqa: E402
-                                    describe_images)
+from zray.evaluation.captions import caption_metrics, caption_slices, describe_images  # noqa: E402
 from zray.models.tiny import build_tiny_vlm, count_parameters  # noqa: E402
-from zray.models.vision_warmup import VISION_TARGET_KEYS, VisionWarmupTask  # noqa: E402
+from zray.models.vision_heads import VISION_TARGET_KEYS  # noqa: E402
 from zray.models.vlm import cached_processor, load_vlm  # noqa: E402
+from zray.tasks.caption import IGNORE_INDEX, CaptionTask  # noqa: E402
+from zray.tasks.vision_warmup import VisionWarmupTask  # noqa: E402
 from zray.training.engine import build_optimizer  # noqa: E402
 
 VARIANTS: dict[str, dict[str, Any]] = {

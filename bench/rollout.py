@@ -10,7 +10,7 @@ rubric dimension rendered as the teacher's generation prompt.
 - baseline: transformers `generate(do_sample=True, num_return_sequences=G, min_new_tokens=max_new_tokens=T,
   output_logits=True)` over batches of `--hf-batch` inputs, plus the per-token log-probs from the logits
   (what a rollout needs); no score pass, so the baseline is favoured.
-- candidate: `TeacherEngine.generate` (actors/rollouts.py): the same G x T sampling with log-probs, plus the
+- candidate: `TeacherEngine.generate` (actors/teacher_engine/rollouts.py): the same G x T sampling with log-probs, plus the
   second engine call that reads the score distribution of every sample, assembled into a RolloutBatch.
 
 Throughput = reasoning tokens sampled / wall seconds (after one small warm-up call each). The baseline runs
@@ -33,7 +33,7 @@ def make_requests(num_inputs: int, seed: int = 0) -> list:
     import numpy as np
     from PIL import Image
 
-    from zray.prompts import DIMENSIONS, ScoreRequest
+    from zray.rubric import DIMENSIONS, ScoreRequest
 
     rng = np.random.default_rng(seed)
     prompts = ["a red circle on a white background", "two blue squares", "a green star above a yellow triangle"]
@@ -46,7 +46,7 @@ def hf_rollouts(model, processor, requests, group: int, tokens: int, batch: int)
     """Sample G x T tokens per request with transformers, with per-token log-probs; returns tokens sampled."""
     import torch
 
-    from zray.prompts import render_generation_prompt
+    from zray.rubric import render_generation_prompt
 
     sampled = 0
     for start in range(0, len(requests), batch):

@@ -45,7 +45,7 @@ def main() -> None:
     import torch
 
     from actors.teacher_engine import TeacherEngine
-    from actors.weight_sync import encode_weights
+    from actors.teacher_engine.weight_sync import encode_weights
     from zray.checksum import weights_checksum
     from zray.config import VLLMConfig, VLMConfig
     from zray.models.tiny import build_tiny_vlm

@@ -100,10 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         run_pretrain_generator(cfg, resume=args.resume)
         return 0
     if args.command == "evaluate":
-        from jobs.evaluate import evaluate_model
+        from jobs.evaluate import run_evaluate
 
         try:
-            evaluate_model(cfg, args.model, form=args.form, name=args.name)
+            run_evaluate(cfg, args.model, form=args.form, name=args.name)
         except (ConfigError, FileNotFoundError) as err:
             print(f"zray: error: {err}", file=sys.stderr)
             return 2

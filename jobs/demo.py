@@ -26,7 +26,7 @@ from zray.data.scene import DIMENSIONS, Scene
 from zray.models.generator import generate, load_zimage
 from zray.models.tiny import build_zoo
 from zray.models.vlm import load_vlm, score_distributions_hf
-from zray.prompts import ScoreRequest
+from zray.rubric import ScoreRequest
 from zray.scores import expected_score
 
 NUM_SAMPLES = 8

@@ -15,33 +15,9 @@ sample held-out prompts with 8 steps and with 2 steps from the same noise (zray'
 Outputs under `<out_dir>/pretrain_generator/`: `pipeline/` (loads with `ZImagePipeline.from_pretrained`),
 `vae/` and `flow/` (Ray Train runs: checkpoints, `tensorboard/`, `final/`), `metrics.json`, `summary.md`,
 `samples.png` (reference render | 8-step | 2-step, same noise, with prompts and verdicts), `reconstructions.png`,
-`loss_curves.png`. Metric definitions: `zray/models/generator_eval.py`.
+`loss_curves.png`. Metric definitions: `zray/evaluation/generator.py`.
 
-Calibration (2-core CPU shared with other jobs, Nov 2026; `dev` recipe sizes: VAE 0.70 M parameters with
-block channels (16, 32, 64), 64x64 -> 16x16x16 latents; transformer 1.95 M, dim 128, 4 layers, 64 image
-tokens + 32 caption tokens):
-- The colour problem was GroupNorm, not capacity or time: the tiny builder used to pick one channel per
-  group (GroupNorm = InstanceNorm), which removes every channel's mean and with it the flat colours. On a
-  fixed batch that VAE plateaued at MSE 0.37, the same VAE with 1 to 4 groups reached 0.06 in 60 steps;
-  `GeneratorConfig.vae_norm_groups` (4) fixes it. With it: colour kept 37% after 200 steps, 92% after 400
-  steps (batch 16, lr 2e-3); in a 28-minute run of this job (8 min VAE, 16 min flow, one thread each)
-  the VAE reached 814 steps: colour kept 100%, colours exact 100%, background 100%, PSNR 26.1 dB on 200
-  held-out images; the transformer reached 1,749 steps: 8-step samples background 100%, main colour
-  76.0%, alignment 1.45, Frechet 0.382; 2-step from the same noise: main colour 59.5%, Frechet 0.424.
-  Alignment stays low because shapes and counts are not yet learned (blobs of the right colours).
-- Transformer learning rate 1e-3 and 2e-3 gave the same main-colour rate at 1,000 steps (about 60%
-  without EMA, varying by 15 points between checkpoints); the exported EMA (0.999) steadies it. Rescaling
-  the frozen random text encoder's embeddings did not help.
-- Speed with one thread: VAE about 1.7 steps/s (batch 16), transformer about 1.6 steps/s (batch 32, encodings
-  cached after the first epoch). Two threads per worker were faster on an idle machine but erratic (up to
-  5x slower) beside other jobs, so the recipe uses one.
-- The full dev run (`zray pretrain-generator --recipe dev`, 26 Nov 2026, sharing the 2 cores with a 20-minute
-  `pretrain-vlm` run for its first 20 minutes): 37.3 min in all. VAE 690 steps in 8.0 min: colour kept 100%,
-  colours exact 100%, background 100%, PSNR 25.9 dB (200 held-out images). Transformer 3,035 steps in 26.0 min:
-  8-step samples background 100%, main colour 85.5%, colours exact 50.5%, alignment 1.67, Frechet to renders
-  0.272; the same model with 2 steps: main colour 67.5%, colours exact 24.0%, alignment 1.51, Frechet 0.391
-  (0.052 to the 8-step samples). Every target of the issue is met (VAE colour >= 90%, background >= 95%,
-  main colour >= 60%, within 40 minutes); shapes and counts are still blobs.
+Calibration of the dev recipe and its figures: docs/experiments.md (pretrain-generator).
 """
 
 from __future__ import annotations
@@ -55,13 +31,16 @@ from typing import Any
 
 import torch
 
-from jobs.generator_report import save_loss_curves, save_reconstruction_grid, save_sample_grid, summary_markdown
+from zray.evaluation.generator_report import save_loss_curves, save_reconstruction_grid, save_sample_grid, summary_markdown
 from zray.config import GeneratorConfig, RunConfig, to_dict
 from zray.data import ensure_world, read_ray_dataset, read_table
 from zray.data.render import decode_png
 from zray.models.generator import initial_noise, load_zimage, pil_to_tensor, sample_images, to_pil
-from zray.models.generator_eval import frechet_to, judge_many, summarise
-from zray.models.generator_training import FlowTask, VAETask, decode_images
+from zray.evaluation.generator import frechet_to, judge_many, summarise
+from zray.models.generator import decode_images
+from zray.tasks.flow import FlowTask
+from zray.tasks.vae import VAETask
+from zray.training.runs import export_final, has_checkpoint, trained_seconds
 from zray.models.tiny import build_once, build_tiny_zimage, count_parameters
 
 NUM_GRID = 12
@@ -152,24 +131,19 @@ def fit_phase(task: Any, learner_cfg: Any, dataset: Any, root: Path, name: str, 
     With `resume`, a phase that finished before (its `phase.json` exists) is kept as it is, and a phase that
     has checkpoints continues from its latest one.
     """
-    from actors.learner import SNAPSHOT_FILE, fit
+    from actors.learner import fit
 
     run_dir = root / name
     done = run_dir / "phase.json"
     if resume and done.exists():
         print(f"[pretrain-generator] {name}: finished before, kept ({run_dir / 'final'})")
         return {**json.loads(done.read_text()), "final_dir": run_dir / "final"}
-    # --resume continues a phase that checkpointed and starts one that never did (as the learner tells them apart)
-    snapshot = run_dir / SNAPSHOT_FILE
-    checkpointed = snapshot.is_file() and bool(json.loads(snapshot.read_text()).get("latest_checkpoint_result"))
+    # --resume continues a phase that checkpointed and starts one that never did
     fitted = fit(task, learner_cfg, datasets={"train": dataset}, storage_path=root, name=name,
-                 resume=resume and checkpointed, time_budget_s=budget_s)
-    final_dir = run_dir / "final"
-    shutil.rmtree(final_dir, ignore_errors=True)
-    shutil.copytree(fitted.hf_dir, final_dir)
-    train_s = sum(h["step_time_s"] * (h["step"] - p["step"]) for p, h in zip([{"step": 0}] + fitted.history,
-                                                                             fitted.history))
-    record = {"steps": fitted.final_step, "train_s": train_s, "wall_s": fitted.wall_s, "history": fitted.history}
+                 resume=resume and has_checkpoint(run_dir), time_budget_s=budget_s)
+    final_dir = export_final(fitted.hf_dir, run_dir)
+    record = {"steps": fitted.final_step, "train_s": trained_seconds(fitted.history), "wall_s": fitted.wall_s,
+              "history": fitted.history}
     done.write_text(json.dumps(record))
     return {**record, "final_dir": final_dir}
 

@@ -20,127 +20,13 @@ Outputs under `<out_dir>/pretrain_vlm/<role>/` (next to Ray Train's checkpoints 
 `eval_every > 0` also evaluates every kept checkpoint whose step is a multiple of it, after training (so
 the evaluations do not eat the time budget; keep `learner.keep_checkpoints` large enough).
 
-Calibration of the dev recipe (26 Nov 2026; on 27 Nov it gained length grouping, a shorter prompt and a budget-fitted
-schedule, which made steps cheaper but not the teacher more accurate: see the last notes below;
-`zray pretrain-vlm --recipe dev --model teacher`, 2-core CPU, idle;
-teacher = 0.78M-parameter Qwen3-VL, 16 image tokens per 64x64 image, canonical captions, fp32, 2 workers of one
-thread each, DeepSpeed ZeRO-2):
-- phase 1, vision warm-up (zray/models/vision_warmup.py): 196 s (its budget is 200 s) of global batch 32, lr
-  1e-3; scene attributes and object map with map_weight 0.4.
-- phase 2, captioning plus the vision loss (vision_aux_weight 1.0): 6,800 steps of global batch 16 in 907 s
-  (7.5 steps/s), lr 2e-3 with a cosine decay over the 6,800 steps. 18.4 minutes of training in all; 19.8
-  minutes of wall time with Ray start-up, dataset reads, checkpoints and evaluation.
-- held-out accuracy (200 images) by step, background / colour / shape / count / relation / exact:
-  1000: 100 / 61.5 / 38.5 / 63.0 / 25.0 / 35.0%; 3000: 99.5 / 82.0 / 68.5 / 90.0 / 70.0 / 65.0%;
-  5000: 100 / 88.5 / 78.5 / 92.5 / 81.7 / 75.5%; 6800 (final): 100 / 93.0 / 81.0 / 95.5 / 81.7 / 79.5%.
-  Relation is over the 60 of those images whose scene has one.
-- what got relations from 42% to 82% (120 held-out images with a relation, why each one failed):
-  - Qwen2.5-VL, compact captions (the previous recipe; final 100 / 92.0 / 86.0 / 95.5 / 41.7 / 70.0%): objects
-    right but numbered in the wrong left-to-right order in 43, above/below wrong in 15, objects wrong in 12. Its
-    vision tower has only rotary positions, so an image token does not know where it is; the language model's
-    multimodal rotary embedding alone did not teach it (rope theta 100, 1e4 and 1e6 tried: within noise).
-  - Qwen3-VL, compact captions (learned absolute position embeddings in the vision tower; final 100 / 95.5 /
-    83.0 / 97.5 / 63.3 / 76.0%): order wrong in 2, above/below wrong in 23 (nearly always "above"), objects
-    wrong in 21. Objects are numbered left to right in every caption, a dense target; above/below is one word
-    per pair.
-  - Qwen3-VL, canonical captions (each object's position written, "at (x, y)"; 3,045 steps in a 650 s trial):
-    relation line wrong in 2, objects wrong in 21. The rest of the relation errors are perception errors.
-- what got perception there (plain-torch ablations with Qwen2.5-VL, one thread, 200 s of warm-up then 8 minutes
-  of captioning, 100 held-out images): warm-up of the scene head alone, then captioning alone: exact 24%; plus
-  the vision loss during captioning: 47%; plus the object map: 59%. The scene head must pool features, not
-  logits: with max-pooled logits a probe never learnt which shapes are present.
-- still short of the issue's targets (90% on every attribute): shape (81%) and relations (82%, now limited by
-  shape and colour errors on the two objects). Shape is limited by the vision tower (its own scene head gets
-  the set of shapes right on 173 of the 200 images) and by the language model's read-out of it (see the
-  500 s warm-up below); the captions' shape accuracy is 91% on clean images but 64-72% under noise, blotches,
-  blur, clashing palettes or interpenetrating objects. More weight on the vision
-  loss did not help: map_weight 1.0 and vision_aux_weight 2.0 gave 100 / 91.0 / 80.5 / 94.5 / 81.7 / 79.5%.
-- three more full-length trials (same budget; none better, none adopted; one standard error on 200 images is
-  about 3 points, 5 on the 60 relation images):
-  - 6x the captioning corpus (world.num_caption_images 120,000, so no image is seen twice): 100 / 88.5 / 77.5 /
-    92.0 / 78.3 / 75.0%. The recipe's teacher does better on its training images (shape 93%, exact 91% on 400)
-    than on held-out ones (83%, 80%), but more images did not close that gap.
-  - 500 s of warm-up, then 4,800 captioning steps: the warm-up's scene head gets the set of shapes right on
-    90% of 300 held-out images (47% after the recipe's 200 s), and 92% after captioning, but the captions do
-    not follow: 100 / 89.5 / 82.0 / 93.0 / 70.0 / 76.5%. The language model's read-out of the image tokens is
-    the limit there: most shape errors are a missed or doubled object of the same colour, as often on clean
-    images as on degraded ones.
-  - 64 image tokens (teacher.spatial_merge_size 1, each 8x8 patch one token; steps 28% slower; 300 s of
-    warm-up, 4,900 steps): 100 / 89.0 / 70.0 / 92.5 / 56.7 / 67.0%.
-- four more full-length trials (26 Nov; none adopted). Scored on 500 held-out images (shape / relation /
-  exact; the recipe's teacher: 82.4 / 80.0 / 78.8%), every one lands at shape 80-83%:
-  - object lines before the `objects:` line (an order that lets the summary be read off the lines; tried as
-    a third caption style, not kept): 79.8 / 86.2 / 77.2%.
-  - micro-batch 4 (global 8; 10,500 steps in 844 s, 12.4 steps/s, so it stopped 2.6 minutes early):
-    81.0 / 80.0 / 78.2%.
-  - a third language-model layer (0.93M parameters; 5.8 steps/s, 5,700 steps): 78.6 / 77.2 / 77.0%; its
-    training loss was lower, its held-out accuracy was not.
-  - `teacher.vision_input_size=80` (the processor resizes 64 px to 80, a 5x5 grid of 25 image tokens;
-    about 10% slower steps, 6,100 of them): 82.4 / 84.1 / 79.4%; again with model seed 1: 83.0 / 77.9 /
-    78.2%. On the 4x4 grid a lone object sits at the corner of four tokens (layouts are centred), and the
-    recipe's teacher calls it two objects on 5 of 100 single-object images. In the first 5x5 run,
-    single-object shape rose from 92% to 97% and the object-map loss halved, but three-object scenes fell
-    from 73% to 61% (135 images).
-  - where the recipe's teacher fails (500 images, shape): 1 object 92%, 2 objects 84%, 3 objects 73%; images
-    with two objects of one colour 75% (the others 87%); clean images 91% (56 of them), and 65-85% under each
-    kind of defect, none of which dominates. The summary now reports this breakdown (`caption_slices`).
-- by defect severity (the recipe's teacher, 500 images, shape): no defect 91%, only mild ones (< 0.5) 89%, at
-  least one severe 74% (228 images); severe blotches 54%, clashing 52%, blur 62%. Looking at the failures: most
-  shapes are plain to the eye (a circle read as a square, a lone triangle as two), so the images still hold the
-  answer and the model's perception is what falls short.
-- three more full-length trials and one check (26 Nov, 200 images unless said; none adopted):
-  - a 128-wide, 4-deep vision tower (1.73M parameters; on one GPU it had learnt shape much faster per step at
-    batch 64, see bench/gpu_pretrain_vlm.py): 1,169 warm-up steps, 4,609 captioning steps (4.6 steps/s):
-    100 / 91.0 / 76.5 / 94.5 / 48.3 / 66.5%. On the CPU it was no faster per step at batch 16 (shape 74% at
-    step 4,000, as the recipe), and it gets fewer steps.
-  - 4 attention heads of 32 in the language model (2 key-value heads; the same parameters and matmuls as 2 of
-    64): 5,539 steps: 100 / 94.0 / 81.0 / 96.0 / 80.0 / 79.0%, the recipe's figures (500 images: shape /
-    relation / exact 79.6 / 79.3 / 77.6%).
-  - `pretrain_vlm.position_weight=0.25`: the position digits of canonical captions are 22% of the answer
-    tokens but 61% of the recipe teacher's held-out loss, so they dominate the gradient; at a quarter of the
-    weight (6,259 steps): 100 / 94.0 / 81.5 / 96.5 / 78.3 / 79.0% (500 images: 80.8 / 78.6 / 78.4%).
-  - averaging the recipe teacher's last checkpoints (a cheap stand-in for an EMA of the weights), scored on 500
-    images (the recipe's own: 82.4 / 80.0 / 78.8%): steps 6,000 and 6,800: 82.4 / 81.4 / 79.4%; 5,000 to 6,800:
-    82.2 / 80.7 / 78.4%.
-- decoding 200 held-out images with the teacher takes about 2 s.
-- the student (0.44M-parameter Qwen3-VL: the teacher's vision tower, a 64-wide language model; `--model
-  student`, 26 Nov): warm-up 196 s, captioning 9,939 steps in 991 s (10.0 steps/s; the budget ended it short
-  of the 10,500 steps it was given, so the recipe gives 10,000), 19.8 minutes of training in all, 21.4 minutes
-  of wall time. Held-out accuracy by step, background / colour / shape / count / relation / exact: 2000: 99.5
-  / 65.5 / 53.5 / 67.0 / 38.3 / 46.0%; 6000: 100 / 84.0 / 72.0 / 88.0 / 66.7 / 68.5%; 9939 (final): 100 /
-  91.5 / 82.5 / 94.0 / 76.7 / 79.0%. With a 32-wide, 1-layer vision tower (0.25M parameters; 12.3 steps/s,
-  11,500 steps): 100 / 85.0 / 72.0 / 91.0 / 71.7 / 68.5%; with that tower and the teacher's 6,800 steps (it
-  stopped after 12.5 minutes): 100 / 81.5 / 67.0 / 86.5 / 55.0 / 60.0%.
-- 27 Nov: cheaper steps, and the cosine decay fitted to the budget; accuracy unchanged. The machine ran the code of
-  26 Nov at 5.5 steps/s that day (7.5 on 26 Nov; warm-up steps in 196 s varied from 2,270 to 3,490 between runs),
-  so the recipe's 6,800-step cap no longer matched its budget. What changed (`bench/caption_step.py`, one
-  thread, micro batch 8: 103 -> 81 ms per step, x1.27, besides the shorter prompt):
-  - `learner.length_window=8`: rows sorted by caption length within runs of 8 micro batches, the ranks in step
-    (padded tokens per row 138 -> 113; x1.20 alone);
-  - the LM head from the first answer position on (`logits_to_keep`), not on the prompt;
-  - the tiny tokenizer spells the chat template's words as one token each: the prompt is 41 tokens, not 53;
-  - `learner.budget_schedule`: the end of the cosine decay follows the budget (cap 20,000 steps), so
-    `student_max_steps` is no longer needed either.
-  Teacher runs that day (500 held-out images, shape / relation / exact; the 26 Nov recipe's teacher: 82.4 /
-  80.0 / 78.8%):
-  - the 26 Nov code with a 12,000-step cap and a 2,000 s budget: 9,855 steps (5.5 steps/s): 83.4 / 84.8 /
-    82.4%. 45% more steps than the 26 Nov calibration bought a point of shape (200 images: 78.5% at 6,000,
-    80.0% at 8,000, 82.0% at 9,855).
-  - the recipe as it is now: 8,835 steps in 993 s (8.9 steps/s; the schedule's end moved from 9,080 to 8,835 as
-    the rate changed), 200 images 100 / 91.5 / 78.5 / 94.5 / 71.7 / 75.5%; 500 images 79.6 / 73.1 / 76.2%.
-  - the same without length grouping: 5,980 steps (6.0 steps/s): 74.6 / 73.8 / 73.0%.
-  - with `pretrain_vlm.cover_weight=0.4` (a third vision head: every image token names the objects covering
-    its cell; the object map names an object on its centre cell only): 7,138 steps (7.2 steps/s): 80.4 /
-    86.9 / 78.8%. Not adopted; the knob stays at 0.
-  Relation accuracy swings by 10 points between runs of one recipe (73 to 87% on 145 images); shape stays at
-  75-83% whatever the steps. The student was not re-run with these changes.
+Calibration of the dev recipe, every trial and its figures: docs/experiments.md (pretrain-vlm).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -149,10 +35,12 @@ from zray.config import RunConfig, VLMConfig, to_dict
 from zray.data import ensure_world, read_ray_dataset, read_table
 from zray.data.render import decode_png
 from zray.data.scene import Defects, Scene
-from zray.models.captioning import (ATTRIBUTES, CaptionTask, caption_metrics, caption_slices, describe_images,
-                                   score_caption)
+from zray.evaluation.captions import ATTRIBUTES, caption_metrics, caption_slices, describe_images, score_caption
 from zray.models.tiny import build_once, build_tiny_vlm, count_parameters
 from zray.models.vlm import load_vlm
+from zray.tasks.caption import CaptionTask
+from zray.training.runs import (checkpoints, elapsed_by_step, export_final, latest_checkpoint, read_learner_state,
+                                remaining_budget, trained_seconds)
 
 ROLES = ("teacher", "student")
 NUM_GRID_IMAGES = 12
@@ -161,7 +49,7 @@ MAX_GRID_LINES = 8  # of a generated description in the grid (an untrained model
 
 def run_pretrain_vlm(cfg: RunConfig, model: str = "both", resume: bool = False) -> dict[str, Any]:
     """Train and evaluate the chosen role(s) (`teacher`, `student` or `both`); returns {role: metrics}."""
-    from actors.learner import LearnerResult, fit, init_ray, read_learner_state
+    from actors.learner import LearnerResult, fit, init_ray
 
     roles = ROLES if model == "both" else (model,)
     if any(r not in ROLES for r in roles):
@@ -208,9 +96,7 @@ def run_pretrain_vlm(cfg: RunConfig, model: str = "both", resume: bool = False) 
             fitted = fit(task, learner, datasets={"train": train}, storage_path=root, name=role,
                          resume=latest is not None, time_budget_s=budget)
         run_dir = fitted.run_dir
-        final_dir = run_dir / "final"
-        shutil.rmtree(final_dir, ignore_errors=True)
-        shutil.copytree(fitted.hf_dir, final_dir)
+        final_dir = export_final(fitted.hf_dir, run_dir)
 
         train_s = elapsed_by_step(fitted.history)
         curve = []
@@ -264,8 +150,8 @@ def warm_up_vision(init_dir: Path, pcfg: Any, data_dir: Path, root: Path, role: 
     """Phase 1: `VisionWarmupTask` on the captions' images and scenes; returns (warmed HF dir, training seconds).
 
     A finished warm-up (its `final/` dir) is reused on `--resume`; a cut one continues from its checkpoint."""
-    from actors.learner import fit, read_learner_state
-    from zray.models.vision_warmup import VisionWarmupTask
+    from actors.learner import fit
+    from zray.tasks.vision_warmup import VisionWarmupTask
 
     run_dir = root / f"{role}_vision"
     final_dir = run_dir / "final"
@@ -279,49 +165,13 @@ def warm_up_vision(init_dir: Path, pcfg: Any, data_dir: Path, root: Path, role: 
                             cover_weight=pcfg.cover_weight)
     fitted = fit(task, pcfg.vision, datasets={"train": train}, storage_path=root, name=f"{role}_vision",
                  resume=latest is not None, time_budget_s=budget)
-    shutil.rmtree(final_dir, ignore_errors=True)
-    shutil.copytree(fitted.hf_dir, final_dir)
+    export_final(fitted.hf_dir, run_dir)
     seconds = trained_seconds(fitted.history)
     last = fitted.history[-1] if fitted.history else {}
     print(f"[pretrain-vlm] {role}: vision warm-up {fitted.final_step} steps in {seconds:.0f} s, loss "
           f"{last.get('loss', float('nan')):.3f}; all scene attributes right on {last.get('attribute_exact', 0.0):.0%}"
           f", whole object map right on {last.get('object_map_exact', 0.0):.0%} of the last training images")
     return final_dir, seconds
-
-
-def checkpoints(run_dir: Path) -> list[Path]:
-    """The learner's complete checkpoints under `run_dir` (those holding learner.json), oldest first."""
-    return sorted(p.parent for p in Path(run_dir).glob("checkpoint_*/learner.json"))
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = checkpoints(run_dir)
-    return found[-1] if found else None
-
-
-def remaining_budget(budget_s: float, latest: Path | None) -> float:
-    """What is left of a phase's time budget after the training logged in checkpoint `latest` (None: nothing yet);
-    0 = no budget. A budget is for the whole phase, not for each resumption, so the result can be <= 0 (spent)."""
-    from actors.learner import read_learner_state
-
-    if latest is None or budget_s <= 0:
-        return budget_s
-    return budget_s - trained_seconds(read_learner_state(latest)["history"])
-
-
-def trained_seconds(history: list[dict[str, float]]) -> float:
-    """Training seconds of the whole logged history (0 when empty)."""
-    return max(elapsed_by_step(history).values(), default=0.0)
-
-
-def elapsed_by_step(history: list[dict[str, float]]) -> dict[int, float]:
-    """Training seconds at each logged step (sum of step_time_s over the steps since the previous log)."""
-    out, total, previous = {}, 0.0, 0
-    for entry in history:
-        step = int(entry["step"])
-        total += entry["step_time_s"] * (step - previous)
-        out[step], previous = total, step
-    return out
 
 
 # ------------------------------------------------------------------------------------------ evaluation

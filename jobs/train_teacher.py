@@ -10,7 +10,7 @@ same-prompt pairs (`zray.data.pair_examples`) of `train_teacher.dimensions`.
 
 - zero-shot: no training; the base model scores in the reasoning form.
 - SFT: `ScoreSFTTask` on the generic learner (Ray Train + DeepSpeed): CE on the label bin, no reasoning.
-- GRPO / GDSO: `actors.gdso_task.GDSOTask` on the same learner, with `vllm.num_engines` TeacherEngine actors for
+- GRPO / GDSO: `zray.tasks.gdso.GDSOTask` on the same learner, with `vllm.num_engines` TeacherEngine actors for
   the rollouts and a verified weight sync before every rollout (see that module for the loop of methods.md §2).
 
 Outputs under `<out_dir>/train_teacher/<method>/`: Ray Train checkpoints (HF format + optimizer state),
@@ -18,33 +18,21 @@ Outputs under `<out_dir>/train_teacher/<method>/`: Ray Train checkpoints (HF for
 update times), `final/` (the trained model with `zray_scoring.json`), `training.png` (curves), `metrics.json`
 (evaluation + step timing). `<out_dir>/train_teacher/results.md` is the table of every method evaluated so far.
 
-Calibration of the dev recipe (Nov 2026, 2-core CPU, otherwise idle; 0.69M-parameter Qwen2.5-VL base teacher):
-one GDSO step (4 pairs x 2 sides x G = 8 rollouts of about 32 reasoning tokens, 64 teacher-forced sequences of
-about 130 tokens) takes 1.74 s: weight sync 0.07 s, vLLM rollout 0.62 s, reference log-probs 0.29 s, forward +
-backward + ZeRO-2 step 0.83 s. 150 steps (600 pairs) take under 5 minutes per RL method; SFT on the same pairs
-12 s; evaluation of 50 test prompts (1,200 queries with greedy reasoning) about a minute.
-
-Results of `--method all` on the dev recipe (26 Nov 2026; base = the vision-warmed `pretrain-vlm` teacher, colour
-74% / shape 20.5% / exact 17.5% on held-out captions; 600 train pairs per method; 50 test prompts, 2,825 pairs):
-pooled HPA zero-shot 0.474, GRPO 0.496, GDSO 0.518, SFT 0.595 (standard error about 0.009). GDSO > GRPO >
-zero-shot holds; SFT beats all three. Why, as far as we can tell: the base model never writes the score prefix
-(100% format failures, so the score is read after a forced prefix), its rollout mu barely differs between winner
-and loser (gap 0.001-0.003), so the rewards rank samples by noise; and with gradient clipping at 1 the policy term
-(gradient norm about 60 with token-sum aggregation) takes most of each clipped step, leaving GDSO's CE term a
-small share of what SFT gets from the same pairs (CE 2.23 -> 2.07 for GDSO, -> 1.99 for SFT).
+Calibration and results of the dev recipe: docs/experiments.md (train-teacher).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 from zray.config import TEACHER_METHODS, ConfigError, RunConfig, to_dict
 from zray.data import ensure_world
 from zray.data.pair_examples import pair_examples
+from zray.evaluation.rewards import results_table
+from zray.training.runs import export_final, has_checkpoint
 
 METHOD_NAMES = {"zero_shot": "zero-shot", "sft": "SFT", "grpo": "GRPO", "gdso": "GDSO"}
 CURVES = ("loss", "reward_mean", "kl", "ce_loss", "pw_loss", "format_fail_frac", "pair_acc", "step_time_s")
@@ -66,11 +54,10 @@ def run_train_teacher(cfg: RunConfig, method: str | None = None, resume: bool = 
     import ray
 
     from actors.engine_pool import EnginePool, start_engines
-    from actors.gdso_task import GDSOTask
     from actors.learner import fit, init_ray
-    from jobs.evaluate import evaluate_model
-    from jobs.pretrain_vlm import latest_checkpoint
-    from zray.models.score_sft import ScoreSFTTask
+    from zray.evaluation.rewards import evaluate_reward_model
+    from zray.tasks.gdso import GDSOTask
+    from zray.tasks.score_sft import ScoreSFTTask
 
     methods = TEACHER_METHODS[::-1] if method == "all" else (method or cfg.train_teacher.method,)
     if any(m not in TEACHER_METHODS for m in methods):
@@ -94,22 +81,22 @@ def run_train_teacher(cfg: RunConfig, method: str | None = None, resume: bool = 
             engines = start_engines(base, cfg.vllm, seed=cfg.seed) if name in ("gdso", "grpo") else []
             try:
                 task = (ScoreSFTTask(model_dir=str(base)) if name == "sft"
-                        else GDSOTask(model_dir=str(base), cfg=tcfg, engines=engines, seed=cfg.seed, name=f"teacher_{name}"))
+                        else GDSOTask(model_dir=str(base), cfg=tcfg, rollouts=EnginePool(engines), seed=cfg.seed,
+                                      name=f"teacher_{name}"))
                 fitted = fit(task, tcfg.learner, datasets={"train": train}, storage_path=root, name=name,
-                             resume=resume and latest_checkpoint(run_dir) is not None,  # --resume: started ones
+                             resume=resume and has_checkpoint(run_dir),  # --resume: the methods that started
                              time_budget_s=tcfg.time_budget_s)
             finally:
                 if engines:
                     EnginePool(engines).shutdown()
-            final_dir = run_dir / "final"
-            shutil.rmtree(final_dir, ignore_errors=True)
-            shutil.copytree(fitted.hf_dir, final_dir)
+            final_dir = export_final(fitted.hf_dir, run_dir)
         # The evaluation engine is an actor too: an in-process vLLM engine in the driver would share (and on
         # shutdown tear down) vLLM's process-global state with any other engine of the driver process.
         eval_engines = start_engines(final_dir, cfg.vllm, seed=cfg.seed, num_engines=1)
         try:
-            evaluation = evaluate_model(cfg, final_dir, form="auto" if name != "zero_shot" else "reasoning",
-                                        name=f"teacher_{name}", engine=eval_engines[0])
+            evaluation = evaluate_reward_model(cfg, final_dir, EnginePool(eval_engines),
+                                               form="auto" if name != "zero_shot" else "reasoning",
+                                               name=f"teacher_{name}")
         finally:
             EnginePool(eval_engines).shutdown()
         record = {"method": name, "model_dir": str(final_dir), "evaluation": evaluation,
@@ -142,8 +129,6 @@ def training_summary(history: list[dict[str, float]], final_step: int, wall_s: f
 
 def write_results(root: Path) -> str:
     """`root/results.md`: one row per method with an evaluation so far (zero-shot, SFT, GRPO, GDSO order)."""
-    from jobs.evaluate import results_table
-
     rows = []
     for name in TEACHER_METHODS[::-1]:
         path = root / name / "metrics.json"

@@ -2,7 +2,7 @@
 
 The learner computes `weights_checksum(state_dict)` over the Hugging Face (transformers) state dict it sends;
 the engine recomputes the same checksum from the weights it reads back out of its own model after a reload
-(`actors/weight_sync.py`), so a match means the engine serves exactly the tensors the learner sent.
+(`actors/teacher_engine/weight_sync.py`), so a match means the engine serves exactly the tensors the learner sent.
 
 Definition (stable across processes and machines):
 

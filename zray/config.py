@@ -242,7 +242,7 @@ class PretrainVLMConfig:
     # about a third fewer tokens). Canonical teaches the vertical relations: writing each object's y gives the
     # language model a dense position target, where compact captions have only the sparse above/below words.
     caption_style: Literal["canonical", "compact"] = "canonical"
-    # Vision warm-up before captioning (zray/models/vision_warmup.py): the vision tower learns the scene's
+    # Vision warm-up before captioning (zray/models/vision_heads.py): the vision tower learns the scene's
     # attributes first, as real VLMs start from a pre-trained vision encoder. Its time counts in time_budget_s.
     vision_warmup: bool = True
     vision: LearnerConfig = field(default_factory=lambda: LearnerConfig(max_steps=20, checkpoint_every=20,
@@ -250,14 +250,14 @@ class PretrainVLMConfig:
     vision_time_budget_s: float = 0.0  # stop the warm-up after this many seconds (0 = only vision.max_steps)
     # Weight of the vision loss (scene attributes + object map, from the same image tokens) added to the caption
     # loss; 0 = captioning alone. map_weight: the object-map term's weight inside the vision loss, in both phases
-    # (zray/models/vision_warmup.py, VisionHeads.loss).
+    # (zray/models/vision_heads.py, VisionHeads.loss).
     vision_aux_weight: float = 1.0
     map_weight: float = 0.4
     # The cover term's weight inside the vision loss, in both phases (every token names the objects covering its
     # cell; VisionHeads.loss); 0 = no cover head.
     cover_weight: float = 0.0
     # Loss weight of the position digits of canonical captions ("at (36, 74)"), the other answer tokens weighing 1
-    # (zray/models/captioning.py, CaptionTask.position_weight); 1 = the plain mean over the answer tokens.
+    # (zray/tasks/caption.py, CaptionTask.position_weight); 1 = the plain mean over the answer tokens.
     position_weight: float = 1.0
 
     def __post_init__(self) -> None:
@@ -280,7 +280,7 @@ class PretrainGeneratorConfig:
     vae_time_budget_s: float = 0.0  # 0 = no limit
     flow_time_budget_s: float = 0.0
     # VAE loss: per-pixel (L1 + L2) weighted by 1 + vae_object_weight * chroma (objects over grey backgrounds),
-    # plus vae_kl_weight * KL (zray/models/generator_training.py).
+    # plus vae_kl_weight * KL (zray/tasks/vae.py).
     vae_object_weight: float = 2.0
     vae_kl_weight: float = 1e-6
     # Each flow worker keeps the frozen encoders' outputs of its shard (only the first epoch encodes).

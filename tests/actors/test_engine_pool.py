@@ -7,7 +7,7 @@ import torch
 from actors.engine_pool import EnginePool, TeacherEngineActor, chunk_bounds
 from zray.checksum import weights_checksum
 from zray.config import VLLMConfig
-from zray.prompts import ScoreRequest
+from zray.rubric import ScoreRequest
 from zray.types import RolloutBatch, WeightVersionError
 
 pytestmark = pytest.mark.slow  # Ray (and one vLLM engine in an actor)

@@ -20,8 +20,9 @@ import torch
 ray = pytest.importorskip("ray")
 pytest.importorskip("deepspeed")
 
-from actors.learner import fit, read_learner_state  # noqa: E402
+from actors.learner import fit  # noqa: E402
 from zray.config import LearnerConfig  # noqa: E402
+from zray.training.runs import read_learner_state  # noqa: E402
 
 # Ray workers cannot import this test module by name: ship the task class by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])

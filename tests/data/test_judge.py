@@ -7,7 +7,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from zray.data.judge import JudgedScene, judge_image, judge_scores, score_judged
 from zray.data.judge_eval import judge_agreement
 from zray.data.labels import true_scores
-from zray.data.prompts import parse_prompt, spec_of
+from zray.data.prompt_grammar import parse_prompt, spec_of
 from zray.data.render import render_scene
 from zray.data.scene import COLORS, Defects, Relation, Scene, SceneObject
 

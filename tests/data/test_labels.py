@@ -5,7 +5,7 @@ import pytest
 
 from zray.data.labels import (BINS, Pair, alignment_penalty, annotate, content_cost, drop_extremes_mean,
                               label_index, make_pairs, snap, train_labels, true_scores)
-from zray.data.prompts import parse_prompt
+from zray.data.prompt_grammar import parse_prompt
 from zray.data.scene import DEFECT_DIMENSION, DIMENSIONS, Defects, Scene, SceneObject
 
 

@@ -11,7 +11,7 @@ import pytest
 from zray.data.build import GENERATOR_VERSION, build_world, verify_world
 from zray.data.captions import parse_description
 from zray.data.parquet import SCHEMAS, DataError, read_table, write_table
-from zray.data.prompts import parse_prompt
+from zray.data.prompt_grammar import parse_prompt
 from zray.data.render import decode_png
 from zray.data.scene import DIMENSIONS, Scene
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from zray.data.candidates import make_candidates, tier_plan
-from zray.data.prompts import PromptSpec, parse_prompt, prompt_for, prompt_text, spec_of
+from zray.data.prompt_grammar import PromptSpec, parse_prompt, prompt_for, prompt_text, spec_of
 from zray.data.scene import DIMENSIONS, Relation, Scene, SceneObject
 from zray.data.world import ALL_COMBOS, heldout_combos, sample_scene, scene_for_spec, split_prompts
 

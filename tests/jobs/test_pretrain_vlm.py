@@ -7,7 +7,7 @@ import pytest
 
 from jobs.cli import main
 from jobs.recipes import tiny_cpu
-from jobs.pretrain_vlm import elapsed_by_step, ensure_world, latest_checkpoint, remaining_budget
+from zray.data import ensure_world
 
 
 def test_cli_rejects_an_unknown_model(capsys):
@@ -17,29 +17,14 @@ def test_cli_rejects_an_unknown_model(capsys):
     assert "invalid choice: 'critic'" in capsys.readouterr().err
 
 
-def test_world_of_another_config_is_refused(tmp_path):
+def test_world_of_another_config_is_refused_and_the_same_config_accepted(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
-    other = dataclasses.asdict(dataclasses.replace(tiny_cpu().world, seed=99))
-    (data / "manifest.json").write_text(json.dumps({"world_config": other}))
+    world = tiny_cpu().world
+    (data / "manifest.json").write_text(json.dumps({"world_config": dataclasses.asdict(world)}))
+    assert ensure_world(world, data) == data  # the manifest's config: accepted, nothing rebuilt
     with pytest.raises(ValueError, match="another WorldConfig"):
-        ensure_world(tiny_cpu(), data)
-
-
-def test_elapsed_by_step():
-    history = [{"step": 10, "step_time_s": 0.5}, {"step": 30, "step_time_s": 0.25}]
-    assert elapsed_by_step(history) == {10: 5.0, 30: 10.0}
-
-
-def test_remaining_budget_counts_the_training_of_earlier_runs(tmp_path):
-    ckpt = tmp_path / "checkpoint_000030"
-    ckpt.mkdir()
-    history = [{"step": 10, "step_time_s": 0.5}, {"step": 30, "step_time_s": 0.25}]  # 10 s trained
-    (ckpt / "learner.json").write_text(json.dumps({"step": 30, "history": history}))
-    assert remaining_budget(100.0, None) == 100.0  # nothing trained yet
-    assert remaining_budget(100.0, ckpt) == 90.0
-    assert remaining_budget(8.0, ckpt) == -2.0  # spent: the caller only evaluates
-    assert remaining_budget(0.0, ckpt) == 0.0  # no budget stays no budget
+        ensure_world(dataclasses.replace(world, seed=world.seed + 1), data)
 
 
 def test_student_max_steps_must_not_be_negative():
@@ -55,15 +40,6 @@ def test_loss_weights_must_not_be_negative(name):
 
     with pytest.raises(ConfigError, match=f"PretrainVLMConfig.{name}"):
         PretrainVLMConfig(**{name: -0.1})
-
-
-def test_latest_checkpoint_is_the_highest_complete_one(tmp_path):
-    assert latest_checkpoint(tmp_path) is None
-    for step, complete in ((1000, True), (2000, True), (3000, False)):  # 3000: a crash while writing it
-        (tmp_path / f"checkpoint_{step:06d}").mkdir()
-        if complete:
-            (tmp_path / f"checkpoint_{step:06d}" / "learner.json").write_text("{}")
-    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint_002000"
 
 
 def test_tiny_cpu_job_end_to_end(tmp_path):
@@ -98,7 +74,7 @@ def test_tiny_cpu_job_end_to_end(tmp_path):
     assert json.loads((tmp_path / "run" / "pretrain_vlm" / "metrics.json").read_text())["student"]["steps"] == 6
     model, processor = load_vlm(run_dir / "final")  # the trained model loads without zray's task
     # captioning trained the vision heads too (vision_aux_weight > 0); they sit where vLLM does not look
-    from zray.models.vision_warmup import HEAD_FILE
+    from zray.models.vision_heads import HEAD_FILE
 
     assert (run_dir / "final" / HEAD_FILE).is_file()
     assert [p.name for p in (run_dir / "final").glob("*.safetensors")] == ["model.safetensors"]

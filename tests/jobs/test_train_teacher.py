@@ -30,18 +30,6 @@ def test_cli_rejects_an_unknown_method(capsys):
     assert "invalid choice: 'dpo'" in capsys.readouterr().err
 
 
-def test_grpo_is_gdso_without_pairwise_reward_and_direct_terms():
-    from actors.gdso_task import GDSOTask
-
-    cfg = tiny_cpu().train_teacher
-    gdso = GDSOTask(model_dir="x", cfg=cfg, engines=[object()])
-    grpo = GDSOTask(model_dir="x", cfg=dataclasses.replace(cfg, method="grpo"), engines=[object()])
-    assert gdso.coefficients == {"lam_pt": 1.0, "lam_pw": 1.0, "alpha_pt": 0.5, "alpha_pw": 0.5}
-    assert grpo.coefficients == {"lam_pt": 1.0, "lam_pw": 0.0, "alpha_pt": 0.0, "alpha_pw": 0.0}
-    with pytest.raises(ValueError, match="method='sft'"):
-        GDSOTask(model_dir="x", cfg=dataclasses.replace(cfg, method="sft"), engines=[object()])
-
-
 @pytest.mark.slow
 def test_all_methods_end_to_end(tmp_path, sharp_teacher_dir):
     ray = pytest.importorskip("ray")

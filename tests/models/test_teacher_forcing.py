@@ -9,7 +9,7 @@ from PIL import Image
 
 from zray.models.teacher_forcing import forced_logprobs, rollout_inputs
 from zray.models.vlm import load_vlm
-from zray.prompts import ScoreRequest
+from zray.rubric import ScoreRequest
 from zray.scores import score_token_ids
 
 pytestmark = pytest.mark.slow
@@ -62,7 +62,7 @@ def test_rollout_inputs_reject_wrong_images(teacher_engine, sharp_teacher_dir):
 def test_rollouts_never_sample_multimodal_placeholders(sharp_teacher_dir):
     from transformers import AutoConfig
 
-    from actors.rollouts import BANNED_BIAS, banned_token_bias
+    from actors.teacher_engine.rollouts import BANNED_BIAS, banned_token_bias
 
     hf = AutoConfig.from_pretrained(sharp_teacher_dir)
     bias = banned_token_bias(hf)

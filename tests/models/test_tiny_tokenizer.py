@@ -3,7 +3,7 @@
 import pytest
 
 from zray.models import tiny
-from zray.prompts import build_messages
+from zray.rubric import build_messages
 from zray.scores import SCORE_TOKENS, score_token_ids
 
 

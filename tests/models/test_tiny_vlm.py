@@ -10,7 +10,7 @@ from PIL import Image
 from zray.config import VLMConfig
 from zray.models import tiny
 from zray.models.vlm import load_vlm, score_distribution_hf, score_distributions_hf, score_inputs
-from zray.prompts import ScoreRequest
+from zray.rubric import ScoreRequest
 
 
 def _image(seed: int, size: int = 64) -> Image.Image:

@@ -12,7 +12,7 @@ from zray.data.build import GENERATOR_VERSION, build_world, ensure_world, verify
 from zray.data.captions import Description, describe, parse_description
 from zray.data.labels import label_index, snap, true_scores
 from zray.data.parquet import SCHEMAS, DataError, read_ray_dataset, read_table, write_table
-from zray.data.prompts import PromptSpec, parse_prompt, prompt_for
+from zray.data.prompt_grammar import PromptSpec, parse_prompt, prompt_for
 from zray.data.render import render_scene
 from zray.data.scene import Defects, Relation, Scene, SceneObject
 from zray.data.world import heldout_combos, sample_scene

@@ -27,7 +27,7 @@ from zray.data.candidates import make_candidates
 from zray.data.corpus import caption_rows, generator_rows
 from zray.data.labels import annotate, annotator_biases, drop_extremes_mean, make_pairs, snap, train_labels
 from zray.data.parquet import DataError, write_table
-from zray.data.prompts import Combo, PromptSpec, prompt_text
+from zray.data.prompt_grammar import Combo, PromptSpec, prompt_text
 from zray.data.render import png_bytes
 from zray.data.scene import DIMENSIONS
 from zray.data.world import ALL_COMBOS, heldout_combos, split_prompts, split_rng

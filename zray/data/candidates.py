@@ -29,7 +29,7 @@ from PIL import Image
 
 from zray.data.labels import true_scores
 from zray.data.layout import add_object
-from zray.data.prompts import Combo, PromptSpec
+from zray.data.prompt_grammar import Combo, PromptSpec
 from zray.data.render import render_candidate
 from zray.data.scene import BACKGROUNDS, COLORS, LAYOUT_DEFECTS, SHAPES, SIZES, DIMENSIONS, Defects, Relation, Scene
 from zray.data.world import scene_for_spec

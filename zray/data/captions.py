@@ -46,7 +46,7 @@ import re
 from dataclasses import dataclass
 
 from zray.data.layout import REL_MIN
-from zray.data.prompts import Combo, canonical_groups, content_phrase, parse_content
+from zray.data.prompt_grammar import Combo, canonical_groups, content_phrase, parse_content
 from zray.data.scene import BACKGROUNDS, COLORS, DEFECT_DIMENSION, RELATIONS, SHAPES, SIZES, Defects, Scene
 
 VISIBLE_MIN = 0.05

@@ -17,7 +17,7 @@ from typing import Any
 from zray.config import WorldConfig
 from zray.data.candidates import TIERS, degradations
 from zray.data.captions import describe
-from zray.data.prompts import Combo, prompt_for, prompt_text
+from zray.data.prompt_grammar import Combo, prompt_for, prompt_text
 from zray.data.render import png_bytes, render_candidate, render_scene
 from zray.data.scene import DIMENSIONS
 from zray.data.world import sample_prompts, sample_scene, scene_for_spec, split_rng

@@ -49,7 +49,7 @@ from scipy import ndimage
 
 from zray.data.judge_fit import fit_object, fit_split
 from zray.data.labels import PENALTY_ATTRIBUTE, true_scores
-from zray.data.prompts import PromptSpec, parse_prompt, spec_of
+from zray.data.prompt_grammar import PromptSpec, parse_prompt, spec_of
 from zray.data.scene import BACKGROUNDS, COLORS, SIZES, Defects, Scene, SceneObject
 
 # Thresholds are stated for a 64-pixel side; lengths and areas scale with the image (k = side / 64).

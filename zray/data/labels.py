@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from zray.data.prompts import PromptSpec
+from zray.data.prompt_grammar import PromptSpec
 from zray.data.scene import DEFECT_DIMENSION, DIMENSIONS, Defects, Relation, Scene
 
 BINS: tuple[float, ...] = tuple(1.0 + 0.5 * i for i in range(9))

@@ -17,7 +17,7 @@ from collections.abc import Collection, Sequence
 import numpy as np
 
 from zray.data.layout import place_objects
-from zray.data.prompts import Combo, PromptSpec, prompt_text, spec_of
+from zray.data.prompt_grammar import Combo, PromptSpec, prompt_text, spec_of
 from zray.data.scene import BACKGROUNDS, COLORS, RELATIONS, SHAPES, SIZES, Relation, Scene
 
 ALL_COMBOS: tuple[Combo, ...] = tuple((c, s) for c in COLORS for s in SHAPES)

@@ -16,6 +16,7 @@ Tensor legend: B batch, C latent channels, H x W latent grid; images are [B, 3, 
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -162,3 +163,37 @@ def pil_to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
     """PIL images -> [B, 3, H, W] float32 in [-1, 1] (the VAE's input range)."""
     arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])
     return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+# ------------------------------------------------------------------ what the training tasks share
+
+
+def decode_images(column: Any) -> torch.Tensor:
+    """A column of PNG bytes (numpy object array or list) -> [B, 3, H, W] float32 in [-1, 1]."""
+    arrays = [np.asarray(Image.open(io.BytesIO(bytes(b))).convert("RGB"), dtype=np.float32) for b in column]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def load_safetensors_into(module: torch.nn.Module, ckpt_dir: Path) -> None:
+    """Load every *.safetensors file of `ckpt_dir` into `module` (all keys must fit)."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(ckpt_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors under {str(ckpt_dir)!r}")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {str(ckpt_dir)!r} does not fit: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+
+
+def unwrap_module(model: torch.nn.Module, cls: type) -> Any:
+    """The task's module inside a DeepSpeed / DDP wrapper (`.module`), or the module itself."""
+    while not isinstance(model, cls) and hasattr(model, "module"):
+        model = model.module
+    if not isinstance(model, cls):
+        raise TypeError(f"expected a {cls.__name__} (possibly wrapped), got {type(model).__name__}")
+    return model

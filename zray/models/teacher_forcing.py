@@ -12,7 +12,7 @@ with the image's pixels from the processor, and reads
 
 Sequences are laid out request-major: row b = n * G + g is sample g of request n. Shapes: B = N * G sequences,
 L tokens per sequence (prompt + response, right-padded), T response tokens, K = 9 score bins, V vocabulary.
-No Ray here: `actors/gdso_task.py` uses it inside the learner.
+No Ray here: `zray/tasks/gdso.py` uses it inside the learner.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def rollout_inputs(processor: Any, rollout: RolloutBatch, images: Sequence[Any])
     in_response = (rollout.response_ids_NGT.reshape(n * g, t) == image_token).sum(-1)
     if in_response.any():
         raise ValueError(f"{int((in_response > 0).sum())} sampled responses hold the image placeholder token, which "
-                         "cannot be teacher-forced: the engine must not sample it (actors.rollouts.banned_token_bias)")
+                         "cannot be teacher-forced: the engine must not sample it (actors.teacher_engine.rollouts.banned_token_bias)")
     if not torch.equal(found, per_image):
         bad = int(torch.nonzero(found != per_image)[0])
         raise ValueError(f"sequence {bad}: the rollout's prompt holds {int(found[bad])} image tokens but its image "

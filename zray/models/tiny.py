@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from zray.config import GeneratorConfig, VLMConfig
-from zray.prompts import DIMENSIONS, RUBRICS, SYSTEM_TEXT, answer_text, rubric_text
+from zray.rubric import DIMENSIONS, RUBRICS, SYSTEM_TEXT, answer_text, rubric_text
 from zray.scores import SCORE_BINS, SCORE_TOKENS
 
 # Qwen2.5-VL's special tokens, in Qwen's order (real ids 151643..151656; here 0..13).

@@ -2,7 +2,7 @@
 
 `load_vlm` works the same for a tiny model built by `zray.models.tiny` and for a real Qwen2.5-VL / Qwen3-VL
 checkpoint (local dir or Hugging Face id). The score distribution is read at the score position, the last
-position of the context rendered by `zray.prompts.render_score_context`:
+position of the context rendered by `zray.rubric.render_score_context`:
 
     teacher:  ... <|im_start|>assistant\n<reasoning> Score: |<s_x>
     student:  ... <|im_start|>assistant\n|<s_x>
@@ -13,13 +13,14 @@ Shape legend: B batch, L sequence length, V vocabulary, K score bins (9).
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from zray.prompts import ScoreRequest, render_score_context
+from zray.rubric import ScoreRequest, render_score_context
 from zray.scores import score_distribution, score_token_ids
 
 
@@ -40,6 +41,24 @@ def load_vlm(path: str | Path, dtype: torch.dtype = torch.float32, device: str |
 
 
 # ------------------------------------------------------------------ checkpoints of the learner tasks
+
+SCORING_FILE = "zray_scoring.json"  # {"form": "direct" | "reasoning", "method": ...}: how to evaluate a model
+
+
+def write_scoring_file(out_dir: str | Path, *, form: str, method: str) -> None:
+    """Record in a saved model dir how it scores (`form`) and what trained it, for `zray evaluate`."""
+    Path(out_dir, SCORING_FILE).write_text(json.dumps({"form": form, "method": method}) + "\n")
+
+
+def checkpoint_dtype(model_dir: str | Path) -> str:
+    """The dtype recorded in a Hugging Face config.json ("float32", "bfloat16", ...), or "auto" if none."""
+    path = Path(model_dir) / "config.json"
+    if not path.exists():
+        return "auto"
+    config = json.loads(path.read_text())
+    text_config = config.get("text_config") or {}
+    return str(config.get("dtype") or config.get("torch_dtype") or text_config.get("dtype") or "auto")
+
 
 
 @functools.lru_cache(maxsize=8)

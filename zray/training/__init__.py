@@ -1,4 +1,4 @@
 """Worker-side training machinery (torch + DeepSpeed, no Ray): what a learner trains and how it steps.
 
-The Ray Train side (TorchTrainer, checkpoints through `ray.train.report`, resume) is `actors/learner.py`.
+The Ray Train side (TorchTrainer, checkpoints through `ray.train.report`, resume) is `actors/learner/`.
 """

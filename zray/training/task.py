@@ -20,6 +20,14 @@ current weights to the rollout engines; every rank must call it, as gathering Ze
 then `collate` (which rolls out), and reuses those batches for the next `updates_per_rollout - 1` steps.
 `fp32_keys` names batch entries never cast to bf16 (log-probs).
 
+A `StatefulTask` keeps worker-side state beyond the model that a resumed run needs (GDSO's pi_ref): rank 0
+saves `task.task_state()` in every checkpoint (`task_state.safetensors`), and on resume every rank gets it back
+through `task.load_task_state(state)` right after `build_model`. The state must be the same on every rank.
+Such state lives in a typed attribute the task creates in `build_model` (never in the pickled configuration).
+
+`collate` may also put plain Python values in the batch (e.g. a dict of float metrics of the rollout it came
+from): the learner moves and casts tensors only.
+
 A `LengthGrouped` task also says how long each row's sequence will be (`row_lengths`, any monotone proxy such
 as characters); with `LearnerConfig.length_window > 0` the learner then batches rows of similar length
 together, so less of each micro batch is padding.
@@ -42,8 +50,8 @@ class LearnerTask(Protocol):
         """The module to train, on CPU, in train mode; same initial weights on every worker (seeded)."""
         ...
 
-    def collate(self, rows: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """A Ray Data batch (dict of numpy arrays / lists, `batch_format="numpy"`) -> model inputs."""
+    def collate(self, rows: dict[str, Any]) -> dict[str, Any]:
+        """A Ray Data batch (dict of numpy arrays / lists, `batch_format="numpy"`) -> model inputs (tensors)."""
         ...
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -73,4 +81,15 @@ class OnlineTask(LearnerTask, Protocol):
 class LengthGrouped(LearnerTask, Protocol):
     def row_lengths(self, columns: dict[str, np.ndarray]) -> np.ndarray:
         """The sequence length (or a monotone proxy) of every row of a shard's columns, shape (num_rows,)."""
+        ...
+
+
+@runtime_checkable
+class StatefulTask(LearnerTask, Protocol):
+    def task_state(self) -> dict[str, torch.Tensor]:
+        """Worker-side state to checkpoint (same on every rank; {} for none yet). Called on rank 0."""
+        ...
+
+    def load_task_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what `task_state` returned, on every rank, after `build_model`."""
         ...

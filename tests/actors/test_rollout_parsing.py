@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from actors.rollouts import PrefixIds, as_requests, collapse_placeholders, cut_before, split_sample
+from actors.teacher_engine.rollouts import PrefixIds, as_requests, collapse_placeholders, cut_before, split_sample
 from zray.types import FINISH_EOS, FINISH_LENGTH, FINISH_PREFIX
 
 

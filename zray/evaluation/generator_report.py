@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from zray.data.prompts import parse_prompt
+from zray.data.prompt_grammar import parse_prompt
 from zray.data.render import decode_png
-from zray.models.generator_eval import judge_against, main_colour
+from zray.evaluation.generator import judge_against, main_colour
 
 
 def _plt():
@@ -129,5 +129,5 @@ def summary_markdown(record: dict[str, Any]) -> str:
                  f"{renders['main_colour']:.1%} | {renders['colours_exact']:.1%} | {renders['alignment']:.2f} | 0 |")
     lines += ["", f"Frechet distance of 2-step to {samples['teacher']['steps']}-step samples: "
               f"{samples['two_step']['frechet_to_teacher']:.3f}. Features and metric definitions: "
-              "`zray/models/generator_eval.py`."]
+              "`zray/evaluation/generator.py`."]
     return "\n".join(lines) + "\n"

@@ -7,12 +7,14 @@ import torch
 
 from zray.config import GeneratorConfig, WorldConfig
 from zray.data.corpus import generator_rows
-from zray.data.prompts import parse_prompt
+from zray.data.prompt_grammar import parse_prompt
 from zray.data.world import ALL_COMBOS
 from zray.models.generator import (encode_prompts, initial_noise, load_zimage, sample_images, vae_decode,
                                    vae_encode)
-from zray.models.generator_eval import frechet_to, image_features, judge_against, main_colour
-from zray.models.generator_training import FlowTask, VAETask, chroma_B1HW, decode_images
+from zray.evaluation.generator import frechet_to, image_features, judge_against, main_colour
+from zray.models.generator import decode_images
+from zray.tasks.flow import FlowTask
+from zray.tasks.vae import VAETask, chroma_B1HW
 from zray.models.tiny import build_tiny_zimage
 
 SIZE = 32

@@ -45,12 +45,10 @@ from typing import Any
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from actors.learner_loop import LEARNER_STATE_FILE, train_loop_per_worker
+from actors.learner.worker_loop import train_loop_per_worker
 from zray.config import LearnerConfig
+from zray.training.runs import LEARNER_STATE_FILE, SNAPSHOT_FILE, has_checkpoint
 from zray.training.task import LearnerTask, LengthGrouped
-
-SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of a run's checkpoints
-
 
 @dataclass(frozen=True)
 class LearnerResult:
@@ -91,13 +89,6 @@ def init_ray(cpus_needed: float) -> None:
         return
     local = {} if os.environ.get("RAY_ADDRESS") else {"num_cpus": max(math.ceil(cpus_needed), os.cpu_count() or 1)}
     ray.init(**local, include_dashboard=False, log_to_driver=True)
-
-
-def _has_checkpoint(run_dir: Path) -> bool:
-    if not (run_dir / SNAPSHOT_FILE).is_file():
-        return False
-    snapshot = json.loads((run_dir / SNAPSHOT_FILE).read_text())
-    return bool(snapshot.get("latest_checkpoint_result"))
 
 
 def _shard_train_split(ds: Any, cfg: LearnerConfig) -> tuple[list[Any], int]:
@@ -147,10 +138,10 @@ def fit(task: LearnerTask, cfg: LearnerConfig, *, datasets: dict[str, Any], stor
                          "directory (the learner reads checkpoints and writes TensorBoard files there directly)")
     storage = Path(storage_path).expanduser().resolve()
     run_dir = storage / name
-    if resume and not _has_checkpoint(run_dir):
+    if resume and not has_checkpoint(run_dir):
         raise FileNotFoundError(f"resume=True but there is no checkpoint to resume in {run_dir} "
                                 f"(no {SNAPSHOT_FILE} with a checkpoint): start it with resume=False first")
-    if not resume and _has_checkpoint(run_dir):
+    if not resume and has_checkpoint(run_dir):
         raise FileExistsError(f"{run_dir} already holds checkpoints of a run named {name!r}: pass resume=True to "
                               "continue it, or choose another name")
 
@@ -181,9 +172,3 @@ def fit(task: LearnerTask, cfg: LearnerConfig, *, datasets: dict[str, Any], stor
     kept = sorted({Path(ckpt.path) for ckpt, _ in (result.best_checkpoints or [])} | {final})
     return LearnerResult(history=state["history"], hf_dir=final / "hf", final_checkpoint=final, checkpoints=kept,
                          run_dir=run_dir, wall_s=wall_s, final_step=int(state["step"]))
-
-
-def read_learner_state(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
-    """The learner.json of a checkpoint: step, micro batches consumed, history, config."""
-    return json.loads((Path(checkpoint_dir) / LEARNER_STATE_FILE).read_text())
-

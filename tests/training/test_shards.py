@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("ray")
 
 from actors.learner import fit  # noqa: E402
-from actors.learner_loop import ShardBatches  # noqa: E402
+from zray.training.shards import ShardBatches  # noqa: E402
 from zray.config import LearnerConfig  # noqa: E402
 
 
@@ -106,7 +106,7 @@ def test_fit_refuses_grouping_for_a_task_without_row_lengths(tmp_path):
 
 
 def test_budget_end_step_spends_the_rest_of_the_budget_at_the_rate_so_far():
-    from actors.learner_loop import budget_end_step
+    from zray.training.runs import budget_end_step
 
     # 100 steps in 20 s (5 steps/s) with 80 s left: 400 more
     assert budget_end_step(step=100, first_step=0, elapsed_s=20.0, budget_s=100.0, max_steps=10_000) == 500

@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import ray.train
@@ -30,9 +30,12 @@ import torch.distributed as dist
 
 from zray.config import LearnerConfig
 from zray.training.engine import StepInfo, TrainEngine
-from zray.training.task import LearnerTask, LengthGrouped, OnlineTask
+from zray.training.runs import LEARNER_STATE_FILE, budget_end_step
+from zray.training.shards import ShardBatches
+from zray.training.task import LearnerTask, LengthGrouped, OnlineTask, StatefulTask
 
-LEARNER_STATE_FILE = "learner.json"
+TASK_STATE_FILE = "task_state.safetensors"  # a StatefulTask's state, written by rank 0
+
 
 
 class InjectedFailure(RuntimeError):
@@ -61,71 +64,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class ShardBatches:
-    """One worker's shard, read once into memory, served as micro batches by index.
-
-    Micro batch `i` (0-based, counted over the whole run) is the `i % batches_per_epoch`-th slice of epoch
-    `i // batches_per_epoch`'s permutation of the shard, seeded by (seed, epoch, rank): a pure function of the
-    index, so a resumed worker continues exactly where the checkpoint left off, without re-reading anything.
-
-    With `cfg.length_window = k > 0`, `lengths_of(columns)` gives every row's length, and each run of k micro
-    batches of the permutation is regrouped: its rows sorted by length, cut into k micro batches, and those taken
-    in an order seeded by (seed, epoch, window) alone, the same on every rank, so the ranks of one step hold
-    micro batches of similar length (a step waits for its slowest rank).
-    """
-
-    def __init__(self, shard: Any, cfg: LearnerConfig, *, rank: int,
-                 lengths_of: Callable[[dict[str, np.ndarray]], np.ndarray] | None = None) -> None:
-        parts: dict[str, list[np.ndarray]] = {}
-        for rows in shard.iter_batches(batch_size=4096, batch_format="numpy"):
-            for key, column in rows.items():
-                parts.setdefault(key, []).append(np.asarray(column))
-        self.columns = {key: np.concatenate(chunks) for key, chunks in parts.items()}
-        self.num_rows = len(next(iter(self.columns.values()))) if self.columns else 0
-        self.batch_size, self.seed, self.rank, self.shuffle = cfg.micro_batch_size, cfg.seed, rank, cfg.shuffle
-        self.window = cfg.length_window
-        self.batches_per_epoch = self.num_rows // self.batch_size
-        if self.batches_per_epoch < 1:
-            raise ValueError(f"worker {rank}: its shard has {self.num_rows} rows, fewer than "
-                             f"LearnerConfig.micro_batch_size={self.batch_size}")
-        self.lengths: np.ndarray | None = None
-        if self.window:
-            if lengths_of is None:
-                raise ValueError(f"LearnerConfig.length_window={self.window} needs the rows' lengths (a task with "
-                                 "row_lengths)")
-            self.lengths = np.asarray(lengths_of(self.columns), dtype=np.float64)
-            if self.lengths.shape != (self.num_rows,):
-                raise ValueError(f"row_lengths gave shape {self.lengths.shape} for {self.num_rows} rows: expected "
-                                 f"({self.num_rows},)")
-        self._epoch, self._order = -1, np.arange(self.num_rows)
-
-    def order(self, epoch: int) -> np.ndarray:
-        if epoch != self._epoch:
-            self._epoch = epoch
-            rng = np.random.default_rng([self.seed, epoch, self.rank])
-            order = rng.permutation(self.num_rows) if self.shuffle else np.arange(self.num_rows)
-            self._order = self._grouped(order, epoch) if self.window else order
-        return self._order
-
-    def _grouped(self, order: np.ndarray, epoch: int) -> np.ndarray:
-        """`order` with each run of `window` micro batches sorted by row length and its micro batches reordered."""
-        assert self.lengths is not None
-        b, out = self.batch_size, order.copy()
-        for first in range(0, self.batches_per_epoch, self.window):
-            k = min(self.window, self.batches_per_epoch - first)
-            rows = order[first * b:(first + k) * b]
-            rows = rows[np.argsort(self.lengths[rows], kind="stable")].reshape(k, b)
-            if self.shuffle:  # rank-independent: every rank takes its r-th shortest micro batch at the same step
-                rows = rows[np.random.default_rng([self.seed, epoch, first, 1]).permutation(k)]
-            out[first * b:(first + k) * b] = rows.ravel()
-        return out
-
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        epoch, slot = divmod(index, self.batches_per_epoch)
-        rows = self.order(epoch)[slot * self.batch_size:(slot + 1) * self.batch_size]
-        return {key: column[rows] for key, column in self.columns.items()}
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -205,11 +143,19 @@ def _save_checkpoint(engine: TrainEngine, task: LearnerTask, cfg: LearnerConfig,
                  "backend": engine.backend, "precision": engine.precision, "task": task.name,
                  "config": dataclasses.asdict(cfg), "history": history}
         (scratch / LEARNER_STATE_FILE).write_text(json.dumps(state, indent=1))
+        if isinstance(task, StatefulTask):
+            from safetensors.torch import save_file
+
+            task_state = task.task_state()
+            if task_state:  # cloned: safetensors refuses tensors that share storage (tied weights)
+                save_file({k: v.detach().cpu().clone().contiguous() for k, v in task_state.items()},
+                          str(scratch / TASK_STATE_FILE))
     return scratch
 
 
-def _restore(engine: TrainEngine, ckpt_dir: Path, cfg: LearnerConfig) -> tuple[int, int, list[dict[str, float]]]:
-    """Load engine state, this rank's RNG and data position; returns (step, consumed, history)."""
+def _restore(engine: TrainEngine, task: LearnerTask, ckpt_dir: Path,
+             cfg: LearnerConfig) -> tuple[int, int, list[dict[str, float]]]:
+    """Load engine state, the task's state, this rank's RNG and data position; returns (step, consumed, history)."""
     state = json.loads((ckpt_dir / LEARNER_STATE_FILE).read_text())
     if state["world_size"] != engine.world_size or state["backend"] != engine.backend:
         raise ValueError(f"checkpoint {ckpt_dir} was written by {state['world_size']} {state['backend']} workers; "
@@ -221,6 +167,10 @@ def _restore(engine: TrainEngine, ckpt_dir: Path, cfg: LearnerConfig) -> tuple[i
         raise ValueError(f"checkpoint {ckpt_dir} used {then}; this run has {now}: the data position would not "
                          "carry over")
     engine.load(ckpt_dir / "engine")
+    if isinstance(task, StatefulTask) and (ckpt_dir / TASK_STATE_FILE).is_file():
+        from safetensors.torch import load_file
+
+        task.load_task_state(load_file(str(ckpt_dir / TASK_STATE_FILE)))
     worker = torch.load(ckpt_dir / f"worker_{engine.rank}.pt", weights_only=False)
     _set_rng_state(worker["rng"])
     return int(state["step"]), int(worker["consumed"]), list(state["history"])
@@ -234,13 +184,6 @@ def _should_stop(started: float, budget_s: float, device: torch.device) -> bool:
     flag = torch.tensor([1.0 if time.perf_counter() - started > budget_s else 0.0], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item() > 0)
-
-
-def budget_end_step(step: int, first_step: int, elapsed_s: float, budget_s: float, max_steps: int) -> int:
-    """The step a time-budgeted run is expected to end at: `step` plus what is left of the budget at the mean
-    rate of the steps since `first_step` (this process's first), never past `max_steps` nor before `step`."""
-    rate = (step - first_step) / max(elapsed_s, 1e-9)
-    return max(step, min(max_steps, step + int(rate * max(0.0, budget_s - elapsed_s))))
 
 
 def _agreed_elapsed(started: float, device: torch.device) -> float:
@@ -272,7 +215,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
-            step, consumed, history = _restore(engine, Path(ckpt_dir), cfg)
+            step, consumed, history = _restore(engine, task, Path(ckpt_dir), cfg)
     if step >= cfg.max_steps:
         return  # finished before: the latest checkpoint is the result
     lengths_of = task.row_lengths if isinstance(task, LengthGrouped) else None

@@ -2,7 +2,7 @@
 
 import pytest
 
-from zray import prompts
+from zray import rubric as prompts
 
 
 class _Chat:

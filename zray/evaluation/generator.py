@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from zray.data.judge import as_rgb_array, judge_image, score_judged
-from zray.data.prompts import PromptSpec, parse_prompt
+from zray.data.prompt_grammar import PromptSpec, parse_prompt
 from zray.metrics import frechet_distance
 
 GRID = 4

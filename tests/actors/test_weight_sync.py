@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from actors.weight_sync import encode_weights
+from actors.teacher_engine.weight_sync import encode_weights
 from zray.checksum import weights_checksum
 from zray.models.vlm import load_vlm, score_distributions_hf
-from zray.prompts import ScoreRequest
+from zray.rubric import ScoreRequest
 from zray.types import FINISH_LENGTH, FINISH_PREFIX, WeightVersionError
 
 pytestmark = pytest.mark.slow

@@ -1,7 +1,7 @@
 """SFT baseline of the reward teacher (methods.md §2 baselines): `(p, I, d) -> score token`, no reasoning.
 
 Each pair row (`zray.data.pair_examples`) gives two examples, winner and loser, with their labels. The context
-is the student form of `zray.prompts` (the score is the first answer token); the loss is the cross-entropy of
+is the student form of `zray.rubric` (the score is the first answer token); the loss is the cross-entropy of
 the nine-bin score distribution q at that position against the label bin (the same decoder as everywhere:
 softmax over the score tokens' logits). The saved model carries `zray_scoring.json` = {"form": "direct"}, so
 `zray evaluate` scores it the way it was trained.
@@ -11,7 +11,6 @@ Shape legend: B examples (2 per pair), K = 9 score bins.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,16 +18,10 @@ from typing import Any
 import torch
 
 from zray.data.render import decode_png
-from zray.prompts import ScoreRequest
-from zray.models.vlm import cached_processor, load_vlm_weights, save_vlm, score_inputs, trainable_vlm
+from zray.rubric import ScoreRequest
+from zray.models.vlm import (cached_processor, load_vlm_weights, save_vlm, score_inputs, trainable_vlm,
+                            write_scoring_file)
 from zray.scores import label_index, score_bins, score_token_ids
-
-SCORING_FILE = "zray_scoring.json"  # {"form": "direct" | "reasoning", "method": ...}: how to evaluate a model
-
-
-def write_scoring_file(out_dir: str | Path, *, form: str, method: str) -> None:
-    Path(out_dir, SCORING_FILE).write_text(json.dumps({"form": form, "method": method}) + "\n")
-
 
 def pair_requests(rows: dict[str, Any], *, reasoning: str | None = None) -> tuple[list[ScoreRequest], torch.Tensor]:
     """[winner, loser] ScoreRequests per pair row, and labels_P2 (float32)."""

@@ -1,18 +1,9 @@
-"""What the learner trains for the base generator: the VAE (`VAETask`), then the transformer (`FlowTask`).
+"""The base generator's second phase: the Z-Image transformer by flow matching (`FlowTask`).
 
-Both implement `zray.training.task.LearnerTask` and save in diffusers format, so the job can assemble a
-`ZImagePipeline` directory from the zoo's text encoder and tokenizer, the trained VAE and the trained
-transformer.
-
-- `VAETask`: reconstruction of the world's clean renders. Loss per pixel
-  `w * (|x_hat - x| + (x_hat - x)^2)` with `w = 1 + object_weight * chroma(x)` (chroma: distance from the
-  grey axis, 0 for the white / black / gray backgrounds, about 1 for the saturated palette colours), so the
-  few object pixels, whose colour is what the judge checks, are not drowned by the background; plus
-  `kl_weight * KL(q(z|x) || N(0, I))` (mean per latent element). The decoder trains on posterior samples.
-- `FlowTask`: frozen VAE and frozen text encoder (loaded lazily in each worker), prompt embeddings as the
-  pipeline computes them (`encode_prompts`), latents `vae_encode` (posterior mean, scaled). Flow-matching
-  loss `|| u(x_sigma, t = 1 - sigma, c) - (x0 - eps) ||^2` with `sigma = shift_sigmas(U(0, 1))`
-  (conventions: `zray.sampling`).
+Frozen VAE and frozen text encoder (loaded lazily in each worker), prompt embeddings as the pipeline computes
+them (`encode_prompts`), latents `vae_encode` (posterior mean, scaled). Flow-matching loss
+`|| u(x_sigma, t = 1 - sigma, c) - (x0 - eps) ||^2` with `sigma = shift_sigmas(U(0, 1))` (conventions:
+`zray.sampling`). Saved in diffusers format (the EMA weights when `ema_decay > 0`).
 
 Tensor legend: B batch, C latent channels, H x W latent grid, L prompt tokens, D text hidden size.
 """
@@ -20,114 +11,14 @@ Tensor legend: B batch, C latent channels, H x W latent grid, L prompt tokens, D
 from __future__ import annotations
 
 import copy
-import io
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 
-from zray.models.generator import (DEFAULT_MAX_SEQUENCE_LENGTH, encode_prompts, pad_embeddings, transformer_forward,
-                                   unpad_embeddings, vae_encode)
+from zray.models.generator import (DEFAULT_MAX_SEQUENCE_LENGTH, decode_images, encode_prompts, load_safetensors_into,
+                                   pad_embeddings, transformer_forward, unpad_embeddings, unwrap_module, vae_encode)
 from zray.sampling import flow_target, model_time, noise_latents, sample_train_sigmas
-
-_GREY = torch.full((3,), 1.0 / 3.0**0.5)
-
-
-def decode_images(column: Any) -> torch.Tensor:
-    """A column of PNG bytes (numpy object array or list) -> [B, 3, H, W] float32 in [-1, 1]."""
-    arrays = [np.asarray(Image.open(io.BytesIO(bytes(b))).convert("RGB"), dtype=np.float32) for b in column]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
-
-
-def chroma_B1HW(images_B3HW: torch.Tensor) -> torch.Tensor:
-    """Per-pixel distance from the grey axis of images in [-1, 1], scaled so a palette colour is about 1."""
-    rgb = (images_B3HW + 1.0) / 2.0
-    grey = _GREY.to(rgb).view(1, 3, 1, 1)
-    along = (rgb * grey).sum(dim=1, keepdim=True) * grey
-    return (rgb - along).norm(dim=1, keepdim=True) / 0.6
-
-
-def _load_safetensors_into(module: torch.nn.Module, ckpt_dir: Path) -> None:
-    from safetensors.torch import load_file
-
-    files = sorted(Path(ckpt_dir).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors under {str(ckpt_dir)!r}")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {str(ckpt_dir)!r} does not fit: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
-
-
-# ----------------------------------------------------------------------------------------------- VAE
-
-
-class VAEModule(torch.nn.Module):
-    """The `AutoencoderKL` under training; forward returns what the loss needs (DeepSpeed/DDP call forward)."""
-
-    def __init__(self, vae: torch.nn.Module) -> None:
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, images_B3HW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> (reconstruction [B, 3, H, W] from a posterior sample, posterior mean, posterior logvar)."""
-        dist = self.vae.encode(images_B3HW).latent_dist
-        recon = self.vae.decode(dist.sample()).sample
-        return recon, dist.mean, dist.logvar
-
-
-def vae_loss(recon: torch.Tensor, target: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor, *,
-             object_weight: float, kl_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """The VAE objective (module docstring); images [B, 3, H, W] in [-1, 1], mean/logvar [B, C, h, w]."""
-    err = recon - target
-    weight = 1.0 + object_weight * chroma_B1HW(target)
-    rec = (weight * (err.abs() + err.square())).mean() / weight.mean()
-    kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).mean()
-    loss = rec + kl_weight * kl
-    mse = err.detach().square().mean().item()
-    return loss, {"rec": rec.item(), "kl": kl.item(), "l1": err.detach().abs().mean().item(), "mse": mse,
-                  "psnr": float(10.0 * np.log10(4.0 / max(mse, 1e-12)))}
-
-
-class VAETask:
-    """Train the pipeline's `AutoencoderKL` (initial weights from `init_dir`, a diffusers VAE folder)."""
-
-    name = "vae"
-
-    def __init__(self, init_dir: str | Path, *, object_weight: float = 0.0, kl_weight: float = 1e-6) -> None:
-        if object_weight < 0 or kl_weight < 0:
-            raise ValueError(f"object_weight={object_weight}, kl_weight={kl_weight}: expected floats >= 0")
-        self.init_dir = str(init_dir)
-        self.object_weight = object_weight
-        self.kl_weight = kl_weight
-
-    def build_model(self) -> torch.nn.Module:
-        from diffusers import AutoencoderKL
-
-        vae = AutoencoderKL.from_pretrained(self.init_dir, dtype=torch.float32)
-        return VAEModule(vae).train()
-
-    def collate(self, rows: dict[str, Any]) -> dict[str, torch.Tensor]:
-        return {"images": decode_images(rows["image"])}
-
-    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        recon, mean, logvar = model(batch["images"])
-        return vae_loss(recon, batch["images"], mean, logvar, object_weight=self.object_weight,
-                        kl_weight=self.kl_weight)
-
-    def save_pretrained(self, model: torch.nn.Module, out_dir: Path) -> None:
-        _unwrap(model, VAEModule).vae.save_pretrained(str(out_dir))
-
-    def load_pretrained(self, model: torch.nn.Module, ckpt_dir: Path) -> None:
-        _load_safetensors_into(_unwrap(model, VAEModule).vae, ckpt_dir)
-
-
-# ----------------------------------------------------------------------------------------------- flow
 
 
 class FlowModule(torch.nn.Module):
@@ -257,20 +148,13 @@ class FlowTask:
 
     def save_pretrained(self, model: torch.nn.Module, out_dir: Path) -> None:
         """The transformer in diffusers format: the EMA weights when `ema_decay > 0`."""
-        _unwrap(model, FlowModule).exported().save_pretrained(str(out_dir))
+        unwrap_module(model, FlowModule).exported().save_pretrained(str(out_dir))
 
     def load_pretrained(self, model: torch.nn.Module, ckpt_dir: Path) -> None:
         """Weights written by `save_pretrained` into the transformer (and the EMA, which they are)."""
-        module = _unwrap(model, FlowModule)
-        _load_safetensors_into(module.transformer, ckpt_dir)
+        module = unwrap_module(model, FlowModule)
+        load_safetensors_into(module.transformer, ckpt_dir)
         if module.ema_decay > 0:
-            _load_safetensors_into(module.ema, ckpt_dir)
+            load_safetensors_into(module.ema, ckpt_dir)
 
 
-def _unwrap(model: torch.nn.Module, cls: type) -> Any:
-    """The task's module inside a DeepSpeed / DDP wrapper (`.module`), or the module itself."""
-    while not isinstance(model, cls) and hasattr(model, "module"):
-        model = model.module
-    if not isinstance(model, cls):
-        raise TypeError(f"expected a {cls.__name__} (possibly wrapped), got {type(model).__name__}")
-    return model

@@ -3,16 +3,16 @@
 A plain class with coarse, verb-named methods that take and return plain data (CPU tensors, typed batches);
 `actors/engine_pool.py` hosts it in Ray actors (`TeacherEngineActor = ray.remote(TeacherEngine)`).
 
-    generate(requests, group_size=, max_reasoning_tokens=, ...) -> RolloutBatch   (actors/rollouts.py)
+    generate(requests, group_size=, max_reasoning_tokens=, ...) -> RolloutBatch   (rollouts.py)
     score(requests) -> q_BK                                                       (teacher forcing of text)
-    load_weights(weights, version=, checksum=) -> WeightSyncReport                (actors/weight_sync.py)
+    load_weights(weights, version=, checksum=) -> WeightSyncReport                (weight_sync.py)
     version() -> int                                                              (0: the checkpoint)
 
 vLLM starts its engine with spawn: any script that builds a `TeacherEngine` must guard its entry point with
 `if __name__ == "__main__":`. Environment variables that vLLM reads (KV-cache size, in-process engine) are
 set from the `VLLMConfig` before vllm is imported, inside `__init__`.
 
-Score distributions: the prompt is the rendered score context (`zray.prompts.render_score_context`), which
+Score distributions: the prompt is the rendered score context (`zray.rubric.render_score_context`), which
 ends right before the score token; one step with `SamplingParams(max_tokens=1, logprob_token_ids=score_ids)`
 returns the log-probs of exactly the nine score tokens at the score position, renormalised over the nine
 (`zray.scores.distribution_from_logprobs`).
@@ -21,7 +21,6 @@ returns the log-probs of exactly the nine score tokens at the score position, re
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -30,10 +29,11 @@ from typing import Any
 
 import torch
 
-from actors.rollouts import generate_rollouts
-from actors.weight_sync import apply_weights, receive_weights
+from actors.teacher_engine.rollouts import generate_rollouts
+from actors.teacher_engine.weight_sync import apply_weights, receive_weights
 from zray.config import VLLMConfig
-from zray.prompts import SCORE_PREFIX, ScoreRequest, render_generation_prompt, render_score_context
+from zray.models.vlm import checkpoint_dtype
+from zray.rubric import SCORE_PREFIX, ScoreRequest, render_generation_prompt, render_score_context
 from zray.scores import distribution_from_logprobs, score_token_ids
 from zray.types import RolloutBatch, WeightSyncReport, WeightVersionError
 
@@ -43,16 +43,6 @@ def _set_vllm_env(cfg: VLLMConfig) -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if cfg.in_process else "1"
     if not cfg.in_process:  # weight sync sends bytes and a readback function to the engine's worker process
         os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
-
-
-def checkpoint_dtype(model_dir: str | Path) -> str:
-    """The dtype recorded in a Hugging Face config.json ("float32", "bfloat16", ...), or "auto" if none."""
-    path = Path(model_dir) / "config.json"
-    if not path.exists():
-        return "auto"
-    config = json.loads(path.read_text())
-    text_config = config.get("text_config") or {}
-    return str(config.get("dtype") or config.get("torch_dtype") or text_config.get("dtype") or "auto")
 
 
 class TeacherEngine:
@@ -98,7 +88,7 @@ class TeacherEngine:
         """G rollouts per (prompt, image, dimension): reasoning, score prefix, score token, q (RolloutBatch).
 
         `request_offset` is the index of `requests[0]` in the whole batch (seeds depend on it, so that a batch
-        split across engines samples as one engine would). See `actors/rollouts.py`.
+        split across engines samples as one engine would). See `actors/teacher_engine/rollouts.py`.
         """
         version = self._require_verified()
         return generate_rollouts(self.llm, requests, score_ids=self.score_ids, group_size=group_size,
@@ -152,7 +142,7 @@ class TeacherEngine:
     # ------------------------------------------------------------------------------------------ weights
     def load_weights(self, weights: Mapping[str, torch.Tensor] | bytes, *, version: int, checksum: str,
                      reload: Any = None) -> WeightSyncReport:
-        """Serve new weights in place and verify them; see `actors/weight_sync.py`.
+        """Serve new weights in place and verify them; see `actors/teacher_engine/weight_sync.py`.
 
         `weights`: a Hugging Face state dict (name -> tensor, in the served dtype) or its safetensors bytes;
         `checksum`: `zray.checksum.weights_checksum` of it, computed by the sender. A mismatch raises

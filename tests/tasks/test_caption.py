@@ -10,8 +10,8 @@ from zray.config import VLMConfig, WorldConfig
 from zray.data import build_world, read_table
 from zray.data.captions import describe, format_description, parse_description, restyle
 from zray.data.scene import Defects, Relation, Scene, SceneObject
-from zray.models.captioning import (LOSS_WEIGHTS, CaptionTask, caption_metrics, caption_slices, describe_images,
-                                    position_digits, score_caption)
+from zray.evaluation.captions import caption_metrics, caption_slices, describe_images, score_caption
+from zray.tasks.caption import LOSS_WEIGHTS, CaptionTask, position_digits
 from zray.models.tiny import build_tiny_vlm
 from zray.models.vlm import load_vlm
 
@@ -190,7 +190,7 @@ def test_loss_decreases_and_model_round_trips(vlm_dirs, caption_rows, tmp_path, 
 @pytest.mark.parametrize(("role", "cover"), [("teacher", 0.0), ("student", 0.0), ("student", 0.3)])
 def test_vision_aux_loss_adds_the_heads_loss_on_the_tokens_the_lm_reads(vlm_dirs, caption_rows, tmp_path, role,
                                                                        cover, one_thread):
-    from zray.models.vision_warmup import HEAD_FILE, VisionProbe
+    from zray.models.vision_heads import HEAD_FILE, VisionProbe
 
     torch.manual_seed(0)
     task = CaptionTask(model_dir=vlm_dirs[role], vision_aux_weight=0.5, map_weight=2.0, cover_weight=cover)

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from zray.models.vlm import load_vlm, score_distributions_hf
-from zray.prompts import ScoreRequest
+from zray.rubric import ScoreRequest
 
 pytestmark = pytest.mark.slow
 

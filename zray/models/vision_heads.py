@@ -25,7 +25,7 @@ heads on its output tokens (the merged tokens the language model reads):
 Loss: BCE(scene) + map_weight * BCE(map) [+ cover_weight * BCE(cover)], each per-token BCE summed over the
 (colour, shape) pairs and averaged over the tokens (`VisionHeads.loss`). `VisionWarmupTask` trains the tower on
 it alone (phase 1 of `zray pretrain-vlm`); `CaptionTask` adds it to the caption loss with `vision_aux_weight`
-(zray/models/captioning.py). The saved model is the whole VLM (Hugging Face format, heads dropped); the heads are
+(zray/tasks/caption.py). The saved model is the whole VLM (Hugging Face format, heads dropped); the heads are
 kept in `vision_heads/heads.safetensors` beside it (a subdirectory, so vLLM serves the dir as it is), and a
 resumed run and the captioning phase continue from them.
 
@@ -35,7 +35,6 @@ P (colour, shape) pairs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +42,9 @@ import numpy as np
 import torch
 
 from zray.data.layout import radius
-from zray.data.render import decode_png, shape_polygon
+from zray.data.render import shape_polygon
 from zray.data.scene import BACKGROUNDS, COLORS, SHAPES, Scene
-from zray.models.vlm import cached_processor, load_vlm_weights, save_vlm, trainable_vlm
+from zray.models.vlm import load_vlm_weights, save_vlm
 
 # In a subdirectory: vLLM loads every top-level *.safetensors file of a model dir as model weights.
 HEAD_FILE = "vision_heads/heads.safetensors"
@@ -204,34 +203,3 @@ class VisionProbe(torch.nn.Module):
         if not path.is_file():
             raise FileNotFoundError(f"{ckpt_dir}: no {HEAD_FILE} (the vision heads of a warm-up or captioning run)")
         self.heads.load_state_dict(load_file(str(path)))
-
-
-@dataclass(frozen=True, kw_only=True)
-class VisionWarmupTask:
-    """A `LearnerTask`; rows need the captions table's `image` (PNG bytes) and `scene_json` columns."""
-
-    model_dir: str
-    name: str = "vision_warmup"
-    map_weight: float = 0.4
-    cover_weight: float = 0.0  # > 0 adds the cover head and its loss
-
-    def build_model(self) -> torch.nn.Module:
-        return VisionProbe(trainable_vlm(self.model_dir), cover=self.cover_weight > 0).train()
-
-    def collate(self, rows: dict[str, Any]) -> dict[str, torch.Tensor]:
-        images = [decode_png(bytes(b)) for b in rows["image"]]
-        processor = cached_processor(str(self.model_dir))
-        pixels = processor.image_processor(images=images, return_tensors="pt")
-        merge = int(processor.image_processor.merge_size)
-        return {"pixel_values": pixels["pixel_values"], "image_grid_thw": pixels["image_grid_thw"],
-                **vision_targets(rows["scene_json"], pixels["image_grid_thw"], merge, cover=self.cover_weight > 0)}
-
-    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        return model.heads.loss(model(batch["pixel_values"], batch["image_grid_thw"]), batch, self.map_weight,
-                                self.cover_weight)
-
-    def save_pretrained(self, model: torch.nn.Module, out_dir: Path) -> None:
-        model.save(self.model_dir, out_dir)
-
-    def load_pretrained(self, model: torch.nn.Module, ckpt_dir: Path) -> None:
-        model.load(ckpt_dir)

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from zray.prompts import SCORE_PREFIX, ScoreRequest, render_generation_prompt
+from zray.rubric import SCORE_PREFIX, ScoreRequest, render_generation_prompt
 from zray.scores import distribution_from_logprobs, expected_score
 from zray.types import FINISH_EOS, FINISH_LENGTH, FINISH_PREFIX, RolloutBatch
 

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from zray.data.scene import Scene
-from zray.models.vision_warmup import (ATTRIBUTES, HEAD_FILE, PAIRS, VisionHeads, VisionWarmupTask,
-                                       attribute_targets, object_cover_targets, object_map_targets, token_grid_side)
+from zray.models.vision_heads import (ATTRIBUTES, HEAD_FILE, PAIRS, VisionHeads, attribute_targets,
+                                      object_cover_targets, object_map_targets, token_grid_side)
+from zray.tasks.vision_warmup import VisionWarmupTask
 
 
 def _scene():

@@ -1,0 +1,12 @@
+"""The learner role: any `zray.training.task.LearnerTask` trained by Ray Train workers (DeepSpeed ZeRO inside).
+
+    from actors.learner import fit
+    result = fit(task, cfg, datasets={"train": ds}, storage_path="/abs/runs", name="vlm")
+
+- `trainer.py`: `fit` (the driver side: shards, TorchTrainer, resume checks), `init_ray`, `LearnerResult`.
+- `worker_loop.py`: the loop each Ray Train worker runs (steps, logging, checkpoints, time budgets).
+"""
+
+from actors.learner.trainer import LearnerResult, fit, init_ray
+
+__all__ = ["LearnerResult", "fit", "init_ray"]

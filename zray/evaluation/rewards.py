@@ -1,0 +1,282 @@
+"""Evaluating a reward model on the Shapes test pairs (methods.md §4): HPA, Margin HPA, PLCC and SRCC.
+
+`evaluate_reward_model(cfg, model_dir, scorer)` scores every candidate of `evaluate.split` (the first
+`num_prompts` prompts; 0 = all) in every dimension with `scorer` (anything with the engine verbs
+`generate_texts` and `score`: a `TeacherEngine`, or an `EnginePool` of engine actors; started and stopped by the
+caller) and writes, under `<out_dir>/evaluate/<name>/`, `metrics.json`, `table.md`, `distributions.png` (q per
+dimension for `num_plot_images` candidates, human score marked) and `predictions.parquet` (one row per query,
+so any table can be recomputed).
+
+Forms: `reasoning` (teacher: greedy reasoning of at most `evaluate.max_reasoning_tokens`, then the fixed
+score prefix, q at the score position) and `direct` (student: q at the first answer position). `auto` reads
+`<model>/zray_scoring.json` (`{"form": ..., "method": ...}`, written by the training tasks) and falls back to
+`reasoning` without it.
+
+For every (candidate, dimension), mu = expected score of q. HPA / Margin HPA over all same-prompt candidate
+pairs (i < j, human ties excluded, `zray.metrics.hpa_table`); PLCC / SRCC of mu against the aggregated human
+score, per dimension and pooled (all dimensions' candidates together). Output tokens per query: reasoning
+tokens (the greedy text re-tokenised) + 1.
+"""
+
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from zray.config import ConfigError, RunConfig, to_dict
+from zray.data import ensure_world, read_table
+from zray.data.render import decode_png
+from zray.metrics import hpa_table, plcc, srcc
+from zray.models.vlm import SCORING_FILE
+from zray.rubric import DIMENSIONS, ScoreRequest
+from zray.scores import SCORE_BINS
+
+FORMS = ("reasoning", "direct")
+CHUNK_SIZE = 64  # queries per engine call (one progress-bar step)
+RESULTS_HEADER = ("| model | method | HPA | Margin HPA | PLCC | SRCC | output tokens |\n"
+                  "|---|---|---|---|---|---|---|")
+
+
+def check_model_dir(model_dir: str | Path) -> Path:
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        what = "does not exist" if not path.exists() else "has no config.json"
+        raise FileNotFoundError(f"--model {str(path)!r} {what}: expected a Hugging Face format Qwen-VL dir")
+    return path
+
+
+def resolve_form(model_dir: str | Path, form: str = "auto") -> tuple[str, str | None]:
+    """(form, method): `form` itself, or for "auto" the one in `<model_dir>/zray_scoring.json` ("reasoning"
+    without that file). A bad value raises ConfigError naming the field, the value and the allowed values."""
+    if form not in ("auto", *FORMS):
+        raise ConfigError(f"form={form!r} is not allowed: expected one of 'auto', 'reasoning', 'direct'")
+    path = Path(model_dir) / SCORING_FILE
+    try:
+        record = json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path} is not valid JSON ({err}): expected {{\"form\": ..., \"method\": ...}}") from None
+    if not isinstance(record, dict):
+        raise ConfigError(f"{path} holds {type(record).__name__}: expected an object with 'form' and 'method'")
+    method = record.get("method")
+    if form != "auto":
+        return form, method
+    found = record.get("form", "reasoning")
+    if found not in FORMS:
+        raise ConfigError(f"{path}: form={found!r} is not allowed: expected 'reasoning' or 'direct'")
+    return found, method
+
+
+def default_name(model_dir: str | Path, form: str, method: str | None = None) -> str:
+    parts = [method or "", *Path(model_dir).resolve().parts[-2:], form]
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", "-".join(p for p in parts if p)).strip("-")
+
+
+def evaluate_reward_model(cfg: RunConfig, model_dir: str | Path, scorer: Any, *, form: str = "auto",
+                          name: str | None = None, engine_start_s: float | None = None) -> dict[str, Any]:
+    """Score the split with `scorer` (the weights of `model_dir`, served by a `TeacherEngine` or an `EnginePool`),
+    write the outputs and return the metrics record. `engine_start_s`: the scorer's start-up time, if the caller
+    wants it recorded."""
+    clock = time.perf_counter()
+    model_dir = check_model_dir(model_dir)
+    form, method = resolve_form(model_dir, form)
+    name = name or default_name(model_dir, form, method)
+    ecfg = cfg.evaluate
+    out = Path(cfg.out_dir).resolve()
+    rows = evaluation_rows(cfg)
+    keep = {r["prompt_id"] for r in rows}
+    run_dir = out / "evaluate" / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    scoring = time.perf_counter()
+    preds = score_candidates(scorer, rows, form, ecfg.max_reasoning_tokens, model_dir)
+    score_s = time.perf_counter() - scoring
+    record = {"name": name, "model_dir": str(model_dir), "form": form, "method": method, "split": ecfg.split,
+              "num_prompts": len(keep), "num_candidates": len(rows), "num_queries": len(preds),
+              "mean_output_tokens": float(np.mean([p["num_output_tokens"] for p in preds])),
+              **compute_metrics(preds), "engine_start_s": engine_start_s, "score_s": score_s,
+              "queries_per_s": len(preds) / max(score_s, 1e-9), "config": to_dict(ecfg)}
+    save_predictions(run_dir / "predictions.parquet", preds)
+    save_distributions(run_dir / "distributions.png", rows[:ecfg.num_plot_images], preds, form,
+                       title=f"{name}: {form} form, {ecfg.split} split")
+    record["wall_s"] = time.perf_counter() - clock
+    record = _json_ready(record)
+    (run_dir / "metrics.json").write_text(json.dumps(record, indent=2))
+    table = markdown_table(record)
+    (run_dir / "table.md").write_text(table)
+    print(table + f"\n[evaluate] -> {run_dir}")
+    return record
+
+
+def evaluation_rows(cfg: RunConfig) -> list[dict[str, Any]]:
+    """The candidates of `evaluate.split` that are scored: those of its first `evaluate.num_prompts` prompts."""
+    ecfg = cfg.evaluate
+    rows = read_table(ensure_world(cfg.world, Path(cfg.out_dir).resolve() / "data")
+                      / f"candidates_{ecfg.split}.parquet", "candidates").to_pylist()
+    prompt_ids = list(dict.fromkeys(r["prompt_id"] for r in rows))
+    if ecfg.num_prompts > len(prompt_ids):
+        raise ConfigError(f"evaluate.num_prompts={ecfg.num_prompts} is not allowed: the {ecfg.split} split has "
+                          f"{len(prompt_ids)} prompts (0 = all)")
+    keep = set(prompt_ids[:ecfg.num_prompts or None])
+    rows = [r for r in rows if r["prompt_id"] in keep]
+    if ecfg.num_plot_images > len(rows):
+        raise ConfigError(f"evaluate.num_plot_images={ecfg.num_plot_images} is not allowed: {len(rows)} "
+                          "candidates are evaluated")
+    return rows
+
+
+def score_candidates(scorer: Any, rows: list[dict[str, Any]], form: str, max_reasoning_tokens: int,
+                     model_dir: Path) -> list[dict[str, Any]]:
+    """One prediction per (candidate, dimension), in that order: ids, mu, q, human, reasoning, output tokens."""
+    import torch
+    from tqdm import tqdm
+
+    from zray.scores import expected_score
+
+    tokenizer = getattr(scorer, "tokenizer", None)
+    if form == "reasoning" and tokenizer is None:  # an engine pool: count with the checkpoint's tokenizer
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    images = {r["candidate_id"]: decode_png(r["image"]) for r in rows}
+    queries = [(r, d) for r in rows for d in DIMENSIONS]
+    preds = []
+    for start in tqdm(range(0, len(queries), CHUNK_SIZE), desc=f"evaluate ({form})", unit="chunk"):
+        chunk = queries[start:start + CHUNK_SIZE]
+        reqs = [ScoreRequest(r["prompt"], images[r["candidate_id"]], d) for r, d in chunk]
+        reasonings: list[str | None] = [None] * len(reqs)
+        if form == "reasoning":
+            texts = scorer.generate_texts(reqs, max_tokens=max_reasoning_tokens, temperature=0.0, n=1)
+            reasonings = [t[0] for t in texts]
+            reqs = [ScoreRequest(q.prompt, q.image, q.dimension, t) for q, t in zip(reqs, reasonings, strict=True)]
+        q_BK = torch.as_tensor(scorer.score(reqs), dtype=torch.float32)
+        mu_B = expected_score(q_BK)
+        for k, ((row, dim), reasoning) in enumerate(zip(chunk, reasonings, strict=True)):
+            tokens = 1 if reasoning is None else len(tokenizer.encode(reasoning, add_special_tokens=False)) + 1
+            preds.append({"candidate_id": row["candidate_id"], "prompt_id": row["prompt_id"], "dimension": dim,
+                          "mu": float(mu_B[k]), "q": q_BK[k].tolist(), "human": float(row[f"human_{dim}"]),
+                          "reasoning": reasoning, "num_output_tokens": tokens})
+    return preds
+
+
+def compute_metrics(preds: list[dict[str, Any]]) -> dict[str, Any]:
+    """{"dimensions": {d: {hpa, margin_hpa, num_pairs, num_margin_pairs, plcc, srcc, num_candidates}},
+    "pooled": {...}} from predictions (candidate_id, prompt_id, dimension, mu, human); nan where undefined."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for p in preds:
+        groups.setdefault((p["dimension"], p["prompt_id"]), []).append(p)
+    pair_dims, pred_a, pred_b, human_a, human_b = [], [], [], [], []
+    for (dim, _), members in groups.items():
+        for a, b in itertools.combinations(members, 2):  # i < j: each unordered pair once
+            pair_dims.append(dim)
+            pred_a.append(a["mu"])
+            pred_b.append(b["mu"])
+            human_a.append(a["human"])
+            human_b.append(b["human"])
+    pairs = hpa_table(pair_dims, pred_a, pred_b, human_a, human_b)
+    dims = [d for d in DIMENSIONS if any(p["dimension"] == d for p in preds)]
+
+    def correlations(subset: list[dict[str, Any]]) -> dict[str, Any]:
+        mu, human = [p["mu"] for p in subset], [p["human"] for p in subset]
+        return {"plcc": plcc(mu, human), "srcc": srcc(mu, human), "num_candidates": len(subset)}
+
+    empty = {"hpa": math.nan, "margin_hpa": math.nan, "num_pairs": 0, "num_margin_pairs": 0}
+    return {"dimensions": {d: {**pairs.get(d, empty), **correlations([p for p in preds if p["dimension"] == d])}
+                           for d in dims},
+            "pooled": {**pairs["pooled"], **correlations(preds)}}
+
+
+def _json_ready(value: Any) -> Any:
+    """NaN -> None (strict JSON), recursively."""
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _num(value: Any, digits: int = 4) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def markdown_table(record: dict[str, Any]) -> str:
+    """The per-dimension table of one evaluation, with its pooled row and a header line."""
+    lines = [f"# Reward-model evaluation: {record['name']}", "",
+             f"Model `{record['model_dir']}`, form `{record['form']}`"
+             + (f" (method `{record['method']}`)" if record.get("method") else "")
+             + f", split `{record['split']}`: {record['num_prompts']} prompts, {record['num_candidates']} candidates,"
+             f" {record['num_queries']} queries, {record['mean_output_tokens']:.1f} output tokens per query,"
+             f" wall {record.get('wall_s') or 0.0:.1f} s.", "",
+             "| dimension | HPA | Margin HPA | PLCC | SRCC | pairs (margin) |", "|---|---|---|---|---|---|"]
+    for dim, m in [*record["dimensions"].items(), ("**pooled**", record["pooled"])]:
+        lines.append(f"| {dim} | {_num(m['hpa'])} | {_num(m['margin_hpa'])} | {_num(m['plcc'])} | {_num(m['srcc'])} "
+                     f"| {m['num_pairs']} ({m['num_margin_pairs']}) |")
+    return "\n".join(lines) + "\n"
+
+
+def markdown_row(method_name: str, metrics: dict[str, Any], *, model: str = "teacher") -> str:
+    """`| teacher | <method> | HPA | Margin HPA | PLCC | SRCC | output tokens |` from the pooled metrics."""
+    p = metrics["pooled"]
+    return (f"| {model} | {method_name} | {_num(p['hpa'])} | {_num(p['margin_hpa'])} | {_num(p['plcc'])} "
+            f"| {_num(p['srcc'])} | {_num(metrics['mean_output_tokens'], 1)} |")
+
+
+def results_table(rows: list[tuple[str, dict[str, Any]]], *, model: str = "teacher") -> str:
+    """The methods table: header, then one `markdown_row` per (method name, metrics record)."""
+    return "\n".join([RESULTS_HEADER, *(markdown_row(m, metrics, model=model) for m, metrics in rows)]) + "\n"
+
+
+def save_predictions(path: Path, preds: list[dict[str, Any]]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([("candidate_id", pa.string()), ("prompt_id", pa.string()), ("dimension", pa.string()),
+                        ("mu", pa.float64()), ("q", pa.list_(pa.float64())), ("human", pa.float64()),
+                        ("reasoning", pa.string()), ("num_output_tokens", pa.int32())])
+    pq.write_table(pa.Table.from_pylist(preds, schema=schema), str(path))
+
+
+def save_distributions(path: Path, rows: list[dict[str, Any]], preds: list[dict[str, Any]], form: str,
+                       title: str) -> None:
+    """One row per candidate: the image, then q over the nine bins per dimension (human score red, mu dashed);
+    in reasoning form the greedy reasoning is each chart's caption."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_key = {(p["candidate_id"], p["dimension"]): p for p in preds}
+    reasoning = form == "reasoning"
+    fig, axes = plt.subplots(len(rows), 1 + len(DIMENSIONS), squeeze=False,
+                             figsize=(2.3 * (1 + len(DIMENSIONS)), (2.9 if reasoning else 2.0) * len(rows)))
+    for i, row in enumerate(rows):
+        axes[i, 0].imshow(decode_png(row["image"]))
+        axes[i, 0].set_axis_off()
+        axes[i, 0].set_title(textwrap.shorten(row["prompt"], 60), fontsize=6, wrap=True)
+        for j, dim in enumerate(DIMENSIONS, start=1):
+            ax, p = axes[i, j], by_key[(row["candidate_id"], dim)]
+            ax.bar(SCORE_BINS, p["q"], width=0.4, color="C0")
+            ax.axvline(p["human"], color="red", lw=1.2, label="human")
+            ax.axvline(p["mu"], color="black", lw=1.0, ls="--", label="mu")
+            ax.set_ylim(0, 1)
+            ax.set_xticks([1, 2, 3, 4, 5])
+            ax.tick_params(labelsize=6)
+            ax.set_title(f"{dim}: mu {p['mu']:.2f}, human {p['human']:.2f}", fontsize=6.5)
+            if reasoning and p["reasoning"] is not None:
+                caption = textwrap.fill(textwrap.shorten(p["reasoning"] or "(empty)", 120), 38)
+                ax.set_xlabel(caption, fontsize=5, family="monospace")
+        if i == 0:
+            axes[0, -1].legend(fontsize=5.5, loc="upper left")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
