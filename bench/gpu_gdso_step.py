@@ -18,6 +18,8 @@ each side has its own image (448 x 448 -> 256 image tokens) and G sampled respon
 4. backward. The optimizer step is not included (under DeepSpeed ZeRO it is sharded across the GPUs).
 
 Printed: the median over `--steps` timed steps (after one warm-up) of each phase, tokens/s, and the peak memory.
+
+No recorded runs yet; record them in docs/experiments.md (section 5).
 """
 
 from __future__ import annotations

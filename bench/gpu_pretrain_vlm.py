@@ -1,16 +1,16 @@
 """The dev teacher's pre-training on one GPU, at the CPU recipe's size and with more compute: is shape compute-bound?
 
+    .venv/bin/zray data --recipe dev                                                   # the dev world, if missing
     python bench/gpu_pretrain_vlm.py --data runs/dev/data --out gpu_pretrain.json      # every variant, at once
     python bench/gpu_pretrain_vlm.py --data runs/dev/data --variants recipe --smoke    # a few steps on the CPU
 
-On a 2-core CPU the `dev` recipe's teacher (`zray pretrain-vlm --recipe dev --model teacher`) reaches every
-attribute but shape (81-83% of held-out images) and relation. This runs the same two phases with the same tasks,
-model init, optimiser, schedule shape and data (zray's `VisionWarmupTask` and `CaptionTask`, `build_optimizer`,
-the captions Parquet split), in plain torch on one device instead of Ray Train + DeepSpeed, so that larger
-batches, more steps and a larger vision tower can be tried in minutes:
+Runs the two phases of `zray pretrain-vlm --recipe dev --model teacher` with the same tasks, model init, optimiser,
+schedule shape and data (zray's `VisionWarmupTask` and `CaptionTask`, `build_optimizer`, the captions Parquet
+split), in plain torch on one device instead of Ray Train + DeepSpeed, so that larger batches, more steps and a
+larger vision tower can be tried in minutes:
 
-- recipe: the CPU recipe's batches and step counts (warm-up 3,302 steps of 32, captioning 6,800 of 16): the
-  control, which must land near the CPU figures for the other variants to mean anything.
+- recipe: the 26 Nov CPU recipe's batches and step counts (warm-up 3,302 steps of 32, captioning 6,800 of 16):
+  the control, which must land near the CPU figures for the other variants to mean anything.
 - batch4x: the same steps with 4x the batch (4x the images seen).
 - vision128_batch4x: batch4x with a vision tower 128 wide and 4 deep (against 64 and 2).
 
@@ -21,24 +21,11 @@ process (the model's own processor, in a pool of CPU workers) and kept on the de
 (`describe_images`, greedy, then `caption_metrics` and `caption_slices`) on the first `--eval-images` held-out
 images. Imports torch, transformers, pyarrow and zray's core only (no Ray, vLLM or DeepSpeed).
 
-Measured 26 Nov 2026 on one NVIDIA H200 (`--warmup-s 60 --caption-s 240`, the three variants at once, fp32, 500
-held-out images; background / colour / shape / count / relation / exact):
-- recipe: warm-up 2,366 steps, captioning 2,324 of 6,800 steps (9.7 steps/s): 100 / 80.4 / 57.8 / 82.4 / 38.6 /
-  51.2%.
-- batch4x: warm-up 863 steps, captioning 872 steps of 64 (3.6 steps/s): 100 / 83.2 / 35.6 / 86.4 / 21.4 / 31.0%.
-- vision128_batch4x (1.73M parameters): warm-up 525 steps, captioning 782 steps of 64 (3.3 steps/s): 100 / 84.6
-  / 61.4 / 91.0 / 38.6 / 52.2%.
-What it showed:
-- The GPU is no faster than the 2-core CPU for this model: the recipe's step rate (9.7/s, sharing the GPU with
-  two other runs) is close to the CPU's 7.5/s, and a 4x batch cost 2.7x the time per step. A 0.8M-parameter
-  model leaves the GPU's arithmetic idle, and the time grows with the images: transformers' Qwen3-VL (sdpa
-  attention) runs the vision tower's attention one image at a time and builds the multimodal rotary indices in
-  a Python loop over the batch, each a string of small kernel launches. So this did not answer whether more
-  compute lifts shape: no run reached the CPU recipe's step count.
-- At equal steps and batch, the 128-wide, 4-deep vision tower learnt shape far faster than the recipe's 64-wide,
-  2-deep one (61.4% against 35.6% after about 800 steps of 64), as did its training object-map accuracy (52%
-  against 20%). On the CPU, at the recipe's batch of 16, it was no faster per step and got fewer steps in the
-  budget: shape 76.5% against 81% (notes in jobs/pretrain_vlm.py).
+Printed: the device and budgets; per variant its parameters, warm-up and captioning steps taken / asked (batch,
+images seen, seconds), evaluation time, background / colour / shape / count / relation / exact accuracy on the
+held-out images, and shape accuracy per slice. `--out` also writes every variant's results as JSON.
+
+Recorded runs and what they showed: docs/experiments.md (section 1, "the dev teacher's pre-training on one GPU").
 """
 
 from __future__ import annotations
@@ -302,7 +289,7 @@ def main() -> None:
     if unknown or not names:
         parser.error(f"--variants={args.variants!r}: unknown {unknown}; allowed: {', '.join(VARIANTS)}")
     if not (Path(args.data) / "captions_train.parquet").is_file():
-        parser.error(f"--data={args.data!r}: no captions_train.parquet there (build a world: zray build-data)")
+        parser.error(f"--data={args.data!r}: no captions_train.parquet there (build a world: zray data)")
     if args.smoke:
         args.train_images, args.eval_images, args.eval_batch = args.train_images or 64, min(args.eval_images, 8), 8
 

@@ -22,19 +22,16 @@ Both use gradient checkpointing (non-reentrant) unless --no-checkpointing. MFU =
 peak, where the peak is the best bf16 matmul throughput measured here (square matmuls up to 8192) and model FLOPs
 count the matmuls and attention of the forward pass and of the backward pass that the step needs (full: 2x the
 forward for input and weight grads; LoRA / frozen: 1x, input grads only; frozen vision tower: forward only),
-without recomputation. This script imports torch, transformers, diffusers and (optionally) peft only; without peft
-a minimal LoRA wrapper stands in. Every step repeats one batch, so the printed loss should fall (a sanity check
-that the step trains; a non-finite loss stops the script).
+without recomputation (so MFU does not credit the recomputed forward of checkpointing). This script imports
+torch, transformers, diffusers and (optionally) peft only; without peft a minimal LoRA wrapper stands in.
 
-Measured 26 Nov 2026 on one NVIDIA H200 (torch 2.11, transformers 5.17, peft, diffusers 0.42.1; bf16 matmul peak
-measured at 780.5 TFLOP/s), defaults (5 timed steps after 2 warm-up steps, median):
-- vlm, Qwen3-VL-8B-shaped (8.77B parameters, LoRA r=16: 43.7M trainable), batch 16 x (448 px = 196 image tokens
-  + 160 answer tokens): 1,037 ms/step, 15.4 samples/s, peak memory 28.4 GiB, 180.5 TFLOP/s, MFU 23.1%; loss on
-  the repeated batch 12.74 -> 11.48 over 7 steps.
-- zimage, full parameters, pure-bf16 AdamW (6.15B trainable), batch 1 x 1024 px (4,096 image + 128 caption
-  tokens): 664 ms/step, 1.51 samples/s, peak memory 47.4 GiB, 255.6 TFLOP/s, MFU 32.7%; loss 1.33 -> 1.04.
-Both with gradient checkpointing, whose recomputed forward is not counted in the model FLOPs: the GPU does a third
-(full training: 4 forwards' worth instead of 3) to a half (LoRA: 3 instead of 2) more work than MFU credits.
+Printed: the device and its measured matmul peak; per model its description, parameters (trainable), ms/step and
+samples/s (median of --steps timed steps after --warmup untimed ones), peak memory, model TFLOP/step, achieved
+TFLOP/s and MFU, and the loss on the repeated batch from the first step to the last: every step repeats one
+batch, so it should fall (a sanity check that the step trains; a non-finite loss stops the script). `--out` also
+writes the results as JSON.
+
+Recorded runs: docs/experiments.md (section 4).
 """
 
 from __future__ import annotations

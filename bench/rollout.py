@@ -10,12 +10,15 @@ rubric dimension rendered as the teacher's generation prompt.
 - baseline: transformers `generate(do_sample=True, num_return_sequences=G, min_new_tokens=max_new_tokens=T,
   output_logits=True)` over batches of `--hf-batch` inputs, plus the per-token log-probs from the logits
   (what a rollout needs); no score pass, so the baseline is favoured.
-- candidate: `TeacherEngine.generate` (actors/teacher_engine/rollouts.py): the same G x T sampling with log-probs, plus the
-  second engine call that reads the score distribution of every sample, assembled into a RolloutBatch.
+- candidate: `TeacherEngine.generate` (actors/teacher_engine/rollouts.py): the same G x T sampling with
+  log-probs, plus the second engine call that reads the score distribution of every sample, assembled into a
+  RolloutBatch.
 
 Throughput = reasoning tokens sampled / wall seconds (after one small warm-up call each). The baseline runs
 first, before vLLM binds its threads. Printed: tokens/s of each and the ratio. Shares the CPU with whatever
 else runs on the machine: compare the ratio, not the absolute figures, and rerun when the load changes.
+
+No recorded runs yet; record them in docs/experiments.md (section 5).
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ Each Ray Train worker builds both engines in turn (zray.training.engine.TrainEng
 "deepspeed"), alternating DDP, ZeRO-2, DDP, ZeRO-2, ... so that drifting CPU contention hits both alike, and times
 `--steps` optimizer steps after `--warmup` untimed ones. Printed: samples/s (all workers) of each backend (median
 over rounds) and the ZeRO-2 / DDP ratio. Nothing is read from disk but the model config; HF_HUB_OFFLINE is set.
+
+No recorded runs yet; record them in docs/experiments.md (section 5).
 """
 
 from __future__ import annotations

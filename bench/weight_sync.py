@@ -19,6 +19,8 @@ the weights.
 Rounds interleave all of them (after one warm-up round) so that drifting CPU load hits each alike. Printed:
 median seconds and GB/s over `--rounds` of each, and the ratio candidate / baseline. The machine is
 shared: absolute figures move with the load, so compare within one run.
+
+No recorded runs yet; record them in docs/experiments.md (section 5).
 """
 
 from __future__ import annotations

@@ -70,7 +70,7 @@ def dev() -> RunConfig:
         teacher=VLMConfig(arch="qwen3_vl", hidden_size=128, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=64,
                           intermediate_size=256, vision_hidden_size=64, vision_depth=2, vision_num_heads=2),
         # The student is compact in its language model only: with a 32-wide, 1-layer vision tower it was far
-        # less accurate (exact 68.5% against 79% in 20 minutes; notes in jobs/pretrain_vlm.py).
+        # less accurate (exact 68.5% against 79% in 20 minutes; docs/experiments.md, pretrain-vlm).
         student=VLMConfig(arch="qwen3_vl", hidden_size=64, num_layers=2, num_heads=1, num_kv_heads=1, head_dim=64,
                           intermediate_size=128, vision_hidden_size=64, vision_depth=2, vision_num_heads=2),
         # VAE: 64x64 -> 16x16x16 latents (64 transformer tokens); GroupNorm with 4 groups (see GeneratorConfig).
@@ -78,7 +78,7 @@ def dev() -> RunConfig:
                                   vae_block_channels=(16, 32, 64), vae_norm_groups=4, text_hidden_size=64,
                                   text_num_layers=2),
         vllm=VLLMConfig(kv_cache_gib=2, enforce_eager=True, in_process=True, max_model_len=1024),
-        # Calibrated for 20 minutes of training per model on a 2-core CPU (notes in jobs/pretrain_vlm.py).
+        # Calibrated for 20 minutes of training per model on a 2-core CPU (docs/experiments.md, pretrain-vlm).
         pretrain_vlm=PretrainVLMConfig(
             # The budget ends captioning: budget_schedule moves the end of the cosine decay to where the budget is
             # expected to end (the step rate of this machine varies by a third from day to day); max_steps only
@@ -91,7 +91,7 @@ def dev() -> RunConfig:
                                  keep_checkpoints=2, log_every=100),
             vision_time_budget_s=200.0,
         ),
-        # Calibrated for about 38 minutes in all on a 2-core CPU (notes in jobs/pretrain_generator.py): 8 min of
+        # Calibrated for about 38 minutes in all on a 2-core CPU (docs/experiments.md, pretrain-generator): 8 min of
         # VAE, 26 min of flow transformer, about 4 min of start-up, checkpoints and evaluation. One thread per
         # worker: two were faster only on an idle machine and several times slower beside other jobs. The step
         # caps are above what the budgets allow; the budgets end each phase (with a final checkpoint).
@@ -104,7 +104,7 @@ def dev() -> RunConfig:
             flow_ema_decay=0.999, num_eval_prompts=200,
         ),
         # Every method sees the same pairs (max_steps x micro_batch_size of the train split, same order); see
-        # jobs/train_teacher.py for the calibration. The base model is the teacher of `zray pretrain-vlm`.
+        # docs/experiments.md (train-teacher) for the calibration. The base model is the teacher of `zray pretrain-vlm`.
         train_teacher=TrainTeacherConfig(
             learner=LearnerConfig(max_steps=150, micro_batch_size=4, lr=2e-4, warmup_steps=5, checkpoint_every=25,
                                   keep_checkpoints=2, log_every=5),

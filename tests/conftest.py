@@ -1,4 +1,9 @@
-"""Test-session environment: offline hub, tiny vLLM KV cache, in-process vLLM engines."""
+"""Test-session environment and shared fixtures: offline hub, tiny vLLM KV cache, in-process vLLM engines, one Ray
+instance for the whole session (`ray_session`), one vLLM engine (`teacher_engine`), the tiny model zoo.
+
+Markers mean what they say: a test that uses Ray (`ray_session`) or a vLLM engine (`teacher_engine`) is marked
+`slow` automatically, so `pytest -m "not slow"` is the quick tier and needs neither.
+"""
 
 import os
 
@@ -9,11 +14,36 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray Train's controller polls its workers every 2 s by default; polling faster shortens the tail of every fit.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 # ------------------------------------------------------------------ tiny model zoo (built once per session)
 
 import pytest  # noqa: E402
+
+SLOW_FIXTURES = ("ray_session", "teacher_engine")  # a test that uses one of these is `slow`
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m filters the items
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(name in getattr(item, "fixturenames", ()) for name in SLOW_FIXTURES):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """The test session's one local Ray instance (4 logical CPUs: two learner workers and two engine actors),
+    started by the first test that needs it and stopped at the end of the session. Tests never call
+    ray.init / ray.shutdown themselves, and stop every actor they start."""
+    ray = pytest.importorskip("ray")
+    from actors.learner import ray_runtime_env
+
+    if not ray.is_initialized():  # with the learner's log filters, as `init_ray` starts it
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env=ray_runtime_env())
+    yield ray
+    ray.shutdown()
 
 
 @pytest.fixture(scope="session")
@@ -108,3 +138,88 @@ def _teacher_force(model, processor, batch, requests):
 @pytest.fixture(scope="session")
 def teacher_force():
     return _teacher_force
+
+
+# ------------------------------------------------------------------ rollouts without vLLM
+
+
+def _synthetic_rollout(processor, requests, group_size, max_reasoning, seed=0, *, temperature=1.0, version=0,
+                       token_logprob=-1.5):
+    """A RolloutBatch as an engine would return it (real prompt ids, random Shapes-word reasoning of 1 to
+    `max_reasoning` tokens, canonical score prefix, score token drawn from a random q), built by the engines' own
+    vLLM-free assembly (`actors.teacher_engine.rollouts.assemble_rollout`)."""
+    import torch
+
+    from actors.teacher_engine.rollouts import PrefixIds, RolloutSample, assemble_rollout
+    from zray.rubric import render_generation_prompt
+    from zray.scores import score_token_ids
+    from zray.types import FINISH_PREFIX
+
+    tok = processor.tokenizer
+    gen = torch.Generator().manual_seed(seed)
+    words = tok.encode(" red circle blue square star left of two", add_special_tokens=False)
+    prefix = PrefixIds(tok)
+    prompts, samples = [], []
+    for r in requests:
+        text = render_generation_prompt(processor, r.prompt, r.dimension, reasoning=True)
+        prompts.append(processor(text=[text], images=[r.image], return_tensors="pt")["input_ids"][0].tolist())
+        row = []
+        for _ in range(group_size):
+            k = int(torch.randint(1, max_reasoning + 1, (1,), generator=gen))
+            ids = [words[int(j)] for j in torch.randint(len(words), (k,), generator=gen)]
+            row.append(RolloutSample(ids, [token_logprob] * k, FINISH_PREFIX, prefix.after(ids), seed))
+        samples.append(row)
+    logprobs_BK = torch.log_softmax(torch.randn(len(requests) * group_size, 9, generator=gen, dtype=torch.float64), -1)
+    return assemble_rollout(prompts, samples, logprobs_BK, score_token_ids(processor), temperature, version)
+
+
+@pytest.fixture(scope="session")
+def synthetic_rollout():
+    return _synthetic_rollout
+
+
+# ------------------------------------------------------------------ a task's loss through a real DDP wrapper
+
+
+
+def _plain_then_ddp(task, batch, tmp_path):
+    """(model, plain, [ddp, ddp]): task.loss's value, metrics and gradients on the bare model, then twice on the same
+    model inside a DistributedDataParallel of a 1-process gloo group (a second DDP step fails when a trainable
+    parameter got no gradient in the first).
+
+    The group is this test's own: a fresh default group (destroyed afterwards) when torch.distributed is not
+    initialised, else a new gloo subgroup of the existing 1-process default group (an in-process vLLM engine of
+    the test session initialises one)."""
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.manual_seed(0)
+    model = task.build_model()
+
+    def step(module):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        loss, metrics = task.loss(module, batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return float(loss.detach()), metrics, grads
+
+    plain = step(model)
+    owned = not dist.is_initialized()
+    if owned:
+        dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "gloo_store"), 1), rank=0, world_size=1)
+    assert dist.get_world_size() == 1
+    try:
+        group = None if owned else dist.new_group(ranks=[0], backend="gloo")
+        ddp = DistributedDataParallel(model, process_group=group)
+        wrapped = [step(ddp) for _ in range(2)]
+    finally:
+        if owned:
+            dist.destroy_process_group()
+    return model, plain, wrapped
+
+
+@pytest.fixture
+def plain_then_ddp():
+    return _plain_then_ddp

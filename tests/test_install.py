@@ -25,6 +25,7 @@ def test_torchvision_shim_is_installed_for_every_process():
     assert out.stdout.strip() == "True"  # loaded by the .pth at interpreter start-up
 
 
+@pytest.mark.slow  # imports vLLM, Ray, DeepSpeed and the model stacks in one process (about 10 s)
 def test_heavy_stack_imports():
     code = (
         "import torchvision\n"

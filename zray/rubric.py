@@ -1,4 +1,5 @@
-"""Scoring prompts: rubric text per dimension and Qwen chat messages (methods.md §1).
+"""The rubric: its dimensions, its nine-bin score scale and score tokens, anchor text, and the scoring prompts
+(Qwen chat messages, methods.md §1).
 
 One place builds every scoring context, so the teacher's rollouts (vLLM), its training (transformers), the
 student and the reward service all see the same text:
@@ -15,10 +16,34 @@ Pure: standard library only. Functions that render text take any object with a H
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 DIMENSIONS: tuple[str, ...] = ("alignment", "realism", "aesthetics", "plausibility")
+
+# The score scale: nine half-point bins S = {1.0, 1.5, ..., 5.0}, each spelled by one dedicated token.
+SCORE_MIN = 1.0
+SCORE_MAX = 5.0
+SCORE_STEP = 0.5
+SCORE_RANGE = SCORE_MAX - SCORE_MIN  # R in the paper
+NUM_BINS = 9
+SCORE_BINS: tuple[float, ...] = tuple(SCORE_MIN + SCORE_STEP * k for k in range(NUM_BINS))
+SCORE_TOKENS: tuple[str, ...] = tuple(f"<s_{s:.1f}>" for s in SCORE_BINS)
+
+
+def label_index(score: float) -> int:
+    """Index k of the bin of `score`: round((s - 1.0) / 0.5) (Python's round, halves to even), for s in [1, 5];
+    a score outside [1, 5] or not finite raises ValueError."""
+    s = float(score)
+    if not math.isfinite(s) or not SCORE_MIN <= s <= SCORE_MAX:
+        raise ValueError(f"score={score!r} is not allowed: expected a number in [{SCORE_MIN}, {SCORE_MAX}]")
+    return int(round((s - SCORE_MIN) / SCORE_STEP))
+
+
+def score_token(score: float) -> str:
+    """The score token of the bin that `score` falls in, e.g. 3.5 -> '<s_3.5>'."""
+    return SCORE_TOKENS[label_index(score)]
 
 # Five-level anchors, short on purpose (the tiny models have a small context).
 RUBRICS: dict[str, tuple[str, str, str, str, str]] = {

@@ -1,4 +1,6 @@
-"""Score bins, score tokens and the score decoder (methods.md §1). Pure: torch only.
+"""The score decoder (methods.md §1): score-token ids, q = softmax over their logits, mu. Pure: torch only.
+
+The scale itself (bins, tokens, `label_index`) is defined in `zray.rubric` and re-exported here.
 
 Labels live on nine half-point bins S = {1.0, 1.5, ..., 5.0}. Each bin has one dedicated token (`<s_1.0>` ...
 `<s_5.0>`), added to the tokenizer so that a score is always exactly one token. A model "outputs a
@@ -13,32 +15,13 @@ Shape legend:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-SCORE_MIN = 1.0
-SCORE_MAX = 5.0
-SCORE_STEP = 0.5
-SCORE_RANGE = SCORE_MAX - SCORE_MIN  # R in the paper
-NUM_BINS = 9
-SCORE_BINS: tuple[float, ...] = tuple(SCORE_MIN + SCORE_STEP * k for k in range(NUM_BINS))
-SCORE_TOKENS: tuple[str, ...] = tuple(f"<s_{s:.1f}>" for s in SCORE_BINS)
-
-
-def label_index(score: float) -> int:
-    """Index k of the bin of `score`: round((s - 1.0) / 0.5), for s in [1, 5]."""
-    s = float(score)
-    if not math.isfinite(s) or not SCORE_MIN <= s <= SCORE_MAX:
-        raise ValueError(f"score={score!r} is not allowed: expected a number in [{SCORE_MIN}, {SCORE_MAX}]")
-    return int(round((s - SCORE_MIN) / SCORE_STEP))
-
-
-def score_token(score: float) -> str:
-    """The score token of the bin that `score` falls in, e.g. 3.5 -> '<s_3.5>'."""
-    return SCORE_TOKENS[label_index(score)]
+from zray.rubric import (NUM_BINS, SCORE_BINS, SCORE_MAX, SCORE_MIN, SCORE_RANGE, SCORE_STEP, SCORE_TOKENS,  # noqa: F401
+                         label_index, score_token)
 
 
 def score_bins(device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -3,10 +3,11 @@
     from actors.learner import fit
     result = fit(task, cfg, datasets={"train": ds}, storage_path="/abs/runs", name="vlm")
 
-- `trainer.py`: `fit` (the driver side: shards, TorchTrainer, resume checks), `init_ray`, `LearnerResult`.
+- `trainer.py`: `fit` (the driver side: shards, TorchTrainer, resume checks), `init_ray` (with
+  `ray_runtime_env`: filters for Ray Train's log noise in every worker process), `LearnerResult`.
 - `worker_loop.py`: the loop each Ray Train worker runs (steps, logging, checkpoints, time budgets).
 """
 
-from actors.learner.trainer import LearnerResult, fit, init_ray
+from actors.learner.trainer import LearnerResult, fit, init_ray, ray_runtime_env
 
-__all__ = ["LearnerResult", "fit", "init_ray"]
+__all__ = ["LearnerResult", "fit", "init_ray", "ray_runtime_env"]

@@ -38,6 +38,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,15 +81,52 @@ class _PresplitDataConfig(DataConfig):
         return output
 
 
+# Ray Train's PlacementGroupCleaner (a detached actor started with every fit) asks Ray's State API every second
+# whether the run's controller is alive. The State API is the dashboard's HTTP server, which a Ray started with
+# include_dashboard=False (as `init_ray` and the tests start it) does not run: each check then logs this warning,
+# for the whole run.
+PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+PG_CLEANER_NOISE = "Failed to query Ray Train Controller actor state."
+
+
+def _placement_group_cleaner_quieter() -> Callable[[], None]:
+    """A function that adds, once per process, a filter to PG_CLEANER_LOGGER dropping its PG_CLEANER_NOISE warnings
+    (its other records, and errors, pass). Nested, so cloudpickle ships it by value: a Ray worker process runs it
+    at start (`worker_process_setup_hook`) without importing this module (torch, Ray Train)."""
+    logger_name, noise = PG_CLEANER_LOGGER, PG_CLEANER_NOISE
+
+    def install() -> None:
+        import logging
+
+        logger = logging.getLogger(logger_name)
+        if any(getattr(f, "drops", None) == noise for f in logger.filters):
+            return
+
+        def keep(record: logging.LogRecord) -> bool:
+            return record.levelno > logging.WARNING or not str(record.msg).startswith(noise)
+
+        keep.drops = noise  # marks the filter as installed
+        logger.addFilter(keep)
+
+    return install
+
+
+def ray_runtime_env() -> dict[str, Any]:
+    """The job-level runtime env the learner wants: every Ray worker process drops PlacementGroupCleaner's State
+    API warnings (`PG_CLEANER_NOISE`). `init_ray` uses it; pass it to your own `ray.init(runtime_env=...)`."""
+    return {"worker_process_setup_hook": _placement_group_cleaner_quieter()}
+
+
 def init_ray(cpus_needed: float) -> None:
     """Join the cluster at RAY_ADDRESS, or start a local Ray instance with at least `cpus_needed` logical CPUs (and
-    at least this machine's count); nothing if Ray is already initialised (tests, notebooks)."""
+    at least this machine's count), with `ray_runtime_env()`; nothing if Ray is already initialised (tests,
+    notebooks: their `ray.init` decides the runtime env)."""
     import ray
 
     if ray.is_initialized():
         return
     local = {} if os.environ.get("RAY_ADDRESS") else {"num_cpus": max(math.ceil(cpus_needed), os.cpu_count() or 1)}
-    ray.init(**local, include_dashboard=False, log_to_driver=True)
+    ray.init(**local, include_dashboard=False, log_to_driver=True, runtime_env=ray_runtime_env())
 
 
 def _shard_train_split(ds: Any, cfg: LearnerConfig) -> tuple[list[Any], int]:

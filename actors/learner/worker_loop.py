@@ -7,8 +7,9 @@ history. `samples_per_s` is the global batch over the slowest worker's mean step
 optimizer; logging and checkpoints excluded). Every `checkpoint_every` steps and at the end, each worker writes its
 part of a checkpoint into a scratch dir (engine state, its RNG and data position; rank 0 also the Hugging Face
 export and learner.json) and calls `ray.train.report` with it and the last metrics (all workers report at the same
-steps); Ray Train merges the parts into `run_dir/checkpoint_<step>`. A time budget is checked every step by a MAX
-all-reduce, so all workers stop after the same step.
+steps); Ray Train merges the parts into `run_dir/checkpoint_<step>`. With a time budget, one MAX all-reduce of the
+elapsed time per step serves both the stop (all workers stop after the same step, and checkpoint it) and the
+budget schedule.
 """
 
 from __future__ import annotations
@@ -179,15 +180,9 @@ def _restore(engine: TrainEngine, task: LearnerTask, ckpt_dir: Path,
 # ---------------------------------------------------------------------------------------------- the loop
 
 
-def _should_stop(started: float, budget_s: float, device: torch.device) -> bool:
-    """All workers agree on whether the time budget is spent (a MAX all-reduce of each worker's verdict)."""
-    flag = torch.tensor([1.0 if time.perf_counter() - started > budget_s else 0.0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item() > 0)
-
-
 def _agreed_elapsed(started: float, device: torch.device) -> float:
-    """Seconds since `started`, the largest over the ranks (so every rank computes the same schedule)."""
+    """Seconds since `started`, the largest over the ranks (a MAX all-reduce), so every rank takes the same budget
+    decisions: whether to stop after this step, and where the budget schedule ends."""
     elapsed = torch.tensor([time.perf_counter() - started], dtype=torch.float64, device=device)
     dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
     return float(elapsed.item())
@@ -261,14 +256,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             step += 1
             window.steps += 1
             window.seconds += time.perf_counter() - t0
-            stop = step >= cfg.max_steps or (budget_s > 0 and _should_stop(started, budget_s, device))
+            elapsed = _agreed_elapsed(started, device) if budget_s > 0 else 0.0  # one collective per step
+            stop = step >= cfg.max_steps or (budget_s > 0 and elapsed > budget_s)
             log_now = stop or step % cfg.log_every == 0
             ckpt_now = stop or step % cfg.checkpoint_every == 0
             if not (log_now or ckpt_now):
                 continue
             if fit_schedule and not stop:
-                end = budget_end_step(step, first_step, _agreed_elapsed(started, device), budget_s, cfg.max_steps)
-                engine.set_schedule_steps(end)
+                engine.set_schedule_steps(budget_end_step(step, first_step, elapsed, budget_s, cfg.max_steps))
             metrics = window.averaged()
             if fit_schedule:
                 metrics["schedule_steps"] = float(engine.scheduler.lr_lambdas[0].total_steps)

@@ -21,6 +21,7 @@ returns the log-probs of exactly the nine score tokens at the score position, re
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -36,6 +37,28 @@ from zray.models.vlm import checkpoint_dtype
 from zray.rubric import SCORE_PREFIX, ScoreRequest, render_generation_prompt, render_score_context
 from zray.scores import distribution_from_logprobs, score_token_ids
 from zray.types import RolloutBatch, WeightSyncReport, WeightVersionError
+
+
+# vLLM's CPU worker replaces `torch.set_num_threads` in its process by a function that only logs this warning
+# (vllm/v1/worker/cpu_worker.py); vLLM's renderer then calls it twice per multimodal request
+# (`set_default_torch_num_threads`), so an in-process engine logs it thousands of times a run.
+CPU_WORKER_LOGGER = "vllm.v1.worker.cpu_worker"
+SKIPPED_SET_NUM_THREADS = ("CPU backend doesn't allow to use `torch.set_num_threads` after the thread binding, "
+                           "skip it.")
+
+
+class SkippedSetNumThreadsFilter(logging.Filter):
+    """Drops exactly vLLM's CPU-worker warning `SKIPPED_SET_NUM_THREADS`; every other record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != SKIPPED_SET_NUM_THREADS
+
+
+def quiet_skipped_set_num_threads() -> None:
+    """Install `SkippedSetNumThreadsFilter` on vLLM's CPU-worker logger of this process (once)."""
+    logger = logging.getLogger(CPU_WORKER_LOGGER)
+    if not any(isinstance(f, SkippedSetNumThreadsFilter) for f in logger.filters):
+        logger.addFilter(SkippedSetNumThreadsFilter())
 
 
 def _set_vllm_env(cfg: VLLMConfig) -> None:
@@ -54,6 +77,7 @@ class TeacherEngine:
         dtype = dtype or checkpoint_dtype(model_dir)
         from vllm import LLM  # after the environment is set
 
+        quiet_skipped_set_num_threads()  # the in-process worker's warning (a separate worker process keeps its own)
         start = time.perf_counter()
         self.cfg = cfg
         self.model_dir = str(model_dir)

@@ -41,8 +41,9 @@ SEED_STRIDE = 1_000_003
 
 
 @dataclass
-class _Sample:
-    """One sample between the two engine calls (internal)."""
+class RolloutSample:
+    """One sample between the two engine calls: its kept reasoning (ids, rollout log-probs), how it finished, the
+    score prefix ids that follow, and its seed (for the score token)."""
 
     reasoning_ids: list[int]
     reasoning_logprobs: list[float]
@@ -165,7 +166,7 @@ def generate_rollouts(llm: Any, requests: Sequence[ScoreRequest | tuple], *, sco
     outputs = llm.generate([{"prompt": t, "multi_modal_data": {"image": r.image}} for t, r in zip(texts, reqs)],
                            params, use_tqdm=False)
     prompts = [list(out.prompt_token_ids) for out in outputs]
-    samples: list[list[_Sample]] = []
+    samples: list[list[RolloutSample]] = []
     for i, out in enumerate(outputs):
         if len(out.outputs) != group_size:
             raise RuntimeError(f"vLLM returned {len(out.outputs)} samples for request {i}: expected {group_size}")
@@ -179,7 +180,7 @@ def generate_rollouts(llm: Any, requests: Sequence[ScoreRequest | tuple], *, sco
             if len(ids) > room:  # the score position must fit in the context: cut and call it malformed
                 ids, logprobs, finish = ids[:max(room, 0)], logprobs[:max(room, 0)], FINISH_LENGTH
                 pre = prefix.after(ids)
-            row.append(_Sample(ids, logprobs, finish, pre, _sample_seed(seed, request_offset + i, group_size, g)))
+            row.append(RolloutSample(ids, logprobs, finish, pre, _sample_seed(seed, request_offset + i, group_size, g)))
         samples.append(row)
 
     # ---- call 2: the score distribution at the score position of every sample
@@ -203,7 +204,7 @@ def generate_rollouts(llm: Any, requests: Sequence[ScoreRequest | tuple], *, sco
         if missing:
             raise RuntimeError(f"vLLM returned no log-prob for score token ids {missing}")
         logprobs_BK[b] = torch.tensor([step[t].logprob for t in score_ids], dtype=torch.float64)
-    return _assemble(prompts, samples, logprobs_BK, score_ids, temperature, weights_version)
+    return assemble_rollout(prompts, samples, logprobs_BK, score_ids, temperature, weights_version)
 
 
 def _draw_score(logprobs_K: torch.Tensor, temperature: float, seed: int | None) -> int:
@@ -219,8 +220,11 @@ def _draw_score(logprobs_K: torch.Tensor, temperature: float, seed: int | None) 
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
-def _assemble(prompts: list[list[int]], samples: list[list[_Sample]], logprobs_BK: torch.Tensor,
-              score_ids: Sequence[int], temperature: float, weights_version: int) -> RolloutBatch:
+def assemble_rollout(prompts: list[list[int]], samples: list[list[RolloutSample]], logprobs_BK: torch.Tensor,
+                     score_ids: Sequence[int], temperature: float, weights_version: int) -> RolloutBatch:
+    """The validated `RolloutBatch` of N prompts (expanded ids), G samples each, and the score-token log-probs
+    logprobs_BK (B = N * G, request-major) at their score positions; draws each score token from q. No vLLM:
+    the learner's tests build rollouts with it too."""
     n, g = len(samples), len(samples[0])
     el = max(len(p) for p in prompts)
     lengths = [len(s.reasoning_ids) + len(s.prefix_ids) + 1 for row in samples for s in row]

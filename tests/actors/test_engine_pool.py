@@ -10,19 +10,6 @@ from zray.config import VLLMConfig
 from zray.rubric import ScoreRequest
 from zray.types import RolloutBatch, WeightVersionError
 
-pytestmark = pytest.mark.slow  # Ray (and one vLLM engine in an actor)
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
 def _fake_engine_class():
     """A stand-in engine actor (no vLLM): sample (i, g) of request `offset + i` has prompt id offset + i + 1."""
 
@@ -58,7 +45,10 @@ def _fake_engine_class():
 @pytest.fixture(scope="module")
 def fakes(ray_session):
     fake = ray.remote(num_cpus=0.1)(_fake_engine_class())
-    return [fake.remote(), fake.remote(), fake.remote(version=1)]
+    actors = [fake.remote(), fake.remote(), fake.remote(version=1)]
+    yield actors
+    for actor in actors:  # the session's Ray instance outlives this module
+        ray.kill(actor)
 
 
 def test_chunk_bounds():

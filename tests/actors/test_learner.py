@@ -1,16 +1,18 @@
 """The Ray Train learner: crash + resume reproduces an uninterrupted run, loss falls, HF export, clear errors.
 
-One local Ray cluster for the module (starting Ray Train and DeepSpeed dominates the runtime). The task is a
-tiny MLP regression (with dropout, so the RNG state matters on resume) on a synthetic Ray Data dataset. The crash
-test runs DeepSpeed ZeRO-2 on 2 workers; the loss test runs the DDP baseline on 1 worker.
+The test session's Ray instance (`ray_session`; starting Ray Train and DeepSpeed dominates the runtime). The task is
+a tiny MLP regression (with dropout, so the RNG state matters on resume) on a synthetic Ray Data dataset. The crash
+test runs DeepSpeed ZeRO-2 on 2 workers; the loss test runs the DDP baseline on 1 worker. The time budget, online
+(rollout) and stateful-task tests run variants of the MLP on 1 DDP worker; they record what the learner calls in
+files (the calls happen in Ray Train workers).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -79,21 +81,7 @@ def _load(task: MLPRegression, hf_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    # Ray Train's controller polls workers every 2 s by default; polling faster shortens each fit's tail.
-    previous = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-    if previous is None:
-        os.environ.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
-    else:
-        os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = previous
-
-
-@pytest.fixture(scope="module")
-def dataset(ray_cluster):
+def dataset(ray_session):
     ray.data.DataContext.get_current().enable_progress_bars = False
     return ray.data.from_items(_rows(), override_num_blocks=4)
 
@@ -165,3 +153,241 @@ def test_resume_without_checkpoint_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "nothing")):
         fit(MLPRegression(), ZERO2, datasets={"train": object()}, storage_path=tmp_path, name="nothing",
             resume=True)
+
+
+# ---------------------------------------------------------------------------------------------- time budget
+
+
+def _count_all_reduce_calls(path: str) -> None:
+    """From now on this process appends a line to `path` at every torch.distributed.all_reduce call."""
+    import functools
+
+    import torch.distributed as dist
+
+    original = getattr(dist.all_reduce, "__wrapped__", dist.all_reduce)
+
+    @functools.wraps(original)
+    def counted(*args, **kwargs):
+        with open(path, "a") as f:
+            f.write("all_reduce\n")
+        return original(*args, **kwargs)
+
+    dist.all_reduce = counted
+
+
+@dataclass(frozen=True)
+class SlowMLP(MLPRegression):
+    """MLPRegression whose collate sleeps `sleep_s` (a slow step) and whose worker counts its all_reduce calls."""
+
+    log_dir: str = ""
+    sleep_s: float = 0.25
+
+    def build_model(self) -> torch.nn.Module:
+        _count_all_reduce_calls(str(Path(self.log_dir) / "all_reduce.txt"))
+        return super().build_model()
+
+    def collate(self, rows):
+        import time
+
+        time.sleep(self.sleep_s)
+        return super().collate(rows)
+
+
+def test_time_budget_stops_early_with_a_final_checkpoint_and_one_collective_per_step(dataset, tmp_path):
+    from zray.training.runs import trained_seconds
+
+    task, budget_s = SlowMLP(dropout=0.0, log_dir=str(tmp_path), sleep_s=0.25), 3.0
+    cfg = LearnerConfig(num_workers=1, backend="ddp", precision="fp32", micro_batch_size=8, max_steps=1000,
+                        lr_schedule="cosine", budget_schedule=True, checkpoint_every=1000, log_every=2, seed=0)
+    result = fit(task, cfg, datasets={"train": dataset}, storage_path=tmp_path, name="budget", time_budget_s=budget_s)
+    steps = result.final_step
+    # Each step takes more than sleep_s, and the run stops after the first step that ends past the budget.
+    assert 2 <= steps <= budget_s / task.sleep_s + 1, steps
+    assert result.final_checkpoint.name == f"checkpoint_{steps:06d}"
+    assert [p.name for p in result.checkpoints] == [result.final_checkpoint.name]
+    state = read_learner_state(result.final_checkpoint)
+    assert state["step"] == steps and state["consumed_micro_batches"] == steps
+    assert state["history"] == result.history
+    logged = [int(h["step"]) for h in result.history]
+    assert logged == list(range(2, steps + 1, 2)) + ([steps] if steps % 2 else [])
+    assert trained_seconds(result.history) >= steps * task.sleep_s
+    # The budget schedule ends where the budget does at the measured rate (each step takes more than sleep_s); the
+    # stopping step leaves it as it was.
+    assert all(h["step"] <= h["schedule_steps"] <= budget_s / task.sleep_s for h in result.history[:-1])
+    # One MAX all-reduce of the elapsed time per step serves the stop and the budget schedule.
+    assert (tmp_path / "all_reduce.txt").read_text().count("all_reduce") == steps
+
+
+# ---------------------------------------------------------------------------------------------- online tasks
+
+
+def _record(log_dir: str, *words: object) -> None:
+    with open(Path(log_dir) / "events.txt", "a") as f:
+        f.write(" ".join(str(w) for w in words) + "\n")
+
+
+@dataclass(frozen=True)
+class RolloutMLP(MLPRegression):
+    """An OnlineTask stand-in (no engines): records every before_rollout, collate and loss call, with the rows'
+    ids, in log_dir/events.txt."""
+
+    log_dir: str = ""
+    updates_per_rollout: int = 3
+    fp32_keys: tuple[str, ...] = ()
+
+    def before_rollout(self, engine, *, rollout_index: int) -> None:
+        _record(self.log_dir, "rollout", rollout_index)
+
+    def collate(self, rows):
+        batch = super().collate(rows)
+        batch["ids"] = torch.as_tensor(np.asarray(rows["id"], dtype=np.int64))
+        _record(self.log_dir, "collate", ",".join(map(str, batch["ids"].tolist())))
+        return batch
+
+    def loss(self, model, batch):
+        _record(self.log_dir, "loss", ",".join(map(str, batch["ids"].tolist())))
+        return super().loss(model, batch)
+
+
+def test_online_task_rolls_out_once_per_k_steps_and_reuses_the_batches(dataset, tmp_path):
+    from zray.training.task import OnlineTask
+
+    ids_dataset = ray.data.from_items([{**row, "id": i} for i, row in enumerate(_rows())], override_num_blocks=4)
+    task, k, accum, max_steps = RolloutMLP(dropout=0.0, log_dir=str(tmp_path)), 3, 2, 7
+    assert isinstance(task, OnlineTask) and task.updates_per_rollout == k
+    cfg = LearnerConfig(num_workers=1, backend="ddp", precision="fp32", micro_batch_size=8, grad_accum_steps=accum,
+                        max_steps=max_steps, checkpoint_every=max_steps, log_every=max_steps, seed=0)
+    fit(task, cfg, datasets={"train": ids_dataset}, storage_path=tmp_path, name="online")
+    events = [tuple(line.split()) for line in (tmp_path / "events.txt").read_text().splitlines()]
+    collated = [ids for kind, ids in events if kind == "collate"]
+    assert len(collated) == accum * -(-max_steps // k) == 6  # rollouts 0, 1, 2 (the last one used once)
+    assert len(set(collated)) == len(collated)  # each rollout makes fresh micro batches
+    expected = []
+    for step in range(max_steps):
+        if step % k == 0:
+            expected.append(("rollout", str(step // k)))
+        for micro in range(accum):
+            ids = collated[(step // k) * accum + micro]
+            if step % k == 0:
+                expected.append(("collate", ids))
+            expected.append(("loss", ids))  # steps 1, 2 of each rollout reuse its cached micro batches
+    assert events == expected
+
+
+# ---------------------------------------------------------------------------------------------- stateful tasks
+
+
+@dataclass
+class StatefulMLP:
+    """A StatefulTask: MLPRegression (no dropout) plus worker-side state, the micro batches seen and the sum of their
+    targets, made in build_model. Each task_state result is saved to log_dir/returned_<micro batches>.pt and each
+    load_task_state argument to log_dir/loaded.pt; `empty` makes task_state return {}."""
+
+    log_dir: str
+    empty: bool = False
+    name: str = "stateful"
+    state: dict[str, torch.Tensor] | None = field(default=None, init=False, repr=False)
+
+    def build_model(self) -> torch.nn.Module:
+        self.state = {"micro_batches": torch.zeros((), dtype=torch.int64), "target_sum": torch.zeros(NUM_TARGETS)}
+        return MLPRegression(dropout=0.0).build_model()
+
+    def collate(self, rows):
+        return MLPRegression().collate(rows)
+
+    def loss(self, model, batch):
+        self.state["micro_batches"] += 1
+        self.state["target_sum"] += batch["y"].sum(0)
+        return MLPRegression().loss(model, batch)
+
+    def save_pretrained(self, model, out_dir: Path) -> None:
+        MLPRegression().save_pretrained(model, out_dir)
+
+    def load_pretrained(self, model, ckpt_dir: Path) -> None:
+        MLPRegression().load_pretrained(model, ckpt_dir)
+
+    def task_state(self) -> dict[str, torch.Tensor]:
+        out = {} if self.empty else {k: v.clone() for k, v in self.state.items()}
+        torch.save(out, Path(self.log_dir) / f"returned_{int(self.state['micro_batches'])}.pt")
+        return out
+
+    def load_task_state(self, state: dict[str, torch.Tensor]) -> None:
+        torch.save(state, Path(self.log_dir) / "loaded.pt")
+        self.state = {k: v.clone() for k, v in state.items()}
+
+
+STATEFUL = LearnerConfig(num_workers=1, backend="ddp", precision="fp32", micro_batch_size=8, max_steps=6,
+                         checkpoint_every=3, log_every=3, seed=0)
+
+
+def _assert_same_state(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert sorted(got) == sorted(expected)
+    for key in expected:
+        assert got[key].dtype == expected[key].dtype and torch.equal(got[key], expected[key]), key
+
+
+def test_stateful_task_resumes_with_the_state_it_checkpointed(dataset, tmp_path):
+    from safetensors.torch import load_file
+
+    from actors.learner.worker_loop import TASK_STATE_FILE
+    from zray.training.task import StatefulTask
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    task = StatefulMLP(log_dir=str(logs))
+    assert isinstance(task, StatefulTask)
+    with pytest.raises(Exception, match="injected failure after checkpointing step 3"):
+        fit(task, STATEFUL, datasets={"train": dataset}, storage_path=tmp_path, name="stateful",
+            extra_config={"_fail_after_step": 3})
+    assert not (logs / "loaded.pt").exists()  # a fresh run restores nothing
+    returned = torch.load(logs / "returned_3.pt")
+    assert int(returned["micro_batches"]) == 3 and returned["target_sum"].abs().sum() > 0
+    _assert_same_state(load_file(str(tmp_path / "stateful" / "checkpoint_000003" / TASK_STATE_FILE)), returned)
+
+    resumed = fit(task, STATEFUL, datasets={"train": dataset}, storage_path=tmp_path, name="stateful", resume=True)
+    assert resumed.final_step == 6
+    _assert_same_state(torch.load(logs / "loaded.pt"), returned)  # exactly what task_state gave at step 3
+    final = load_file(str(resumed.final_checkpoint / TASK_STATE_FILE))
+    _assert_same_state(final, torch.load(logs / "returned_6.pt"))
+    assert int(final["micro_batches"]) == 6  # the resumed run continued the restored state
+
+
+def test_stateful_task_with_an_empty_state_writes_no_state_file(dataset, tmp_path):
+    from actors.learner.worker_loop import TASK_STATE_FILE
+
+    cfg = dataclasses.replace(STATEFUL, max_steps=3)
+    result = fit(StatefulMLP(log_dir=str(tmp_path), empty=True), cfg, datasets={"train": dataset},
+                 storage_path=tmp_path, name="empty")
+    assert torch.load(tmp_path / "returned_3.pt") == {}  # task_state ran at the checkpoint, and gave {}
+    assert result.final_checkpoint.name == "checkpoint_000003"
+    assert not list((tmp_path / "empty").rglob(TASK_STATE_FILE))
+
+
+# ---------------------------------------------------------------------------------------------- Ray's log noise
+
+
+def test_ray_runtime_env_drops_only_the_placement_group_cleaner_noise_in_a_fresh_process():
+    """The worker_process_setup_hook of `ray_runtime_env()` runs in a process that has not imported zray, actors or
+    torch (as a Ray worker process does at start), imports none of them, and filters only PG_CLEANER_NOISE
+    warnings of PG_CLEANER_LOGGER."""
+    import subprocess
+
+    from actors.learner.trainer import PG_CLEANER_LOGGER, PG_CLEANER_NOISE, ray_runtime_env
+
+    hook = ray_runtime_env()["worker_process_setup_hook"]
+    script = f"""
+import logging, pickle, sys
+hook = pickle.loads(sys.stdin.buffer.read())
+hook(); hook()  # a second call adds nothing
+logger = logging.getLogger({PG_CLEANER_LOGGER!r})
+def kept(level, msg):
+    return logger.filter(logger.makeRecord(logger.name, level, "x.py", 1, msg, (), None))
+print(len(logger.filters),
+      kept(logging.WARNING, {PG_CLEANER_NOISE!r} + " State API may be temporarily unavailable."),
+      kept(logging.ERROR, {PG_CLEANER_NOISE!r} + " (an error)"),
+      kept(logging.WARNING, "Failed to clean up placement group: boom"),
+      sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "zray", "actors")))
+"""
+    out = subprocess.run([sys.executable, "-c", script], input=ray.cloudpickle.dumps(hook), capture_output=True,
+                         check=True, timeout=120)
+    assert out.stdout.decode().split() == ["1", "False", "True", "True", "[]"], out.stderr.decode()

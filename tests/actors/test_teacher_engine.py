@@ -1,5 +1,6 @@
 """The teacher's vLLM engine: score distributions and rollouts match transformers' teacher forcing."""
 
+import logging
 import math
 
 import numpy as np
@@ -110,3 +111,36 @@ def test_rollout_arguments_are_validated(teacher_engine, rollout_requests):
         teacher_engine.generate(rollout_requests, group_size=0, max_reasoning_tokens=4)
     with pytest.raises(ValueError, match="max_reasoning_tokens=0"):
         teacher_engine.generate(rollout_requests, group_size=2, max_reasoning_tokens=0)
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_skipped_set_num_threads_warning_is_filtered(teacher_engine, rollout_requests):
+    """vLLM's in-process CPU worker turns torch.set_num_threads into a warning that its renderer triggers twice per
+    multimodal request (each prompt of both rollout calls): exactly that message is dropped, nothing else."""
+    from actors.teacher_engine.engine import CPU_WORKER_LOGGER, SKIPPED_SET_NUM_THREADS, SkippedSetNumThreadsFilter
+
+    records, worker = _Records(), logging.getLogger(CPU_WORKER_LOGGER)
+    ours = [f for f in worker.filters if isinstance(f, SkippedSetNumThreadsFilter)]
+    assert len(ours) == 1
+    logging.getLogger("vllm").addHandler(records)
+    try:
+        teacher_engine.generate(rollout_requests, group_size=2, max_reasoning_tokens=4, seed=0)
+        torch.set_num_threads(torch.get_num_threads())  # replaced by vLLM's CPU worker in this process
+        worker.warning("another warning of the CPU worker")
+        assert SKIPPED_SET_NUM_THREADS not in records.messages
+        assert "another warning of the CPU worker" in records.messages
+        worker.removeFilter(ours[0])  # without the filter, the same call reaches the log
+        torch.set_num_threads(torch.get_num_threads())
+        assert records.messages.count(SKIPPED_SET_NUM_THREADS) == 1
+    finally:
+        logging.getLogger("vllm").removeHandler(records)
+        if ours[0] not in worker.filters:
+            worker.addFilter(ours[0])

@@ -1,8 +1,10 @@
 """Live weight sync into the session's vLLM engine: in place, caches reset, verified by readback checksum.
 
-The tests run in file order on the one session engine (`teacher_engine`) and restore the checkpoint's
-weights at the end, so that other modules see the engine they expect.
+Every test first serves the weights it starts from (each load a new version), so none depends on another's
+order; the checkpoint's weights are restored at the end, so that other modules see the engine they expect.
 """
+
+import itertools
 
 import numpy as np
 import pytest
@@ -65,6 +67,20 @@ def engine(teacher_engine, original):
     teacher_engine.load_weights(original, version=1000, checksum=weights_checksum(original))  # restore
 
 
+_VERSIONS = itertools.count(1)
+
+
+@pytest.fixture
+def serve(engine):
+    """serve(state) -> the new version: loads `state` into the session engine (verified), as a fresh version."""
+    def load(state):
+        version = next(_VERSIONS)
+        engine.load_weights(state, version=version, checksum=weights_checksum(state))
+        return version
+
+    return load
+
+
 @pytest.fixture(scope="module")
 def score_requests():
     rng = np.random.RandomState(1)
@@ -81,11 +97,13 @@ def _hf_scores(hf, state, requests):
         return score_distributions_hf(model, processor, requests)
 
 
-def test_sync_serves_the_new_weights(engine, hf, original, formatted, score_requests):
+def test_sync_serves_the_new_weights(engine, serve, hf, original, formatted, score_requests):
+    serve(original)
     before = engine.score(score_requests)  # these images are now in the encoder and prefix caches
-    checksum = weights_checksum(formatted)
-    report = engine.load_weights(formatted, version=1, checksum=checksum)
-    assert (report.version, report.checksum, engine.version(), engine.checksum()) == (1, checksum, 1, checksum)
+    checksum, version = weights_checksum(formatted), next(_VERSIONS)
+    report = engine.load_weights(formatted, version=version, checksum=checksum)
+    assert (report.version, report.checksum, engine.version(), engine.checksum()) == (version, checksum, version,
+                                                                                       checksum)
     assert report.num_tensors == len(formatted)
     assert report.num_bytes == sum(t.numel() * t.element_size() for t in formatted.values())
     after = engine.score(score_requests)  # same images after the update: no stale cache, no dead engine
@@ -97,11 +115,12 @@ def test_sync_serves_the_new_weights(engine, hf, original, formatted, score_requ
     assert (after - before).abs().max() > 0.1  # the update changed what is served
 
 
-def test_rollouts_after_sync(engine, hf, formatted, score_requests, teacher_force):
+def test_rollouts_after_sync(engine, serve, hf, formatted, score_requests, teacher_force):
     """Well-formed and malformed samples from the new weights; both are exactly what transformers computes."""
+    version = serve(formatted)
     requests = [ScoreRequest(r.prompt, r.image, r.dimension) for r in score_requests[::2]]
     b = engine.generate(requests, group_size=4, max_reasoning_tokens=3, seed=0)
-    assert b.weights_version == 1
+    assert b.weights_version == version
     assert set(b.finish_NG.flatten().tolist()) == {FINISH_PREFIX, FINISH_LENGTH}
     tok = engine.tokenizer
     for n in range(b.num_inputs):
@@ -116,31 +135,35 @@ def test_rollouts_after_sync(engine, hf, formatted, score_requests, teacher_forc
     assert (logprobs - b.old_logprobs_NGT).abs().max() < 1e-4 and (q - b.q_NGK).abs().max() < 1e-4
 
 
-def test_wrong_checksum_or_dtype_loads_nothing(engine, original, score_requests):
+def test_wrong_checksum_or_dtype_loads_nothing(engine, serve, original, formatted, score_requests):
+    version = serve(formatted)
     before = engine.score(score_requests)
     with pytest.raises(WeightVersionError, match="nothing was loaded"):
-        engine.load_weights(original, version=2, checksum="0" * 32)
+        engine.load_weights(original, version=next(_VERSIONS), checksum="0" * 32)
     half = {k: v.to(torch.bfloat16) for k, v in original.items()}
     with pytest.raises(ValueError, match="dtype"):
-        engine.load_weights(half, version=2, checksum=weights_checksum(half))
-    assert engine.version() == 1
+        engine.load_weights(half, version=next(_VERSIONS), checksum=weights_checksum(half))
+    assert engine.version() == version
     assert torch.equal(engine.score(score_requests), before)
 
 
-def test_readback_catches_what_the_engine_did_not_load(engine, hf, original, score_requests):
+def test_readback_catches_what_the_engine_did_not_load(engine, serve, hf, original, formatted, score_requests):
+    serve(formatted)
     def skip_down_proj(llm, state, data):
         kept = [(k, v) for k, v in state.items() if "layers.1.mlp.down_proj" not in k]
         llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(kept)})
 
     with pytest.raises(WeightVersionError, match="layers.1.mlp.down_proj"):
-        engine.load_weights(original, version=2, checksum=weights_checksum(original), reload=skip_down_proj)
+        engine.load_weights(original, version=next(_VERSIONS), checksum=weights_checksum(original),
+                            reload=skip_down_proj)
     with pytest.raises(WeightVersionError, match="failed to verify"):
         engine.score(score_requests)  # unknown weights are not served
     partial = {k: v for k, v in original.items() if k != "model.language_model.norm.weight"}
     with pytest.raises(WeightVersionError, match="not written.*language_model.model.norm.weight"):
-        engine.load_weights(partial, version=2, checksum=weights_checksum(partial))
+        engine.load_weights(partial, version=next(_VERSIONS), checksum=weights_checksum(partial))
     # safetensors bytes (the multi-process wire format) work in-process too
-    report = engine.load_weights(encode_weights(original), version=3, checksum=weights_checksum(original))
-    assert engine.version() == 3 and report.checksum == weights_checksum(original)
+    version = next(_VERSIONS)
+    report = engine.load_weights(encode_weights(original), version=version, checksum=weights_checksum(original))
+    assert engine.version() == version and report.checksum == weights_checksum(original)
     diff = (engine.score(score_requests) - _hf_scores(hf, original, score_requests)).abs().max().item()
     assert diff < 1e-3

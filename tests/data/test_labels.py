@@ -3,10 +3,11 @@
 import numpy as np
 import pytest
 
-from zray.data.labels import (BINS, Pair, alignment_penalty, annotate, content_cost, drop_extremes_mean,
-                              label_index, make_pairs, snap, train_labels, true_scores)
+from zray.data.labels import (Pair, alignment_penalty, annotate, content_cost, drop_extremes_mean, make_pairs, snap,
+                              train_labels, true_scores)
 from zray.data.prompt_grammar import parse_prompt
-from zray.data.scene import DEFECT_DIMENSION, DIMENSIONS, Defects, Scene, SceneObject
+from zray.data.scene import DEFECT_DIMENSION, Defects, Scene, SceneObject
+from zray.rubric import DIMENSIONS, SCORE_BINS, label_index
 
 
 def _obj(colour, shape, x=0.5, y=0.5):
@@ -65,11 +66,14 @@ def test_relation_penalty():
 
 
 def test_label_snapping():
-    assert BINS == (1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0)
-    # round((s - 1) / 0.5) with Python's round (ties to even, as zray.scores.label_index), clipped to 0..8
-    assert [label_index(s) for s in (1.0, 1.2, 1.25, 1.26, 3.74, 3.75, 5.0, 5.7, -3.0)] == [0, 0, 0, 1, 5, 6, 8, 8, 0]
-    assert [snap(s) for s in (0.2, 2.24, 2.25, 2.26, 4.76, 9.0)] == [1.0, 2.0, 2.0, 2.5, 5.0, 5.0]
-    assert all(snap(b) == b and BINS[label_index(b)] == b for b in BINS)
+    assert SCORE_BINS == (1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0)
+    # round((s - 1) / 0.5) with Python's round (ties to even); only snap clips, the bin index refuses
+    assert [label_index(s) for s in (1.0, 1.2, 1.25, 1.26, 3.74, 3.75, 5.0)] == [0, 0, 0, 1, 5, 6, 8]
+    for outside in (5.7, -3.0, float("nan")):
+        with pytest.raises(ValueError, match="is not allowed: expected a number in"):
+            label_index(outside)
+    assert [snap(s) for s in (0.2, 2.24, 2.25, 2.26, 4.76, 5.7, 9.0, -3.0)] == [1.0, 2.0, 2.0, 2.5, 5.0, 5.0, 5.0, 1.0]
+    assert all(snap(b) == b and SCORE_BINS[label_index(b)] == b for b in SCORE_BINS)
 
 
 def test_drop_extremes_by_hand():

@@ -1,20 +1,10 @@
-"""Reading a split back with Ray Data (one test: starting Ray takes a few seconds)."""
+"""Reading a split back with Ray Data (on the session's Ray instance)."""
 
 import pytest
 
 from zray.data.parquet import DataError, read_ray_dataset, read_table
 
-ray = pytest.importorskip("ray")
 
-
-@pytest.fixture(scope="module")
-def ray_session():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.mark.slow
 def test_read_split_with_ray_data(ray_session, small_world, tmp_path):
     out, manifest = small_world
     path = out / "candidates_test.parquet"

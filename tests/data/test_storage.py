@@ -13,7 +13,8 @@ from zray.data.captions import parse_description
 from zray.data.parquet import SCHEMAS, DataError, read_table, write_table
 from zray.data.prompt_grammar import parse_prompt
 from zray.data.render import decode_png
-from zray.data.scene import DIMENSIONS, Scene
+from zray.data.scene import Scene
+from zray.rubric import DIMENSIONS
 
 
 def test_manifest_and_counts(small_world, small_cfg, small_settings):

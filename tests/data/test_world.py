@@ -5,7 +5,8 @@ import pytest
 
 from zray.data.candidates import make_candidates, tier_plan
 from zray.data.prompt_grammar import PromptSpec, parse_prompt, prompt_for, prompt_text, spec_of
-from zray.data.scene import DIMENSIONS, Relation, Scene, SceneObject
+from zray.data.scene import Relation, Scene, SceneObject
+from zray.rubric import DIMENSIONS
 from zray.data.world import ALL_COMBOS, heldout_combos, sample_scene, scene_for_spec, split_prompts
 
 

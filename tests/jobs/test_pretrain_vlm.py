@@ -42,8 +42,7 @@ def test_loss_weights_must_not_be_negative(name):
         PretrainVLMConfig(**{name: -0.1})
 
 
-def test_tiny_cpu_job_end_to_end(tmp_path):
-    ray = pytest.importorskip("ray")
+def test_tiny_cpu_job_end_to_end(tmp_path, ray_session):
     pytest.importorskip("deepspeed")
     from jobs.pretrain_vlm import run_pretrain_vlm
     from zray.models.vlm import load_vlm
@@ -51,14 +50,7 @@ def test_tiny_cpu_job_end_to_end(tmp_path):
     cfg = tiny_cpu()  # the student gets its own step cap (6; learner.max_steps is 4)
     cfg = dataclasses.replace(cfg, out_dir=str(tmp_path / "run"),
                               pretrain_vlm=dataclasses.replace(cfg.pretrain_vlm, student_max_steps=6))
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    try:
-        results = run_pretrain_vlm(cfg, model="student")
-    finally:
-        if started:
-            ray.shutdown()
+    results = run_pretrain_vlm(cfg, model="student")
     record = results["student"]
     run_dir = tmp_path / "run" / "pretrain_vlm" / "student"
     assert record["steps"] == 6

@@ -30,24 +30,15 @@ def test_cli_rejects_an_unknown_method(capsys):
     assert "invalid choice: 'dpo'" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_all_methods_end_to_end(tmp_path, sharp_teacher_dir):
-    ray = pytest.importorskip("ray")
+def test_all_methods_end_to_end(tmp_path, sharp_teacher_dir, ray_session):
     pytest.importorskip("deepspeed")
     from jobs.train_teacher import run_train_teacher
     from safetensors.torch import load_file
 
     cfg = _cfg(tmp_path / "run", sharp_teacher_dir)
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    try:
-        records = {}
-        for method in ("gdso", "sft", "zero_shot"):
-            records.update(run_train_teacher(cfg, method=method))
-    finally:
-        if started:
-            ray.shutdown()
+    records = {}
+    for method in ("gdso", "grpo", "sft", "zero_shot"):
+        records.update(run_train_teacher(cfg, method=method))
     root = tmp_path / "run" / "train_teacher"
     base = load_file(str(sharp_teacher_dir / "model.safetensors"))
 
@@ -67,10 +58,18 @@ def test_all_methods_end_to_end(tmp_path, sharp_teacher_dir):
     assert (root / "gdso" / "training.png").stat().st_size > 0
     assert 0.0 <= gdso["evaluation"]["pooled"]["hpa"] <= 1.0
 
+    grpo = json.loads((root / "grpo" / "metrics.json").read_text())
+    assert grpo["training"]["steps"] == cfg.train_teacher.learner.max_steps
+    assert grpo["training"]["last"]["weights_version"] == cfg.train_teacher.learner.max_steps
+    assert grpo["config"]["method"] == "grpo"
+    assert json.loads((root / "grpo" / "final" / "zray_scoring.json").read_text()) == {"form": "reasoning",
+                                                                                       "method": "grpo"}
+    assert records["grpo"]["evaluation"]["form"] == "reasoning" and (root / "grpo" / "training.png").is_file()
+
     sft_final = root / "sft" / "final"
     assert json.loads((sft_final / "zray_scoring.json").read_text())["form"] == "direct"
     assert records["sft"]["evaluation"]["form"] == "direct"
     assert records["zero_shot"]["evaluation"]["form"] == "reasoning"
     assert records["zero_shot"]["model_dir"] == str(sharp_teacher_dir)
     table = (root / "results.md").read_text()
-    assert all(f"| teacher | {name} |" in table for name in ("zero-shot", "SFT", "GDSO"))
+    assert all(f"| teacher | {name} |" in table for name in ("zero-shot", "SFT", "GRPO", "GDSO"))

@@ -190,7 +190,7 @@ def test_loss_decreases_and_model_round_trips(vlm_dirs, caption_rows, tmp_path, 
 @pytest.mark.parametrize(("role", "cover"), [("teacher", 0.0), ("student", 0.0), ("student", 0.3)])
 def test_vision_aux_loss_adds_the_heads_loss_on_the_tokens_the_lm_reads(vlm_dirs, caption_rows, tmp_path, role,
                                                                        cover, one_thread):
-    from zray.models.vision_heads import HEAD_FILE, VisionProbe
+    from zray.models.vision_heads import HEAD_FILE, VisionProbe, vision_loss
 
     torch.manual_seed(0)
     task = CaptionTask(model_dir=vlm_dirs[role], vision_aux_weight=0.5, map_weight=2.0, cover_weight=cover)
@@ -200,8 +200,8 @@ def test_vision_aux_loss_adds_the_heads_loss_on_the_tokens_the_lm_reads(vlm_dirs
     assert ("object_cover" in batch) == (cover > 0)
     loss, metrics = task.loss(model, batch)
     caption_only, _ = CaptionTask(model_dir=vlm_dirs[role]).loss(model.vlm, batch)
-    vision, _ = model.heads.loss(model(batch["pixel_values"], batch["image_grid_thw"]), batch, 2.0, cover)
-    assert float(loss) == pytest.approx(float(caption_only) + 0.5 * float(vision), rel=1e-5)
+    vision, _ = vision_loss(model(batch["pixel_values"], batch["image_grid_thw"]).heads, batch, 2.0, cover)
+    assert float(loss.detach()) == pytest.approx(float(caption_only) + 0.5 * float(vision), rel=1e-5)
     assert metrics["caption_loss"] == pytest.approx(float(caption_only), rel=1e-5) and metrics["map_loss"] > 0
     loss.backward()
     assert model.heads.objects.weight.grad.abs().sum() > 0
@@ -261,3 +261,22 @@ def test_position_weight_weights_the_digit_losses(vlm_dirs, caption_rows, one_th
 def test_bad_position_weight_is_refused(vlm_dirs, weight):
     with pytest.raises(ValueError, match="CaptionTask.position_weight"):
         CaptionTask(model_dir=vlm_dirs["student"], position_weight=weight)
+
+
+@pytest.mark.parametrize(("role", "cover"), [("teacher", 0.0), ("student", 0.3)])  # Qwen2.5-VL, Qwen3-VL
+def test_vision_aux_loss_goes_through_a_ddp_wrapper(vlm_dirs, caption_rows, tmp_path, role, cover, one_thread,
+                                                    plain_then_ddp):
+    task = CaptionTask(model_dir=vlm_dirs[role], vision_aux_weight=0.5, cover_weight=cover)
+    batch = task.collate(_numpy_batch(caption_rows, 0, 2))
+    model, (loss, metrics, grads), wrapped = plain_then_ddp(task, batch, tmp_path)
+    assert set(grads) == {n for n, p in model.named_parameters() if p.requires_grad}  # the heads and the whole VLM
+    for ddp_loss, ddp_metrics, ddp_grads in wrapped:
+        assert ddp_loss == pytest.approx(loss, rel=1e-6)
+        assert ddp_metrics == pytest.approx(metrics, rel=1e-6)
+        assert set(ddp_grads) == set(grads)
+        for name in grads:
+            torch.testing.assert_close(ddp_grads[name], grads[name], rtol=1e-5, atol=1e-7, msg=name)
+    task.save_pretrained(model, tmp_path / "hf")  # the learner saves the unwrapped model
+    fresh = task.build_model()
+    task.load_pretrained(fresh, tmp_path / "hf")
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values(), strict=True))

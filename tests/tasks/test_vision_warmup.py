@@ -54,7 +54,7 @@ def test_cover_loss_adds_its_weighted_term(tiny_zoo):
                           "scene_json": np.array([_scene().to_json()] * 2)})
     assert torch.equal(batch["object_cover"][0], object_cover_targets(_scene(), 4))
     with torch.no_grad():
-        tokens = model(batch["pixel_values"], batch["image_grid_thw"])
+        tokens = model(batch["pixel_values"], batch["image_grid_thw"]).tokens_BND
         total, info = task.loss(model, batch)
         without, _ = model.heads.loss(tokens, batch, 0.4)
     assert info["cover_loss"] > 0
@@ -95,7 +95,33 @@ def test_loss_decreases_and_round_trip(tiny_zoo, tmp_path):
     fresh = task.build_model()
     task.load_pretrained(fresh, tmp_path / "out")
     with torch.no_grad():
-        tokens = model(batch["pixel_values"], batch["image_grid_thw"])
-        assert torch.allclose(fresh(batch["pixel_values"], batch["image_grid_thw"]), tokens, atol=1e-5)
-        for mine, theirs in zip(fresh.heads(tokens), model.heads(tokens), strict=True):
-            assert torch.allclose(mine, theirs, atol=1e-6)
+        tokens = model(batch["pixel_values"], batch["image_grid_thw"]).tokens_BND
+        assert torch.allclose(fresh(batch["pixel_values"], batch["image_grid_thw"]).tokens_BND, tokens, atol=1e-5)
+        mine, theirs = fresh.heads(tokens), model.heads(tokens)
+        assert mine.cover_BNP is None and theirs.cover_BNP is None
+        assert torch.allclose(mine.scene_BA, theirs.scene_BA, atol=1e-6)
+        assert torch.allclose(mine.map_BNP, theirs.map_BNP, atol=1e-6)
+
+
+@pytest.mark.parametrize(("role", "cover"), [("teacher", 0.5), ("student", 0.0)])  # Qwen2.5-VL, Qwen3-VL
+def test_loss_goes_through_a_ddp_wrapper(tiny_zoo, tmp_path, role, cover, plain_then_ddp):
+    from zray.data.render import render_scene
+
+    task = VisionWarmupTask(model_dir=str(tiny_zoo[role]["path"]), cover_weight=cover)
+    buf = __import__("io").BytesIO()
+    render_scene(_scene(), 64).save(buf, format="PNG")
+    batch = task.collate({"image": np.array([buf.getvalue()] * 2, dtype=object),
+                          "scene_json": np.array([_scene().to_json()] * 2)})
+    model, (loss, metrics, grads), wrapped = plain_then_ddp(task, batch, tmp_path)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(grads) == trainable and any(n.startswith("heads.") for n in trainable)
+    assert all(n.startswith(("heads.", "vlm.model.visual.")) for n in trainable)  # the tower and the heads only
+    for ddp_loss, ddp_metrics, ddp_grads in wrapped:
+        assert ddp_loss == pytest.approx(loss, rel=1e-6) and ddp_metrics == pytest.approx(metrics, rel=1e-6)
+        assert set(ddp_grads) == trainable
+        for name in grads:
+            torch.testing.assert_close(ddp_grads[name], grads[name], rtol=1e-5, atol=1e-7, msg=name)
+    task.save_pretrained(model, tmp_path / "out")
+    fresh = task.build_model()
+    task.load_pretrained(fresh, tmp_path / "out")
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values(), strict=True))

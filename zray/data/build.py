@@ -29,7 +29,7 @@ from zray.data.labels import annotate, annotator_biases, drop_extremes_mean, mak
 from zray.data.parquet import DataError, write_table
 from zray.data.prompt_grammar import Combo, PromptSpec, prompt_text
 from zray.data.render import png_bytes
-from zray.data.scene import DIMENSIONS
+from zray.rubric import DIMENSIONS
 from zray.data.world import ALL_COMBOS, heldout_combos, split_prompts, split_rng
 
 GENERATOR_VERSION = "shapes-1"

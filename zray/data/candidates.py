@@ -31,8 +31,9 @@ from zray.data.labels import true_scores
 from zray.data.layout import add_object
 from zray.data.prompt_grammar import Combo, PromptSpec
 from zray.data.render import render_candidate
-from zray.data.scene import BACKGROUNDS, COLORS, LAYOUT_DEFECTS, SHAPES, SIZES, DIMENSIONS, Defects, Relation, Scene
+from zray.data.scene import BACKGROUNDS, COLORS, LAYOUT_DEFECTS, SHAPES, SIZES, Defects, Relation, Scene
 from zray.data.world import scene_for_spec
+from zray.rubric import DIMENSIONS
 
 TIERS: tuple[str, ...] = ("none", "mild", "bad")
 ALIGNMENT_KINDS: tuple[str, ...] = ("colour", "shape", "count", "background", "relation")

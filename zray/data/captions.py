@@ -22,7 +22,7 @@ One fact per line, a fixed key per line, in this order (example):
 Styles: `canonical` (above, the corpus's `description` column) and `compact`, the same text without the
 " at (x, y)" of each object line (about a third fewer tokens: positions are two digit tokens each; the
 relations still carry the layout, but a tiny captioning model then learns above/below from one word per pair
-and got it wrong far more often, see jobs/pretrain_vlm.py):
+and got it wrong far more often, see docs/experiments.md, pretrain-vlm):
 
     background: white
     objects: two red circles and a blue square

@@ -19,7 +19,7 @@ from zray.data.candidates import TIERS, degradations
 from zray.data.captions import describe
 from zray.data.prompt_grammar import Combo, prompt_for, prompt_text
 from zray.data.render import png_bytes, render_candidate, render_scene
-from zray.data.scene import DIMENSIONS
+from zray.rubric import DIMENSIONS
 from zray.data.world import sample_prompts, sample_scene, scene_for_spec, split_rng
 
 CAPTION_TIER_PROBS = (0.5, 0.3, 0.2)  # none, mild, bad

@@ -23,9 +23,9 @@ alignment 1: it shows none of the requested content, whatever the background. So
 flawless; one wrong colour gives 3.5, a wrong background 4.0, a violated relation 3.0, a mild degradation
 (severity 0.15 to 0.4) 4.55 to 3.8.
 
-**Bins**: nine half-point bins 1.0, 1.5, ..., 5.0; `label_index(s) = round((s - 1) / 0.5)` with Python's
-`round` (halves to even, exactly as `zray.scores.label_index`, which needs torch and so is not imported
-here), clipped to 0..8.
+**Bins**: the rubric's nine half-point bins 1.0, 1.5, ..., 5.0 (`zray.rubric.SCORE_BINS`). `snap(s)` clips a
+noisy rating to [1, 5] first (the one place a score is clipped, on purpose), then takes its bin with
+`zray.rubric.label_index` (`round((s - 1) / 0.5)`, Python's round: halves to even).
 
 **Training label** (one calibrated rating): `snap(true + N(0, train_label_noise))`.
 
@@ -43,9 +43,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from zray.data.prompt_grammar import PromptSpec
-from zray.data.scene import DEFECT_DIMENSION, DIMENSIONS, Defects, Relation, Scene
+from zray.data.scene import DEFECT_DIMENSION, Defects, Relation, Scene
+from zray.rubric import DIMENSIONS, SCORE_BINS, SCORE_MAX, SCORE_MIN, label_index
 
-BINS: tuple[float, ...] = tuple(1.0 + 0.5 * i for i in range(9))
 DEFECT_WEIGHT: dict[str, float] = {name: 3.0 for name in DEFECT_DIMENSION}
 PENALTY_BACKGROUND = 1.0
 PENALTY_ATTRIBUTE = 1.5  # per wrong colour, per wrong shape, per missing or extra object
@@ -53,14 +53,9 @@ PENALTY_RELATION = 2.0
 PENALTY_EMPTY = 4.0  # no object drawn at all: alignment 1
 
 
-def label_index(score: float) -> int:
-    """Bin index 0..8 of a score (Python `round`, clipped); agrees with `zray.scores.label_index` on [1, 5]."""
-    return int(min(8, max(0, round((score - 1.0) / 0.5))))
-
-
 def snap(score: float) -> float:
-    """The bin value nearest to `score` (clipped to [1, 5])."""
-    return BINS[label_index(score)]
+    """The bin value nearest to `score`, after clipping it to [1, 5] (noisy ratings can fall outside)."""
+    return SCORE_BINS[label_index(min(max(float(score), SCORE_MIN), SCORE_MAX))]
 
 
 def content_cost(wanted: Sequence[tuple[str, str]], drawn: Sequence[tuple[str, str]]) -> float:

@@ -26,9 +26,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from zray.data.captions import parse_description
-from zray.data.labels import BINS
 from zray.data.render import decode_png
-from zray.data.scene import DIMENSIONS, Defects, Scene
+from zray.data.scene import Defects, Scene
+from zray.rubric import DIMENSIONS, SCORE_BINS
 
 if TYPE_CHECKING:
     import ray.data
@@ -110,8 +110,8 @@ def _check_score(value: float) -> None:
 
 
 def _check_bin(value: float) -> None:
-    if value not in BINS:
-        raise ValueError(f"label {value} is not one of the bins {BINS}")
+    if value not in SCORE_BINS:
+        raise ValueError(f"label {value} is not one of the bins {SCORE_BINS}")
 
 
 def _check_bins(values: list[float]) -> None:

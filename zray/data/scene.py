@@ -12,6 +12,7 @@ import json
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+
 # RGB values are chosen far apart so that classical colour classification recovers them after blur/noise.
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "white": (245, 245, 245),
@@ -31,7 +32,6 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
 SIZES: dict[str, float] = {"small": 0.11, "large": 0.17}
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 NUMBER_WORDS: dict[int, str] = {1: "one", 2: "two", 3: "three"}
-DIMENSIONS: tuple[str, ...] = ("alignment", "realism", "aesthetics", "plausibility")
 
 
 @dataclass(frozen=True)

@@ -32,21 +32,21 @@ def describe_images(model: Any, processor: Any, images: Sequence[Any], max_new_t
     was_training = model.training
     model.eval()
     tokenizer = processor.tokenizer
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
     out: list[str] = []
     try:
         for i in range(0, len(images), batch_size):
             chunk = list(images[i:i + batch_size])
             texts = [processor.apply_chat_template(caption_messages(img), tokenize=False, add_generation_prompt=True)
                      for img in chunk]
-            inputs = processor(text=texts, images=chunk, return_tensors="pt", padding=True).to(model.device)
+            # left padding (asked per call: the processor may be shared), so that generation continues every row
+            inputs = processor(text=texts, images=chunk, return_tensors="pt", padding=True,
+                               padding_side="left").to(model.device)
             ids = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens,
                                  eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
                                  pad_token_id=tokenizer.pad_token_id)
             new = ids[:, inputs["input_ids"].shape[1]:]
             out.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
     finally:
-        tokenizer.padding_side = side
         model.train(was_training)
     return out
 

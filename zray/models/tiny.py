@@ -11,7 +11,8 @@ loaders as real checkpoints: transformers and vLLM for the VLMs, `diffusers.ZIma
   (image_size / (patch * merge))^2 image tokens (16 for 64x64 with patch 8, merge 2).
 - `build_tiny_zimage(cfg, out_dir)`: a tiny Z-Image pipeline (transformer, 16-latent-channel VAE, Qwen3 text
   encoder using the same local tokenizer, flow-matching Euler scheduler).
-- `build_zoo(run_cfg, out_dir)`: teacher, student and generator into subfolders, idempotent.
+- `build_zoo(run_cfg, out_dir)`: teacher, student and generator into subfolders, idempotent (rebuilt when the
+  config, the image size or the tokenizer (`tokenizer_digest`) changed).
 
 transformers' Qwen-VL image and video processors, and vLLM's Qwen-VL models, import torchvision: it must be
 importable (PyPI's CUDA torchvision beside a +cpu torch needs the `torchvision::nms` shim, see the stack notes).
@@ -19,6 +20,8 @@ importable (PyPI's CUDA torchvision beside a +cpu torch needs the `torchvision::
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import math
 import time
@@ -352,12 +355,26 @@ def count_parameters(path: str | Path) -> int:
 _DONE = "zray_built.json"  # written last: a folder without it is rebuilt
 
 
+@functools.lru_cache(maxsize=1)
+def tokenizer_digest() -> str:
+    """sha256 of the local tokenizer as built now: its full tokenizers JSON (normalizer, pre-tokenizer, vocabulary,
+    merges, added tokens with their ids and flags), eos / pad tokens, and both chat templates. Computed once per
+    process (it trains the BPE, about 2 s); any change to the tokenizer's corpus or code changes it."""
+    tok = build_tokenizer()
+    parts = [tok.backend_tokenizer.to_str(), f"eos={tok.eos_token} pad={tok.pad_token}", QWEN_VL_CHAT_TEMPLATE,
+             QWEN3_TEXT_CHAT_TEMPLATE]
+    return hashlib.sha256("\n\0".join(parts).encode()).hexdigest()
+
+
 def build_once(cfg: Any, path: str | Path, builder: Any, image_size: int = 64) -> dict[str, Any]:
     """Build one tiny model with `builder(cfg, path, image_size=)` unless `path` already holds it.
 
     A config with a `checkpoint` is not built (its path is the checkpoint). A folder is reused only if its
-    marker (written last) records the same config and image size; otherwise it is rebuilt from scratch.
-    Returns {"path", "num_params", "build_s", "built"}.
+    marker (written last) records the same config, image size and tokenizer (`tokenizer_digest`); otherwise it is
+    rebuilt from scratch. A changed tokenizer rebuilds rather than refuses: the folder is this builder's cache
+    (seeded, so the rebuild is reproducible), and a model kept beside a new tokenizer would load and then read
+    wrong ids (score tokens, image placeholders) without an error. Returns {"path", "num_params", "build_s",
+    "built"}.
     """
     import dataclasses
     import shutil
@@ -365,7 +382,8 @@ def build_once(cfg: Any, path: str | Path, builder: Any, image_size: int = 64) -
     if cfg.checkpoint:
         return {"path": cfg.checkpoint, "num_params": None, "build_s": 0.0, "built": False}
     path = Path(path)
-    record = {"config": json.loads(json.dumps(dataclasses.asdict(cfg))), "image_size": image_size}
+    record = {"config": json.loads(json.dumps(dataclasses.asdict(cfg))), "image_size": image_size,
+              "tokenizer": tokenizer_digest()}
     marker = path / _DONE
     if marker.exists() and json.loads(marker.read_text()).get("build") == record:
         info = json.loads(marker.read_text())

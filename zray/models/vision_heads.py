@@ -23,7 +23,7 @@ heads on its output tokens (the merged tokens the language model reads):
   here"; the cover target tells every token what its part of the image shows.
 
 Loss: BCE(scene) + map_weight * BCE(map) [+ cover_weight * BCE(cover)], each per-token BCE summed over the
-(colour, shape) pairs and averaged over the tokens (`VisionHeads.loss`). `VisionWarmupTask` trains the tower on
+(colour, shape) pairs and averaged over the tokens (`vision_loss`). `VisionWarmupTask` trains the tower on
 it alone (phase 1 of `zray pretrain-vlm`); `CaptionTask` adds it to the caption loss with `vision_aux_weight`
 (zray/tasks/caption.py). The saved model is the whole VLM (Hugging Face format, heads dropped); the heads are
 kept in `vision_heads/heads.safetensors` beside it (a subdirectory, so vLLM serves the dir as it is), and a
@@ -36,7 +36,7 @@ P (colour, shape) pairs.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -135,8 +135,40 @@ def visual_tokens(output: Any, num_images: int) -> torch.Tensor:
     return tokens.view(num_images, -1, tokens.shape[-1])
 
 
+class HeadLogits(NamedTuple):
+    """The heads' logits on tokens_BND: scene_BA, object map_BNP and, with a cover head, cover_BNP (else None)."""
+
+    scene_BA: torch.Tensor
+    map_BNP: torch.Tensor
+    cover_BNP: torch.Tensor | None
+
+
+def vision_loss(logits: HeadLogits, batch: dict[str, torch.Tensor], map_weight: float,
+                cover_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """L = BCE(scene) + map_weight * BCE(map) + cover_weight * BCE(cover); the per-token BCEs summed over the pairs
+    and averaged over the tokens. cover_weight > 0 needs the cover logits and batch['object_cover']."""
+    scene_BA, map_BNP = logits.scene_BA.float(), logits.map_BNP.float()
+    y_BA, m_BNP = batch["attribute_targets"].float(), batch["object_maps"].float()
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    scene_loss = bce(scene_BA, y_BA)
+    map_loss = bce(map_BNP, m_BNP, reduction="none").sum(-1).mean()
+    with torch.no_grad():
+        exact = ((scene_BA > 0) == (y_BA > 0.5)).all(dim=1).float().mean()
+        cells = ((map_BNP > 0) == (m_BNP > 0.5)).all(dim=2).all(dim=1).float().mean()
+    total = scene_loss + map_weight * map_loss
+    info = {"scene_loss": float(scene_loss.detach()), "map_loss": float(map_loss.detach()),
+            "attribute_exact": float(exact), "object_map_exact": float(cells)}
+    if cover_weight:
+        if logits.cover_BNP is None:
+            raise ValueError(f"cover_weight={cover_weight} needs VisionHeads built with cover=True")
+        cover_loss = bce(logits.cover_BNP.float(), batch["object_cover"].float(), reduction="none").sum(-1).mean()
+        total = total + cover_weight * cover_loss
+        info["cover_loss"] = float(cover_loss.detach())
+    return total, info
+
+
 class VisionHeads(torch.nn.Module):
-    """Scene head (on max-pooled tokens), object-map head and, if `cover`, cover head (per token), and their loss."""
+    """Scene head (on max-pooled tokens), object-map head and, if `cover`, cover head (per token)."""
 
     def __init__(self, hidden: int, cover: bool = False) -> None:
         super().__init__()
@@ -144,46 +176,57 @@ class VisionHeads(torch.nn.Module):
         self.objects = torch.nn.Linear(hidden, len(PAIRS))
         self.cover = torch.nn.Linear(hidden, len(PAIRS)) if cover else None
 
-    def forward(self, tokens_BND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scene logits_BA, object-map logits_BNP)."""
-        return self.scene(tokens_BND.amax(dim=1)), self.objects(tokens_BND)
+    def forward(self, tokens_BND: torch.Tensor) -> HeadLogits:
+        return HeadLogits(self.scene(tokens_BND.amax(dim=1)), self.objects(tokens_BND),
+                          self.cover(tokens_BND) if self.cover is not None else None)
 
     def loss(self, tokens_BND: torch.Tensor, batch: dict[str, torch.Tensor], map_weight: float,
              cover_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
-        """L = BCE(scene) + map_weight * BCE(map) + cover_weight * BCE(cover); the per-token BCEs summed over the
-        pairs and averaged over the tokens. cover_weight > 0 needs the cover head and batch['object_cover']."""
-        scene_BA, map_BNP = (x.float() for x in self(tokens_BND))
-        y_BA, m_BNP = batch["attribute_targets"].float(), batch["object_maps"].float()
-        bce = torch.nn.functional.binary_cross_entropy_with_logits
-        scene_loss = bce(scene_BA, y_BA)
-        map_loss = bce(map_BNP, m_BNP, reduction="none").sum(-1).mean()
-        with torch.no_grad():
-            exact = ((scene_BA > 0) == (y_BA > 0.5)).all(dim=1).float().mean()
-            cells = ((map_BNP > 0) == (m_BNP > 0.5)).all(dim=2).all(dim=1).float().mean()
-        total = scene_loss + map_weight * map_loss
-        info = {"scene_loss": float(scene_loss.detach()), "map_loss": float(map_loss.detach()),
-                "attribute_exact": float(exact), "object_map_exact": float(cells)}
-        if cover_weight:
-            if self.cover is None:
-                raise ValueError(f"cover_weight={cover_weight} needs VisionHeads built with cover=True")
-            cover_loss = bce(self.cover(tokens_BND).float(), batch["object_cover"].float(),
-                             reduction="none").sum(-1).mean()
-            total = total + cover_weight * cover_loss
-            info["cover_loss"] = float(cover_loss.detach())
-        return total, info
+        """`vision_loss` of these heads on tokens_BND, for an unwrapped model; a training task calls the
+        `VisionProbe` (its forward runs the heads) and takes `vision_loss` of its output."""
+        return vision_loss(self(tokens_BND), batch, map_weight, cover_weight)
+
+
+class ProbeOutput(NamedTuple):
+    """What `VisionProbe.forward` returns: the merged image tokens_BND, the heads' logits on them, and the VLM's
+    output (`lm.logits`) when the forward was given the language model's inputs (else None)."""
+
+    tokens_BND: torch.Tensor
+    heads: HeadLogits
+    lm: Any = None
 
 
 class VisionProbe(torch.nn.Module):
-    """The VLM plus `VisionHeads` on its vision tower's output tokens."""
+    """The VLM plus `VisionHeads` on its vision tower's output tokens.
+
+    Tasks call the probe itself (never `probe.vlm` or `probe.heads`): under DDP the model a task gets is the
+    DistributedDataParallel wrapper, which has no such attributes, and whose gradient synchronisation expects
+    every parameter to be used inside its forward.
+    """
 
     def __init__(self, vlm: torch.nn.Module, cover: bool = False) -> None:
         super().__init__()
         self.vlm = vlm
         self.heads = VisionHeads(vlm.config.text_config.hidden_size, cover=cover)
 
-    def forward(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
-        """tokens_BND of the vision tower alone."""
-        return visual_tokens(self.vlm.model.visual(pixel_values, grid_thw=image_grid_thw), image_grid_thw.shape[0])
+    def forward(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, **lm_inputs: Any) -> ProbeOutput:
+        """With the images alone: the vision tower alone (`lm` None). With the language model's inputs too
+        (input_ids, attention_mask, ..., use_cache, logits_to_keep: keyword arguments of the VLM's forward): one
+        VLM forward, whose vision tower output a forward hook captures. The heads run on those tokens either way."""
+        num_images = image_grid_thw.shape[0]
+        if not lm_inputs:
+            tokens = visual_tokens(self.vlm.model.visual(pixel_values, grid_thw=image_grid_thw), num_images)
+            return ProbeOutput(tokens, self.heads(tokens))
+        captured: list[torch.Tensor] = []
+        hook = self.vlm.model.visual.register_forward_hook(
+            lambda _m, _i, out: captured.append(visual_tokens(out, num_images)))
+        try:
+            lm = self.vlm(pixel_values=pixel_values, image_grid_thw=image_grid_thw, **lm_inputs)
+        finally:
+            hook.remove()
+        if len(captured) != 1:
+            raise RuntimeError(f"the VLM ran its vision tower {len(captured)} times in one forward; expected once")
+        return ProbeOutput(captured[0], self.heads(captured[0]), lm)
 
     def save(self, model_dir: str | Path, out_dir: Path) -> None:
         """The VLM in Hugging Face format (with `model_dir`'s processor) and the heads in HEAD_FILE."""

@@ -28,8 +28,9 @@ def load_vlm(path: str | Path, dtype: torch.dtype = torch.float32, device: str |
              ) -> tuple[Any, Any]:
     """(model, processor) from a Hugging Face format dir or hub id; the model is in eval mode.
 
-    The processor's tokenizer pads on the left, so that the last position of every row in a batch is its
-    score position.
+    The processor is this call's own (not `cached_processor`'s); its tokenizer pads on the left by default, so
+    that the last position of every row in a batch is its score position (`score_inputs` asks for left padding
+    explicitly in any case).
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -62,11 +63,23 @@ def checkpoint_dtype(model_dir: str | Path) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def cached_processor(model_dir: str) -> Any:
-    """The processor of `model_dir`, loaded once per process (shared: callers set `tokenizer.padding_side`)."""
+def _load_processor(model_dir: str) -> tuple[Any, str]:
     from transformers import AutoProcessor
 
-    return AutoProcessor.from_pretrained(model_dir)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    return processor, processor.tokenizer.padding_side
+
+
+def cached_processor(model_dir: str) -> Any:
+    """The processor of `model_dir`, loaded once per process and shared by every caller, so read-only: callers pass
+    `padding_side="left" | "right"` to each processor call instead of setting `tokenizer.padding_side`. A changed
+    `padding_side` is caught here (RuntimeError) at the next lookup."""
+    processor, padding_side = _load_processor(model_dir)
+    if processor.tokenizer.padding_side != padding_side:
+        raise RuntimeError(f"the shared processor of {model_dir} has tokenizer.padding_side="
+                           f"{processor.tokenizer.padding_side!r}, loaded as {padding_side!r}: a caller mutated it; "
+                           "pass padding_side= to the processor call instead")
+    return processor
 
 
 def trainable_vlm(model_dir: str | Path) -> torch.nn.Module:
@@ -94,10 +107,11 @@ def load_vlm_weights(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
 
 
 def score_inputs(processor: Any, requests: Sequence[ScoreRequest]) -> Any:
-    """Processor outputs (input_ids_BL, attention_mask_BL, pixel_values, image_grid_thw) for a batch."""
+    """Processor outputs (input_ids_BL, attention_mask_BL, pixel_values, image_grid_thw) for a batch, padded on the
+    left (whatever the processor's default): the last position of every row is its score position."""
     texts = [render_score_context(processor, r.prompt, r.dimension, r.reasoning) for r in requests]
     images = [r.image for r in requests]
-    return processor(text=texts, images=images, return_tensors="pt", padding=True)
+    return processor(text=texts, images=images, return_tensors="pt", padding=True, padding_side="left")
 
 
 def score_logits(model: Any, processor: Any, requests: Sequence[ScoreRequest]) -> torch.Tensor:

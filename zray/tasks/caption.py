@@ -32,7 +32,7 @@ import torch
 
 from zray.data.captions import STYLES, restyle
 from zray.data.render import decode_png
-from zray.models.vision_heads import HEAD_FILE, VISION_TARGET_KEYS, VisionProbe, vision_targets, visual_tokens
+from zray.models.vision_heads import HEAD_FILE, VISION_TARGET_KEYS, VisionProbe, vision_loss, vision_targets
 from zray.models.vlm import cached_processor, load_vlm_weights, save_vlm, trainable_vlm
 
 CAPTION_INSTRUCTION = "Describe the image."
@@ -165,8 +165,7 @@ class CaptionTask:
         processor = self.processor
         texts = [processor.apply_chat_template(caption_messages(img, ans), tokenize=False)
                  for img, ans in zip(images, answers, strict=True)]
-        processor.tokenizer.padding_side = "right"
-        inputs = processor(text=texts, images=list(images), return_tensors="pt", padding=True)
+        inputs = processor(text=texts, images=list(images), return_tensors="pt", padding=True, padding_side="right")
         batch = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}  # Qwen3-VL: also mm_token_type_ids
         batch["labels"] = mask_to_answer(batch["input_ids"], processor.tokenizer)
         if self.position_weight != 1.0:
@@ -177,37 +176,32 @@ class CaptionTask:
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         """Mean token cross-entropy over the answer tokens of the batch, weighted when position_weight != 1 (plus
-        the weighted vision loss); also answer-token accuracy."""
-        if not self.vision_aux_weight:
-            return self._caption_loss(model, batch)
-        num_images = batch["image_grid_thw"].shape[0]
-        captured: list[torch.Tensor] = []
-        hook = model.vlm.model.visual.register_forward_hook(
-            lambda _m, _i, out: captured.append(visual_tokens(out, num_images)))
-        try:
-            loss, info = self._caption_loss(model.vlm, batch)
-        finally:
-            hook.remove()
-        vision_loss, vision_info = model.heads.loss(captured[0], batch, self.map_weight, self.cover_weight)
-        info["caption_loss"] = info.pop("loss")  # "loss" is the total (the learner logs it)
-        info.update(vision_loss=float(vision_loss.detach()), **vision_info)
-        return loss + self.vision_aux_weight * vision_loss, info
+        the weighted vision loss); also answer-token accuracy. One forward of `model` (the VLM, the `VisionProbe`,
+        or a DDP / DeepSpeed wrapper of either).
 
-    def _caption_loss(self, model: torch.nn.Module,
-                      batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        """The language model head runs only from the batch's first answer position on (`logits_to_keep`). Every
-        row's prompt has the same length here, so that skips the prompts, about half of a batch's positions; the
-        head (hidden x vocabulary) costs as much per position as a layer of the tiny models."""
+        The language model head runs only from the batch's first answer position on (`logits_to_keep`). Every row's
+        prompt has the same length here, so that skips the prompts, about half of a batch's positions; the head
+        (hidden x vocabulary) costs as much per position as a layer of the tiny models."""
         labels_BL = batch["labels"]
         inputs = {k: v for k, v in batch.items() if k not in ("labels", LOSS_WEIGHTS, *VISION_TARGET_KEYS)}
         target_BL = labels_BL[:, 1:]
         answers = (target_BL != IGNORE_INDEX).any(dim=0).nonzero()
         first = int(answers[0]) if len(answers) else target_BL.shape[1] - 1
         out = model(**inputs, use_cache=False, logits_to_keep=labels_BL.shape[1] - first)
-        logits_BKV = out.logits[:, :-1]  # predictions for target positions first .. L-2
-        target_BK = target_BL[:, first:]
+        if not self.vision_aux_weight:
+            return self._caption_loss(out.logits, batch, first)
+        loss, info = self._caption_loss(out.lm.logits, batch, first)
+        aux_loss, aux_info = vision_loss(out.heads, batch, self.map_weight, self.cover_weight)
+        info["caption_loss"] = info.pop("loss")  # "loss" is the total (the learner logs it)
+        info.update(vision_loss=float(aux_loss.detach()), **aux_info)
+        return loss + self.vision_aux_weight * aux_loss, info
+
+    def _caption_loss(self, logits_BKV: torch.Tensor, batch: dict[str, torch.Tensor],
+                      first: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """The caption loss from logits_BKV, the logits of positions `first` .. L-1 (`logits_to_keep`)."""
+        target_BK = batch["labels"][:, 1:][:, first:]
         mask_BK = target_BK != IGNORE_INDEX
-        logits_TV = logits_BKV[mask_BK].float()  # the T answer tokens of the batch
+        logits_TV = logits_BKV[:, :-1][mask_BK].float()  # the T answer tokens (predictions for first+1 .. L-1)
         target_T = target_BK[mask_BK]
         ce_T = torch.nn.functional.cross_entropy(logits_TV, target_T, reduction="none")
         weight_T = batch[LOSS_WEIGHTS][:, 1:][:, first:][mask_BK] if LOSS_WEIGHTS in batch else torch.ones_like(ce_T)

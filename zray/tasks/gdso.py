@@ -11,6 +11,10 @@ How methods.md §2 maps onto the learner (`actors/learner/worker_loop.py` runs i
                             advantages, pi_ref's log-probs of the sampled tokens (teacher forcing, no grad)
         loss, K times:      pi_theta's log-probs and q by teacher forcing; L = L_grpo + a_pt L_ce + a_pw L_pw
 
+The trained model and pi_ref are `PolicyModel`s (zray.models.teacher_forcing): the VLM with a forward that
+returns the response log-probs and q, the LM head applied in chunks of tokens (no B x T x V logits); their state
+dicts are the VLM's under Hugging Face names, so `engine.full_state_dict()` is what the engines load.
+
 GRPO (the baseline) is the same loop with reward r_pt only and no direct terms (lam_pw = alpha_pt = alpha_pw =
 0). Each worker rolls out its own pairs (the learner's data shard); the engines serve all workers.
 
@@ -34,7 +38,7 @@ import torch.distributed as dist
 from zray.checksum import weights_checksum
 from zray.config import TrainTeacherConfig
 from zray.losses.gdso import gdso_loss, gdso_rewards, penalize_malformed, side_advantages
-from zray.models.teacher_forcing import forced_logprobs, rollout_inputs
+from zray.models.teacher_forcing import PolicyModel, forced_logprobs, rollout_inputs
 from zray.models.vlm import (cached_processor, checkpoint_dtype, load_vlm_weights, save_vlm, trainable_vlm,
                             write_scoring_file)
 from zray.rubric import ScoreRequest
@@ -59,7 +63,7 @@ class RolloutSource(Protocol):
 class PolicyState:
     """A worker's mutable side of the task (built in `GDSOTask.build_model`, never pickled)."""
 
-    ref: torch.nn.Module                 # pi_ref: frozen copy of the policy, reset at each outer iteration
+    ref: PolicyModel                     # pi_ref: frozen copy of the policy, reset at each outer iteration
     served_dtype: torch.dtype | None     # the dtype the engines serve (weights are sent in it); None: as trained
     ref_fresh: bool = False              # pi_ref holds a policy of this run (False until the first reset)
     version: int = 0                     # weights version last sent to the engines
@@ -111,13 +115,16 @@ class GDSOTask:
         return self.policy
 
     # ------------------------------------------------------------------------------------- LearnerTask
-    def build_model(self) -> torch.nn.Module:
-        ref = trainable_vlm(self.model_dir).eval()
+    def build_model(self) -> PolicyModel:
+        """pi_theta as a `PolicyModel` (teacher forcing without B x T x V logits; its state dict is the VLM's, under
+        Hugging Face names), and this worker's `PolicyState` with pi_ref (a frozen PolicyModel)."""
+        score_ids = score_token_ids(self.processor)
+        ref = PolicyModel(trainable_vlm(self.model_dir), score_ids).eval()
         ref.requires_grad_(False)
         # The engines serve the checkpoint's dtype (TeacherEngine loads it with that dtype): send weights in it.
         served = checkpoint_dtype(self.model_dir)
         self.policy = PolicyState(ref=ref, served_dtype=None if served == "auto" else getattr(torch, served))
-        return trainable_vlm(self.model_dir)
+        return PolicyModel(trainable_vlm(self.model_dir), score_ids).train()
 
     def before_rollout(self, engine: Any, *, rollout_index: int) -> None:
         policy = self._policy()
@@ -189,10 +196,11 @@ class GDSOTask:
         return loss, metrics
 
     def save_pretrained(self, model: torch.nn.Module, out_dir: Path) -> None:
-        write_scoring_file(save_vlm(model, self.model_dir, out_dir), form="reasoning", method=self.cfg.method)
+        vlm = model.vlm if isinstance(model, PolicyModel) else model
+        write_scoring_file(save_vlm(vlm, self.model_dir, out_dir), form="reasoning", method=self.cfg.method)
 
     def load_pretrained(self, model: torch.nn.Module, ckpt_dir: Path) -> None:
-        load_vlm_weights(model, ckpt_dir)
+        load_vlm_weights(model, ckpt_dir)  # a PolicyModel's state dict is its VLM's
 
     # ------------------------------------------------------------------------------------- StatefulTask
     def task_state(self) -> dict[str, torch.Tensor]:

@@ -50,9 +50,8 @@ class ScoreSFTTask:
 
     def collate(self, rows: dict[str, Any]) -> dict[str, torch.Tensor]:
         requests, labels_P2 = pair_requests(rows)
-        processor = self.processor
-        processor.tokenizer.padding_side = "left"  # the last position of every row is its score position
-        batch = {k: v for k, v in score_inputs(processor, requests).items() if isinstance(v, torch.Tensor)}
+        # left padding (score_inputs): the last position of every row is its score position
+        batch = {k: v for k, v in score_inputs(self.processor, requests).items() if isinstance(v, torch.Tensor)}
         batch["label_index"] = torch.tensor([label_index(float(s)) for s in labels_P2.flatten()], dtype=torch.int64)
         return batch
 

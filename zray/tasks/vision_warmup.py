@@ -10,8 +10,17 @@ from typing import Any
 import torch
 
 from zray.data.render import decode_png
-from zray.models.vision_heads import VisionProbe, vision_targets
+from zray.models.vision_heads import VisionProbe, vision_loss, vision_targets
 from zray.models.vlm import cached_processor, trainable_vlm
+
+
+def freeze_beyond_the_tower(vlm: torch.nn.Module) -> None:
+    """requires_grad=False on the VLM's parameters that the vision tower's output tokens do not depend on: the
+    language model, its head and (Qwen3-VL) the vision tower's deepstack mergers, whose features only feed the
+    language model's layers. Under DDP a trainable parameter that gets no gradient fails the next step."""
+    for name, param in vlm.named_parameters():
+        if not name.startswith("model.visual.") or ".deepstack_merger_list." in name:
+            param.requires_grad_(False)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -24,7 +33,10 @@ class VisionWarmupTask:
     cover_weight: float = 0.0  # > 0 adds the cover head and its loss
 
     def build_model(self) -> torch.nn.Module:
-        return VisionProbe(trainable_vlm(self.model_dir), cover=self.cover_weight > 0).train()
+        """The `VisionProbe`, trainable where the warm-up's loss reaches only (`freeze_beyond_the_tower`)."""
+        probe = VisionProbe(trainable_vlm(self.model_dir), cover=self.cover_weight > 0).train()
+        freeze_beyond_the_tower(probe.vlm)
+        return probe
 
     def collate(self, rows: dict[str, Any]) -> dict[str, torch.Tensor]:
         images = [decode_png(bytes(b)) for b in rows["image"]]
@@ -35,8 +47,10 @@ class VisionWarmupTask:
                 **vision_targets(rows["scene_json"], pixels["image_grid_thw"], merge, cover=self.cover_weight > 0)}
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        return model.heads.loss(model(batch["pixel_values"], batch["image_grid_thw"]), batch, self.map_weight,
-                                self.cover_weight)
+        """`vision_loss` of the heads' logits; one forward of `model` (the `VisionProbe` or a DDP / DeepSpeed wrapper
+        of it), on the images alone."""
+        out = model(batch["pixel_values"], batch["image_grid_thw"])
+        return vision_loss(out.heads, batch, self.map_weight, self.cover_weight)
 
     def save_pretrained(self, model: torch.nn.Module, out_dir: Path) -> None:
         model.save(self.model_dir, out_dir)
