@@ -73,32 +73,34 @@ def run_train_teacher(cfg: RunConfig, method: str | None = None, resume: bool = 
         tcfg = dataclasses.replace(cfg.train_teacher, method=name)
         run_dir = root / name
         print(f"[train-teacher] {METHOD_NAMES[name]} from {base}")
-        fitted = None
-        if name == "zero_shot":
-            final_dir = base
-        else:
-            train = ray.data.from_arrow(pair_examples(data_dir, "train", tcfg.dimensions))
-            engines = start_engines(base, cfg.vllm, seed=cfg.seed) if name in ("gdso", "grpo") else []
-            try:
+        fitted, engines = None, []
+        try:
+            if name == "zero_shot":
+                final_dir = base
+            else:
+                train = ray.data.from_arrow(pair_examples(data_dir, "train", tcfg.dimensions))
+                engines = start_engines(base, cfg.vllm, seed=cfg.seed) if name in ("gdso", "grpo") else []
                 task = (ScoreSFTTask(model_dir=str(base)) if name == "sft"
                         else GDSOTask(model_dir=str(base), cfg=tcfg, rollouts=EnginePool(engines), seed=cfg.seed,
                                       name=f"teacher_{name}"))
                 fitted = fit(task, tcfg.learner, datasets={"train": train}, storage_path=root, name=name,
                              resume=resume and has_checkpoint(run_dir),  # --resume: the methods that started
                              time_budget_s=tcfg.time_budget_s)
-            finally:
-                if engines:
-                    EnginePool(engines).shutdown()
-            final_dir = export_final(fitted.hf_dir, run_dir)
-        # The evaluation engine is an actor too: an in-process vLLM engine in the driver would share (and on
-        # shutdown tear down) vLLM's process-global state with any other engine of the driver process.
-        eval_engines = start_engines(final_dir, cfg.vllm, seed=cfg.seed, num_engines=1)
-        try:
-            evaluation = evaluate_reward_model(cfg, final_dir, EnginePool(eval_engines),
+                final_dir = export_final(fitted.hf_dir, run_dir)
+            # One engine evaluates (as a fresh one would): a rollout engine now serving the final weights, else a new
+            # one. It is an actor too: an in-process vLLM engine in the driver would share (and on shutdown tear
+            # down) vLLM's process-global state with any other engine of the driver process.
+            if engines and not serve_final_weights(EnginePool(engines[:1]), base, final_dir, fitted.final_step + 1):
+                EnginePool(engines).shutdown()
+                engines = []
+            if not engines:
+                engines = start_engines(final_dir, cfg.vllm, seed=cfg.seed, num_engines=1)
+            evaluation = evaluate_reward_model(cfg, final_dir, EnginePool(engines[:1]),
                                                form="auto" if name != "zero_shot" else "reasoning",
                                                name=f"teacher_{name}")
         finally:
-            EnginePool(eval_engines).shutdown()
+            if engines:
+                EnginePool(engines).shutdown()
         record = {"method": name, "model_dir": str(final_dir), "evaluation": evaluation,
                   "training": training_summary(fitted.history, fitted.final_step, fitted.wall_s) if fitted else None,
                   "config": to_dict(tcfg)}
@@ -111,6 +113,25 @@ def run_train_teacher(cfg: RunConfig, method: str | None = None, resume: bool = 
     table = write_results(root)
     print(table)
     return records
+
+
+def serve_final_weights(pool: Any, base: Path, final_dir: Path, version: int) -> bool:
+    """Have the rollout engines (started on `base`) serve the trained model of `final_dir`, verified, so that the
+    evaluation needs no second engine start-up. Only when they would serve exactly what a fresh engine on
+    `final_dir` serves: the same dtype (engines keep the dtype they were started with). Returns whether they do."""
+    import torch
+
+    from zray.checksum import weights_checksum
+    from zray.models.vlm import checkpoint_dtype, trainable_vlm
+
+    served = checkpoint_dtype(base)
+    if served != checkpoint_dtype(final_dir):
+        return False
+    weights = trainable_vlm(final_dir).state_dict()  # the names and layout the learner syncs every rollout
+    if served != "auto":
+        weights = {k: v.to(getattr(torch, served)) for k, v in weights.items()}
+    pool.load_weights(weights, version=version, checksum=weights_checksum(weights))
+    return True
 
 
 def training_summary(history: list[dict[str, float]], final_step: int, wall_s: float) -> dict[str, Any]:

@@ -9,7 +9,6 @@ files (the calls happen in Ray Train workers).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from dataclasses import dataclass, field
@@ -229,7 +228,7 @@ def _record(log_dir: str, *words: object) -> None:
 @dataclass(frozen=True)
 class RolloutMLP(MLPRegression):
     """An OnlineTask stand-in (no engines): records every before_rollout, collate and loss call, with the rows'
-    ids, in log_dir/events.txt."""
+    ids, in log_dir/events.txt. Also a StatefulTask whose state is empty ({}: nothing to save)."""
 
     log_dir: str = ""
     updates_per_rollout: int = 3
@@ -248,17 +247,27 @@ class RolloutMLP(MLPRegression):
         _record(self.log_dir, "loss", ",".join(map(str, batch["ids"].tolist())))
         return super().loss(model, batch)
 
+    def task_state(self) -> dict[str, torch.Tensor]:
+        _record(self.log_dir, "task_state")
+        return {}
+
+    def load_task_state(self, state: dict[str, torch.Tensor]) -> None:
+        raise AssertionError("a run that is not resumed loads no task state")
+
 
 def test_online_task_rolls_out_once_per_k_steps_and_reuses_the_batches(dataset, tmp_path):
-    from zray.training.task import OnlineTask
+    from actors.learner.worker_loop import TASK_STATE_FILE
+    from zray.training.task import OnlineTask, StatefulTask
 
     ids_dataset = ray.data.from_items([{**row, "id": i} for i, row in enumerate(_rows())], override_num_blocks=4)
     task, k, accum, max_steps = RolloutMLP(dropout=0.0, log_dir=str(tmp_path)), 3, 2, 7
-    assert isinstance(task, OnlineTask) and task.updates_per_rollout == k
+    assert isinstance(task, OnlineTask) and isinstance(task, StatefulTask) and task.updates_per_rollout == k
     cfg = LearnerConfig(num_workers=1, backend="ddp", precision="fp32", micro_batch_size=8, grad_accum_steps=accum,
                         max_steps=max_steps, checkpoint_every=max_steps, log_every=max_steps, seed=0)
     fit(task, cfg, datasets={"train": ids_dataset}, storage_path=tmp_path, name="online")
     events = [tuple(line.split()) for line in (tmp_path / "events.txt").read_text().splitlines()]
+    assert events.pop() == ("task_state",)  # at the one (final) checkpoint, after the last loss
+    assert not list((tmp_path / "online").rglob(TASK_STATE_FILE))  # an empty state writes no file
     collated = [ids for kind, ids in events if kind == "collate"]
     assert len(collated) == accum * -(-max_steps // k) == 6  # rollouts 0, 1, 2 (the last one used once)
     assert len(set(collated)) == len(collated)  # each rollout makes fresh micro batches
@@ -281,10 +290,9 @@ def test_online_task_rolls_out_once_per_k_steps_and_reuses_the_batches(dataset, 
 class StatefulMLP:
     """A StatefulTask: MLPRegression (no dropout) plus worker-side state, the micro batches seen and the sum of their
     targets, made in build_model. Each task_state result is saved to log_dir/returned_<micro batches>.pt and each
-    load_task_state argument to log_dir/loaded.pt; `empty` makes task_state return {}."""
+    load_task_state argument to log_dir/loaded.pt."""
 
     log_dir: str
-    empty: bool = False
     name: str = "stateful"
     state: dict[str, torch.Tensor] | None = field(default=None, init=False, repr=False)
 
@@ -307,7 +315,7 @@ class StatefulMLP:
         MLPRegression().load_pretrained(model, ckpt_dir)
 
     def task_state(self) -> dict[str, torch.Tensor]:
-        out = {} if self.empty else {k: v.clone() for k, v in self.state.items()}
+        out = {k: v.clone() for k, v in self.state.items()}
         torch.save(out, Path(self.log_dir) / f"returned_{int(self.state['micro_batches'])}.pt")
         return out
 
@@ -350,17 +358,6 @@ def test_stateful_task_resumes_with_the_state_it_checkpointed(dataset, tmp_path)
     final = load_file(str(resumed.final_checkpoint / TASK_STATE_FILE))
     _assert_same_state(final, torch.load(logs / "returned_6.pt"))
     assert int(final["micro_batches"]) == 6  # the resumed run continued the restored state
-
-
-def test_stateful_task_with_an_empty_state_writes_no_state_file(dataset, tmp_path):
-    from actors.learner.worker_loop import TASK_STATE_FILE
-
-    cfg = dataclasses.replace(STATEFUL, max_steps=3)
-    result = fit(StatefulMLP(log_dir=str(tmp_path), empty=True), cfg, datasets={"train": dataset},
-                 storage_path=tmp_path, name="empty")
-    assert torch.load(tmp_path / "returned_3.pt") == {}  # task_state ran at the checkpoint, and gave {}
-    assert result.final_checkpoint.name == "checkpoint_000003"
-    assert not list((tmp_path / "empty").rglob(TASK_STATE_FILE))
 
 
 # ---------------------------------------------------------------------------------------------- Ray's log noise

@@ -2,6 +2,8 @@
 
 import dataclasses
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +23,29 @@ def test_missing_base_model_is_a_clear_error(tmp_path):
 
     with pytest.raises(ConfigError, match=r"train_teacher.base_model=.*pretrain-vlm"):
         base_model_dir(dataclasses.replace(tiny_cpu(), out_dir=str(tmp_path)))
+
+
+def test_rollout_engines_evaluate_the_final_model_only_in_the_dtype_a_fresh_engine_would_serve(tiny_zoo, tmp_path):
+    from jobs.train_teacher import serve_final_weights
+    from zray.checksum import weights_checksum
+
+    class Pool:
+        loads = []
+
+        def load_weights(self, weights, *, version, checksum):
+            assert weights_checksum(weights) == checksum
+            self.loads.append((version, {v.dtype for v in weights.values()}, sorted(weights)))
+
+    teacher = Path(tiny_zoo["teacher"]["path"])
+    assert serve_final_weights(Pool(), teacher, teacher, version=7)
+    version, dtypes, names = Pool.loads[-1]
+    assert version == 7 and dtypes == {torch.float32} and "lm_head.weight" in names  # the learner's sync names
+    bf16 = tmp_path / "bf16"
+    shutil.copytree(teacher, bf16)
+    config = json.loads((bf16 / "config.json").read_text())
+    (bf16 / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    assert not serve_final_weights(Pool(), teacher, bf16, version=8)  # a fresh engine would serve bf16
+    assert len(Pool.loads) == 1
 
 
 def test_cli_rejects_an_unknown_method(capsys):
