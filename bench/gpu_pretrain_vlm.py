@@ -103,7 +103,8 @@ def encode_all(model_dir: str, rows: dict[str, list[Any]], workers: int, chunk: 
 
 def batch_of(data: dict[str, torch.Tensor], idx: torch.Tensor, caption: bool) -> dict[str, torch.Tensor]:
     """Model inputs for images `idx`: sequences cut to the longest in the batch; patches flattened."""
-    keys = list(data) if caption else ["pixel_values", "image_grid_thw", *VISION_TARGET_KEYS]
+    targets = [k for k in VISION_TARGET_KEYS if k in data]  # object_cover only with a cover head
+    keys = list(data) if caption else ["pixel_values", "image_grid_thw", *targets]
     batch = {k: data[k][idx] for k in keys}
     batch["pixel_values"] = batch["pixel_values"].flatten(0, 1)
     if caption:
