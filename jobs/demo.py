@@ -23,11 +23,10 @@ from zray.data.judge import judge_image, judge_scores
 from zray.data.judge_eval import compare, judge_agreement
 from zray.data.render import decode_png
 from zray.data.scene import Scene
-from zray.rubric import DIMENSIONS
 from zray.models.generator import generate, load_zimage
 from zray.models.tiny import build_zoo
 from zray.models.vlm import load_vlm, score_distributions_hf
-from zray.rubric import ScoreRequest
+from zray.rubric import DIMENSIONS, ScoreRequest
 from zray.scores import expected_score
 
 NUM_SAMPLES = 8

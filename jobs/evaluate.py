@@ -23,9 +23,10 @@ def run_evaluate(cfg: RunConfig, model_dir: str | Path, *, form: str = "auto", n
 
     check_model_dir(model_dir)
     resolve_form(model_dir, form)  # bad input fails before the engine's start-up
-    evaluation_rows(cfg)
+    rows = evaluation_rows(cfg)
     engine = TeacherEngine(model_dir, cfg.vllm, seed=cfg.seed)
     try:
-        return evaluate_reward_model(cfg, model_dir, engine, form=form, name=name, engine_start_s=engine.start_s)
+        return evaluate_reward_model(cfg, model_dir, engine, form=form, name=name, engine_start_s=engine.start_s,
+                                     rows=rows)
     finally:
         engine.shutdown()

@@ -31,17 +31,17 @@ from typing import Any
 
 import torch
 
-from zray.evaluation.generator_report import save_loss_curves, save_reconstruction_grid, save_sample_grid, summary_markdown
 from zray.config import GeneratorConfig, RunConfig, to_dict
 from zray.data import ensure_world, read_ray_dataset, read_table
 from zray.data.render import decode_png
-from zray.models.generator import initial_noise, load_zimage, pil_to_tensor, sample_images, to_pil
 from zray.evaluation.generator import frechet_to, judge_many, summarise
-from zray.models.generator import decode_images
+from zray.evaluation.generator_report import (save_loss_curves, save_reconstruction_grid, save_sample_grid,
+                                             summary_markdown)
+from zray.models.generator import decode_images, initial_noise, load_zimage, pil_to_tensor, sample_images, to_pil
+from zray.models.tiny import build_once, build_tiny_zimage, count_parameters
 from zray.tasks.flow import FlowTask
 from zray.tasks.vae import VAETask
 from zray.training.runs import export_final, has_checkpoint, trained_seconds
-from zray.models.tiny import build_once, build_tiny_zimage, count_parameters
 
 NUM_GRID = 12
 NUM_LATENT_STAT_IMAGES = 512

@@ -34,7 +34,6 @@ directory that already holds checkpoints, so nothing is continued or overwritten
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -48,7 +47,7 @@ from ray.train.torch import TorchTrainer
 
 from actors.learner.worker_loop import train_loop_per_worker
 from zray.config import LearnerConfig
-from zray.training.runs import LEARNER_STATE_FILE, SNAPSHOT_FILE, has_checkpoint
+from zray.training.runs import SNAPSHOT_FILE, has_checkpoint, read_learner_state
 from zray.training.task import LearnerTask, LengthGrouped
 
 @dataclass(frozen=True)
@@ -206,7 +205,7 @@ def fit(task: LearnerTask, cfg: LearnerConfig, *, datasets: dict[str, Any], stor
     if result.checkpoint is None:
         raise RuntimeError(f"the run {run_dir} finished without a checkpoint")
     final = Path(result.checkpoint.path)
-    state = json.loads((final / LEARNER_STATE_FILE).read_text())
+    state = read_learner_state(final)
     kept = sorted({Path(ckpt.path) for ckpt, _ in (result.best_checkpoints or [])} | {final})
     return LearnerResult(history=state["history"], hf_dir=final / "hf", final_checkpoint=final, checkpoints=kept,
                          run_dir=run_dir, wall_s=wall_s, final_step=int(state["step"]))

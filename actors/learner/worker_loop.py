@@ -31,12 +31,9 @@ import torch.distributed as dist
 
 from zray.config import LearnerConfig
 from zray.training.engine import StepInfo, TrainEngine
-from zray.training.runs import LEARNER_STATE_FILE, budget_end_step
+from zray.training.runs import LEARNER_STATE_FILE, TASK_STATE_FILE, budget_end_step, read_learner_state
 from zray.training.shards import ShardBatches
 from zray.training.task import LearnerTask, LengthGrouped, OnlineTask, StatefulTask
-
-TASK_STATE_FILE = "task_state.safetensors"  # a StatefulTask's state, written by rank 0
-
 
 
 class InjectedFailure(RuntimeError):
@@ -157,7 +154,7 @@ def _save_checkpoint(engine: TrainEngine, task: LearnerTask, cfg: LearnerConfig,
 def _restore(engine: TrainEngine, task: LearnerTask, ckpt_dir: Path,
              cfg: LearnerConfig) -> tuple[int, int, list[dict[str, float]]]:
     """Load engine state, the task's state, this rank's RNG and data position; returns (step, consumed, history)."""
-    state = json.loads((ckpt_dir / LEARNER_STATE_FILE).read_text())
+    state = read_learner_state(ckpt_dir)
     if state["world_size"] != engine.world_size or state["backend"] != engine.backend:
         raise ValueError(f"checkpoint {ckpt_dir} was written by {state['world_size']} {state['backend']} workers; "
                          f"this run has {engine.world_size} {engine.backend} workers (resume needs the same)")

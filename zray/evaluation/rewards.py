@@ -81,17 +81,18 @@ def default_name(model_dir: str | Path, form: str, method: str | None = None) ->
 
 
 def evaluate_reward_model(cfg: RunConfig, model_dir: str | Path, scorer: Any, *, form: str = "auto",
-                          name: str | None = None, engine_start_s: float | None = None) -> dict[str, Any]:
+                          name: str | None = None, engine_start_s: float | None = None,
+                          rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Score the split with `scorer` (the weights of `model_dir`, served by a `TeacherEngine` or an `EnginePool`),
     write the outputs and return the metrics record. `engine_start_s`: the scorer's start-up time, if the caller
-    wants it recorded."""
+    wants it recorded; `rows`: the candidates to score, if the caller has read them (`evaluation_rows(cfg)`)."""
     clock = time.perf_counter()
     model_dir = check_model_dir(model_dir)
     form, method = resolve_form(model_dir, form)
     name = name or default_name(model_dir, form, method)
     ecfg = cfg.evaluate
     out = Path(cfg.out_dir).resolve()
-    rows = evaluation_rows(cfg)
+    rows = evaluation_rows(cfg) if rows is None else rows
     keep = {r["prompt_id"] for r in rows}
     run_dir = out / "evaluate" / name
     run_dir.mkdir(parents=True, exist_ok=True)

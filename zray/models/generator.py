@@ -169,9 +169,8 @@ def pil_to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
 
 
 def decode_images(column: Any) -> torch.Tensor:
-    """A column of PNG bytes (numpy object array or list) -> [B, 3, H, W] float32 in [-1, 1]."""
-    arrays = [np.asarray(Image.open(io.BytesIO(bytes(b))).convert("RGB"), dtype=np.float32) for b in column]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
+    """A column of PNG bytes (numpy object array or list) -> [B, 3, H, W] float32 in [-1, 1] (`pil_to_tensor`)."""
+    return pil_to_tensor([Image.open(io.BytesIO(bytes(b))) for b in column])
 
 
 def load_safetensors_into(module: torch.nn.Module, ckpt_dir: Path) -> None:

@@ -1,8 +1,9 @@
 """Run bookkeeping on disk: which checkpoints a learner run holds, how long it trained, and its exported model.
 
 A learner run (`actors.learner.fit`) lives in `<storage>/<name>/`: `checkpoint_<step>/` directories (each with
-`hf/` and `learner.json`, the step and the logged history), Ray Train's `checkpoint_manager_snapshot.json` (what a
-resumed run restores from) and, once a job exports it, `final/` (the model in Hugging Face / diffusers format).
+`hf/` and `learner.json`, the step and the logged history; `task_state.safetensors` for a task with worker-side
+state), Ray Train's `checkpoint_manager_snapshot.json` (what a resumed run restores from) and, once a job exports
+it, `final/` (the model in Hugging Face / diffusers format).
 Every job asks these questions through this module, so they have one answer. No Ray, no torch.
 """
 
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 LEARNER_STATE_FILE = "learner.json"  # in every checkpoint: step, data position, history, config
+TASK_STATE_FILE = "task_state.safetensors"  # in a checkpoint of a StatefulTask with state: its task_state()
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of a run's checkpoints
 FINAL_DIR = "final"
 
