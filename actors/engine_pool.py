@@ -25,7 +25,7 @@ import torch
 from actors.teacher_engine import TeacherEngine
 from zray.config import VLLMConfig
 from zray.rubric import ScoreRequest
-from zray.types import RolloutBatch, WeightSyncReport, WeightVersionError, concat_rollouts
+from zray.types import ForcedSequence, RolloutBatch, WeightSyncReport, WeightVersionError, concat_rollouts
 
 TeacherEngineActor = ray.remote(TeacherEngine)
 
@@ -81,6 +81,10 @@ class EnginePool:
     def score(self, requests: Sequence[ScoreRequest | tuple]) -> torch.Tensor:
         """q_BK for every request (reasoning teacher-forced where given), in request order."""
         return torch.cat(self._spread("score", requests))
+
+    def token_logprobs(self, sequences: Sequence[ForcedSequence]) -> list[torch.Tensor]:
+        """log pi of every response token of each sequence, from all engines, in order (OPD's teacher side)."""
+        return [logp for part in self._spread("token_logprobs", sequences) for logp in part]
 
     def generate_texts(self, requests: Sequence[ScoreRequest | tuple], *, max_tokens: int = 64,
                        temperature: float = 1.0, n: int = 1, seed: int | None = None) -> list[list[str]]:

@@ -7,6 +7,10 @@
                                                         HPA, Margin HPA, PLCC, SRCC of a reward model
     zray train-teacher --method gdso|grpo|sft|zero_shot|all [--resume] [--recipe NAME] [--set ...]
                                                         Z-Reward teacher (GDSO or a baseline), then evaluate
+    zray train-student --method risd|opd|sft|all [--resume] [--recipe NAME] [--set ...]
+                                                        Z-Reward student (RISD, OPD or SFT), beside its teacher
+    zray serve [--model DIR] [--host H] [--port N] [--detach] [--recipe NAME] [--set serve.key=value ...]
+                                                        the reward service (Ray Serve) over a student checkpoint
 
 Bad input (unknown recipe, unknown key, wrong type) exits with status 2 and one line on stderr.
 """
@@ -62,6 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--method", choices=("gdso", "grpo", "sft", "zero_shot", "all"), default=None,
                     help="default: train_teacher.method of the recipe; all: the four methods, then the table")
     tt.add_argument("--resume", action="store_true", help="continue each method from its latest checkpoint")
+    ts = sub.add_parser("train-student", parents=[parent], help="train the Z-Reward student (RISD from the teacher, "
+                        "or SFT), then evaluate it beside its teacher")
+    ts.add_argument("--method", choices=("risd", "opd", "sft", "all"), default=None,
+                    help="default: train_student.method of the recipe; all: SFT, OPD and RISD, then the table")
+    ts.add_argument("--resume", action="store_true", help="continue each method from its latest checkpoint")
+    sv = sub.add_parser("serve", parents=[parent], help="serve a student checkpoint as the reward service (Ray Serve)")
+    sv.add_argument("--model", default=None, help="student checkpoint dir (default: serve.model, else "
+                    "<out_dir>/train_student/risd/final)")
+    sv.add_argument("--host", default=None, help="HTTP host (default: serve.host)")
+    sv.add_argument("--port", type=int, default=None, help="HTTP port (default: serve.port)")
+    sv.add_argument("--detach", action="store_true", help="return once deployed instead of blocking until Ctrl-C "
+                    "(the service outlives this process only on a cluster, RAY_ADDRESS)")
     return parser
 
 
@@ -114,6 +130,24 @@ def main(argv: list[str] | None = None) -> int:
         try:
             run_train_teacher(cfg, method=args.method, resume=args.resume)
         except (ConfigError, FileExistsError) as err:  # FileExistsError: a finished run and no --resume
+            print(f"zray: error: {err}", file=sys.stderr)
+            return 2
+        return 0
+    if args.command == "train-student":
+        from jobs.train_student import run_train_student
+
+        try:
+            run_train_student(cfg, method=args.method, resume=args.resume)
+        except (ConfigError, FileExistsError) as err:
+            print(f"zray: error: {err}", file=sys.stderr)
+            return 2
+        return 0
+    if args.command == "serve":
+        from jobs.serve import run_serve
+
+        try:
+            run_serve(cfg, model=args.model, host=args.host, port=args.port, detach=args.detach)
+        except (ConfigError, FileNotFoundError) as err:
             print(f"zray: error: {err}", file=sys.stderr)
             return 2
         return 0

@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from zray.config import (ConfigError, EvaluateConfig, GeneratorConfig, LearnerConfig, PretrainGeneratorConfig,
-                         PretrainVLMConfig, RunConfig, TrainTeacherConfig, VLLMConfig, VLMConfig, WorldConfig)
+                         PretrainVLMConfig, RunConfig, TrainStudentConfig, TrainTeacherConfig, VLLMConfig, VLMConfig,
+                         WorldConfig)
 
 
 def tiny_cpu() -> RunConfig:
@@ -50,6 +51,12 @@ def tiny_cpu() -> RunConfig:
             learner=LearnerConfig(max_steps=2, micro_batch_size=2, lr=1e-3, checkpoint_every=1, keep_checkpoints=2,
                                   log_every=1),
             group_size=4, max_reasoning_tokens=8, inner_steps=2,
+        ),
+        # Two prompts' candidates in every dimension (32 inputs), two updates: the plumbing, not a trained student.
+        train_student=TrainStudentConfig(
+            learner=LearnerConfig(max_steps=2, micro_batch_size=4, lr=1e-3, checkpoint_every=1, keep_checkpoints=2,
+                                  log_every=1),
+            num_distill_prompts=2, max_reasoning_tokens=8,
         ),
         evaluate=EvaluateConfig(num_prompts=2, max_reasoning_tokens=8, num_plot_images=2),
     )

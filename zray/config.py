@@ -353,6 +353,47 @@ class TrainTeacherConfig:
                  f"a multiple of updates_per_rollout={self.updates_per_rollout} (checkpoints between rollouts)")
 
 
+StudentMethod = Literal["risd", "opd", "sft"]
+STUDENT_METHODS: tuple[str, ...] = ("risd", "opd", "sft")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainStudentConfig:
+    """Z-Reward student training (methods.md §3): RISD from a frozen teacher, and its baselines OPD and SFT.
+
+    RISD and OPD need no labels: their inputs are `num_distill_prompts` fresh prompts of the world (disjoint from
+    every labelled split's prompts), each with `world.candidates_per_prompt` candidate images, in every dimension
+    of `dimensions`. The teacher samples `teacher_samples` (n) reasoning traces per input through the engines and
+    returns q_T after each; RISD fits the student's one-token q_S to them. OPD: the student (served by its own
+    engines, weights synced before every rollout) samples `opd_samples` reasoning + score outputs per input, and the
+    teacher engines score the same tokens. SFT trains on the labelled train pairs.
+    """
+
+    method: StudentMethod = "risd"
+    learner: LearnerConfig = field(default_factory=lambda: LearnerConfig(max_steps=8, micro_batch_size=8,
+                                                                         checkpoint_every=4, lr=1e-4))
+    time_budget_s: float = 0.0  # 0 = no limit
+    base_model: str = ""  # HF dir of the student's base VLM; empty = the pre-trained student of this run
+    teacher_model: str = ""  # HF dir of the frozen teacher; empty = this run's GDSO teacher (train-teacher)
+    num_distill_prompts: int = 16
+    teacher_samples: int = 1  # n: reasoning samples per input, q_T averaged over them (paper: 1)
+    max_reasoning_tokens: int = 48
+    temperature: float = 1.0  # sampling temperature of the reasoning (the teacher's for RISD, the student's for OPD)
+    opd_samples: int = 1  # OPD: student samples per input per rollout
+    dimensions: tuple[str, ...] = ("alignment", "realism", "aesthetics", "plausibility")
+
+    def __post_init__(self) -> None:
+        _require(self.method in STUDENT_METHODS, "TrainStudentConfig.method", self.method,
+                 f"one of {', '.join(STUDENT_METHODS)}")
+        _positive(self, "num_distill_prompts", "teacher_samples", "max_reasoning_tokens", "opd_samples")
+        _require(self.temperature > 0, "TrainStudentConfig.temperature", self.temperature, "a float > 0")
+        _require(self.time_budget_s >= 0, "TrainStudentConfig.time_budget_s", self.time_budget_s, "a float >= 0")
+        allowed = ("alignment", "realism", "aesthetics", "plausibility")
+        _require(bool(self.dimensions) and all(d in allowed for d in self.dimensions)
+                 and len(set(self.dimensions)) == len(self.dimensions),
+                 "TrainStudentConfig.dimensions", self.dimensions, f"a non-empty subset of {allowed}, no repeats")
+
+
 @dataclass(frozen=True, kw_only=True)
 class EvaluateConfig:
     """Reward-model evaluation on the Shapes test candidates (methods.md §4): HPA, Margin HPA, PLCC, SRCC."""
@@ -366,6 +407,44 @@ class EvaluateConfig:
         _require(self.split in ("test", "heldout"), "EvaluateConfig.split", self.split, "'test' or 'heldout'")
         _require(self.num_prompts >= 0, "EvaluateConfig.num_prompts", self.num_prompts, "an integer >= 0 (0 = all)")
         _positive(self, "max_reasoning_tokens", "num_plot_images")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeConfig:
+    """The reward service (`zray serve`, actors/reward_app/): the student behind Ray Serve, its limits and auth."""
+
+    model: str = ""  # student checkpoint (HF dir); empty = this run's <out_dir>/train_student/risd/final
+    app_name: str = "reward"
+    host: str = "127.0.0.1"  # Serve's HTTP proxy (http_options); 0.0.0.0 to listen on every interface
+    port: int = 8000
+    num_replicas: int = 1  # scorer replicas, one model each
+    cpus_per_replica: float = 1.0
+    max_ongoing_requests: int = 32  # per replica (Serve queues or refuses beyond it)
+    max_batch_size: int = 8  # items (prompt + image, 1-4 dimension rows each) per forward pass
+    batch_wait_timeout_s: float = 0.01
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_image_pixels: int = 4096 * 4096
+    min_image_side: int = 16
+    max_prompt_chars: int = 2000
+    max_batch_items: int = 32  # items per POST /v1/score/batch
+    auth_token_env: str = ""  # name of the environment variable holding the bearer token; empty = no auth
+    request_timeout_s: float = 60.0  # the ingress's wait for the scorer (504 after it)
+
+    def __post_init__(self) -> None:
+        _positive(self, "port", "num_replicas", "max_ongoing_requests", "max_batch_size", "max_body_bytes",
+                  "max_image_pixels", "min_image_side", "max_prompt_chars", "max_batch_items")
+        _require(self.port <= 65535, "ServeConfig.port", self.port, "an integer in [1, 65535]")
+        _require(bool(self.host), "ServeConfig.host", self.host, "a host name or address, e.g. 127.0.0.1")
+        _require(bool(self.app_name), "ServeConfig.app_name", self.app_name, "a non-empty name")
+        _require(isinstance(self.cpus_per_replica, (int, float)) and self.cpus_per_replica > 0,
+                 "ServeConfig.cpus_per_replica", self.cpus_per_replica, "a number > 0")
+        _require(0.0 <= self.batch_wait_timeout_s <= 10.0, "ServeConfig.batch_wait_timeout_s",
+                 self.batch_wait_timeout_s, "seconds in [0, 10]")
+        _require(self.request_timeout_s > 0, "ServeConfig.request_timeout_s", self.request_timeout_s, "seconds > 0")
+        _require(self.auth_token_env == "" or (self.auth_token_env.replace("_", "a").isalnum()
+                                               and not self.auth_token_env[0].isdigit()),
+                 "ServeConfig.auth_token_env", self.auth_token_env,
+                 "empty (no auth) or an environment variable name such as ZRAY_SERVE_TOKEN")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -384,7 +463,9 @@ class RunConfig:
     pretrain_vlm: PretrainVLMConfig = field(default_factory=PretrainVLMConfig)
     pretrain_generator: PretrainGeneratorConfig = field(default_factory=PretrainGeneratorConfig)
     train_teacher: TrainTeacherConfig = field(default_factory=TrainTeacherConfig)
+    train_student: TrainStudentConfig = field(default_factory=TrainStudentConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def __post_init__(self) -> None:
         _require(self.size in ("tiny", "dev", "full"), "RunConfig.size", self.size, "'tiny', 'dev' or 'full'")

@@ -4,6 +4,8 @@ Edges defined here:
 - rollout engine -> learner: `RolloutBatch` (teacher rollouts, methods.md §1-2)
 - learner -> rollout engine: a weight update (state dict or safetensors bytes + version + checksum of
   `zray.checksum`), answered by a `WeightSyncReport`; a checksum that does not match is a `WeightVersionError`.
+- learner -> teacher engine: `ForcedSequence`s (another model's sampled tokens), answered by the teacher's
+  log-prob of every response token (OPD, methods.md §3)
 
 Shape legend:
     N  inputs (one (prompt, image, dimension) request each)
@@ -40,6 +42,30 @@ FINISH_NAMES = {FINISH_PREFIX: "prefix", FINISH_LENGTH: "length", FINISH_EOS: "e
 
 class WeightVersionError(RuntimeError):
     """An engine does not serve the weights (version, checksum) that the learner sent."""
+
+
+@dataclass(frozen=True)
+class ForcedSequence:
+    """Token ids to teacher-force through an engine: `prompt_ids` exactly as a rollout holds them (image placeholder
+    expanded), then `response_ids`; `image` is the prompt's one image (PIL). The engine answers with
+    log pi(response_ids[t] | everything before) for every response token."""
+
+    prompt_ids: Sequence[int]
+    response_ids: Sequence[int]
+    image: object
+
+    @staticmethod
+    def from_rollout(rollout: RolloutBatch, images: Sequence[object]) -> list[ForcedSequence]:
+        """One per sample, request-major (row n * G + g), with request n's image."""
+        if len(images) != rollout.num_inputs:
+            raise ValueError(f"{len(images)} images for a rollout of {rollout.num_inputs} inputs: expected one each")
+        out = []
+        for n in range(rollout.num_inputs):
+            prompt = rollout.prompt_ids_NL[n, : int(rollout.prompt_lens_N[n])].tolist()
+            for g in range(rollout.group_size):
+                response = rollout.response_ids_NGT[n, g, : int(rollout.response_lens_NG[n, g])].tolist()
+                out.append(ForcedSequence(prompt, response, images[n]))
+        return out
 
 
 @dataclass(frozen=True)

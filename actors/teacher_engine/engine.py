@@ -30,13 +30,13 @@ from typing import Any
 
 import torch
 
-from actors.teacher_engine.rollouts import generate_rollouts
+from actors.teacher_engine.rollouts import forced_logprobs, generate_rollouts
 from actors.teacher_engine.weight_sync import apply_weights, receive_weights
 from zray.config import VLLMConfig
 from zray.models.vlm import checkpoint_dtype
 from zray.rubric import SCORE_PREFIX, ScoreRequest, render_generation_prompt, render_score_context
 from zray.scores import distribution_from_logprobs, score_token_ids
-from zray.types import RolloutBatch, WeightSyncReport, WeightVersionError
+from zray.types import ForcedSequence, RolloutBatch, WeightSyncReport, WeightVersionError
 
 
 # vLLM's CPU worker replaces `torch.set_num_threads` in its process by a function that only logs this warning
@@ -137,6 +137,12 @@ class TeacherEngine:
         return [[c.text.strip() for c in out.outputs] for out in outputs]
 
     # ------------------------------------------------------------------------------------------ scoring
+    def token_logprobs(self, sequences: Sequence[ForcedSequence]) -> list[torch.Tensor]:
+        """log pi of every response token of each sequence (another model's samples, teacher-forced): OPD's teacher
+        side. See `actors.teacher_engine.rollouts.forced_logprobs`."""
+        self._require_verified()
+        return forced_logprobs(self.llm, sequences)
+
     def _inputs(self, texts: Sequence[str], images: Sequence[Any]) -> list[dict[str, Any]]:
         return [{"prompt": t, "multi_modal_data": {"image": im}} for t, im in zip(texts, images, strict=True)]
 

@@ -34,7 +34,7 @@ import torch
 
 from zray.rubric import SCORE_PREFIX, ScoreRequest, render_generation_prompt
 from zray.scores import distribution_from_logprobs, expected_score
-from zray.types import FINISH_EOS, FINISH_LENGTH, FINISH_PREFIX, RolloutBatch
+from zray.types import FINISH_EOS, FINISH_LENGTH, FINISH_PREFIX, ForcedSequence, RolloutBatch
 
 STOP_TEXT = SCORE_PREFIX.strip()  # "Score:": the stop string of the reasoning call
 SEED_STRIDE = 1_000_003
@@ -263,3 +263,30 @@ def assemble_rollout(prompts: list[list[int]], samples: list[list[RolloutSample]
         finish_NG=finish, num_reasoning_NG=num_reasoning, weights_version=weights_version,
         temperature=float(temperature),
     ).validate()
+
+
+def forced_logprobs(llm: Any, sequences: Sequence[ForcedSequence]) -> list[torch.Tensor]:
+    """log pi(response token | everything before) under the served model, for every response token of every
+    sequence (float32 tensors of each response's length): one prefill per sequence (`prompt_logprobs=0` returns
+    the fed token's log-prob at each position, over the full vocabulary, untempered).
+
+    The prompt ids must expand in this engine exactly as they were given (the same image placeholder count):
+    a model whose processor sizes the image differently cannot score another's tokens, and raises ValueError.
+    """
+    from vllm import SamplingParams
+
+    placeholder = getattr(llm.llm_engine.model_config.hf_config, "image_token_id", None)
+    inputs = [{"prompt_token_ids": collapse_placeholders(list(s.prompt_ids), placeholder) + list(s.response_ids),
+               "multi_modal_data": {"image": s.image}} for s in sequences]
+    outputs = llm.generate(inputs, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0), use_tqdm=False)
+    result = []
+    for i, (seq, out) in enumerate(zip(sequences, outputs, strict=True)):
+        want = [int(t) for t in seq.prompt_ids] + [int(t) for t in seq.response_ids]
+        if list(out.prompt_token_ids) != want:
+            raise ValueError(f"sequence {i}: this engine expands the prompt to {len(out.prompt_token_ids)} tokens, "
+                             f"the sequence has {len(want)}: the two models see the image differently (processor "
+                             "patch or merge size), so one cannot score the other's tokens")
+        start = len(seq.prompt_ids)
+        result.append(torch.tensor([out.prompt_logprobs[start + t][tok].logprob
+                                    for t, tok in enumerate(want[start:])], dtype=torch.float32))
+    return result

@@ -144,3 +144,28 @@ def test_skipped_set_num_threads_warning_is_filtered(teacher_engine, rollout_req
         logging.getLogger("vllm").removeHandler(records)
         if ours[0] not in worker.filters:
             worker.addFilter(ours[0])
+
+
+def test_token_logprobs_of_a_rollout_are_its_own_sampling_logprobs(teacher_engine, rollouts, rollout_requests):
+    """OPD's teacher side: teacher-forcing a rollout's tokens through the engine gives, on every sampled token, the
+    log-prob it was sampled with (the same model); the forced score prefix gets its log-prob too."""
+    from zray.types import ForcedSequence
+
+    sequences = ForcedSequence.from_rollout(rollouts, [r.image for r in rollout_requests])
+    logps = teacher_engine.token_logprobs(sequences)
+    assert len(logps) == rollouts.num_inputs * rollouts.group_size
+    for b, logp in enumerate(logps):
+        n, g = divmod(b, rollouts.group_size)
+        length = int(rollouts.response_lens_NG[n, g])
+        mask = rollouts.policy_mask_NGT[n, g, :length]
+        assert logp.shape == (length,) and torch.isfinite(logp).all() and (logp <= 0).all()
+        torch.testing.assert_close(logp[mask], rollouts.old_logprobs_NGT[n, g, :length][mask], atol=1e-4, rtol=0)
+
+
+def test_token_logprobs_refuse_a_prompt_that_expands_differently(teacher_engine, rollouts, rollout_requests):
+    from zray.types import ForcedSequence
+
+    seq = ForcedSequence.from_rollout(rollouts, [r.image for r in rollout_requests])[0]
+    small = rollout_requests[0].image.resize((32, 32))  # fewer image tokens than the prompt ids hold
+    with pytest.raises(ValueError, match="see the image differently"):
+        teacher_engine.token_logprobs([ForcedSequence(seq.prompt_ids, seq.response_ids, small)])

@@ -167,6 +167,20 @@ def score_candidates(scorer: Any, rows: list[dict[str, Any]], form: str, max_rea
     return preds
 
 
+def oracle_predictions(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The oracle's predictions: every candidate's true score (the world's ground truth) as mu, per dimension.
+    Against the annotators' aggregated scores this is the ceiling a learned reward model can approach."""
+    return [{"candidate_id": r["candidate_id"], "prompt_id": r["prompt_id"], "dimension": d,
+             "mu": float(r[f"true_{d}"]), "human": float(r[f"human_{d}"]), "num_output_tokens": 0}
+            for r in rows for d in DIMENSIONS]
+
+
+def oracle_record(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Metrics of `oracle_predictions(rows)` in the shape of an evaluation record (for `results_table`)."""
+    return _json_ready({"name": "oracle", "method": "oracle", "num_candidates": len(rows),
+                        "mean_output_tokens": math.nan, **compute_metrics(oracle_predictions(rows))})
+
+
 def compute_metrics(preds: list[dict[str, Any]]) -> dict[str, Any]:
     """{"dimensions": {d: {hpa, margin_hpa, num_pairs, num_margin_pairs, plcc, srcc, num_candidates}},
     "pooled": {...}} from predictions (candidate_id, prompt_id, dimension, mu, human); nan where undefined."""

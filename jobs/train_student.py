@@ -1,0 +1,207 @@
+"""`zray train-student`: the Z-Reward student with RISD, or the SFT baseline, then its evaluation beside its teacher.
+
+    zray train-student --recipe dev --method risd            # one method
+    zray train-student --recipe dev --method all             # SFT, OPD and RISD from the same student base + table
+    zray train-student --recipe dev --method risd --resume   # continue from the latest checkpoint
+
+Every method starts from the same student base (`train_student.base_model`, default: the student of
+`zray pretrain-vlm`, `<out_dir>/pretrain_vlm/student/final`).
+
+- RISD: `train_student.num_distill_prompts` fresh unlabelled prompts of the world with their candidates, in every
+  dimension (`zray.data.distill_inputs`), stream through `vllm.num_engines` teacher engines serving the frozen
+  teacher (`train_student.teacher_model`, default this run's GDSO teacher), which sample n reasoning traces each
+  and return q_T; the targets are kept under `<out_dir>/train_student/targets/` (reused and resumed by later
+  runs); then `zray.tasks.risd.RISDTask` on the generic learner (Ray Train + DeepSpeed).
+- OPD: `zray.tasks.opd.OPDTask` on the same inputs, online: `vllm.num_engines` student engines (weights synced
+  before every rollout) sample reasoning and a score, the teacher engines score the same tokens. The OPD student
+  answers with reasoning (evaluated in the reasoning form).
+- SFT: `ScoreSFTTask` (the label bin as one score token) on the labelled train pairs.
+
+Outputs under `<out_dir>/train_student/`: `<method>/` (Ray Train checkpoints, `final/` with `zray_scoring.json`,
+`metrics.json`), `teacher/metrics.json` (the teacher evaluated once, reasoning form), and `results.md`: student
+methods beside their teacher and the oracle (the world's true scores), with scoring throughput.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from zray.config import STUDENT_METHODS, ConfigError, RunConfig, to_dict
+from zray.data import ensure_world
+from zray.training.runs import export_final, has_checkpoint
+
+METHOD_NAMES = {"sft": "SFT", "opd": "OPD", "risd": "RISD", "teacher": "teacher", "oracle": "oracle"}
+
+
+def model_dir(given: str, default: Path, field: str, hint: str) -> Path:
+    """`given`, else `default`; a clear ConfigError naming the field when there is no Hugging Face model there."""
+    path = Path(given) if given else default
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"train_student.{field}={str(path)!r} is not allowed: no Hugging Face model there"
+                          + ("" if given else f" ({hint}, or set train_student.{field})"))
+    return path
+
+
+def run_train_student(cfg: RunConfig, method: str | None = None, resume: bool = False) -> dict[str, Any]:
+    """Train and evaluate one method, or all three with method="all"; evaluates the teacher once; returns
+    {name: record}."""
+    import ray
+
+    from actors.engine_pool import EnginePool, start_engines
+    from actors.learner import fit, init_ray
+    from zray.data.distill_inputs import distill_inputs
+    from zray.data.pair_examples import pair_examples
+    from zray.tasks.opd import OPDTask
+    from zray.tasks.risd import RISDTask
+    from zray.tasks.score_sft import ScoreSFTTask
+
+    methods = ("sft", "opd", "risd") if method == "all" else (method or cfg.train_student.method,)
+    if any(m not in STUDENT_METHODS for m in methods):
+        raise ConfigError(f"--method {method!r} is not allowed: expected one of {', '.join(STUDENT_METHODS)}, all")
+    scfg = cfg.train_student
+    out = Path(cfg.out_dir).resolve()
+    root = out / "train_student"
+    data_dir = ensure_world(cfg.world, out / "data")
+    base = model_dir(scfg.base_model, out / "pretrain_vlm" / "student" / "final", "base_model",
+                     f"run `zray pretrain-vlm --recipe {cfg.name} --model student` first")
+    teacher = model_dir(scfg.teacher_model, out / "train_teacher" / "gdso" / "final", "teacher_model",
+                        f"run `zray train-teacher --recipe {cfg.name} --method gdso` first")
+    init_ray(scfg.learner.num_workers * scfg.learner.cpus_per_worker
+             + 2 * cfg.vllm.num_engines * cfg.vllm.cpus_per_engine + 1)  # OPD: student and teacher engines
+    records: dict[str, Any] = {"teacher": teacher_record(cfg, teacher, root / "teacher")}
+    for name in methods:
+        run_dir = root / name
+        print(f"[train-student] {METHOD_NAMES[name]}: student {base}, teacher {teacher}")
+        collect: dict[str, Any] = {}
+        engines: list[Any] = []
+        try:
+            if name == "sft":
+                task: Any = ScoreSFTTask(model_dir=str(base), name="student_sft")
+                train = ray.data.from_arrow(pair_examples(data_dir, "train", scfg.dimensions))
+            elif name == "opd":
+                train = ray.data.from_arrow(distill_inputs(cfg.world, scfg.num_distill_prompts, scfg.dimensions))
+                student_engines = start_engines(base, cfg.vllm, seed=cfg.seed)
+                engines += student_engines
+                teacher_engines = start_engines(teacher, cfg.vllm, seed=cfg.seed)
+                engines += teacher_engines
+                task = OPDTask(model_dir=str(base), cfg=scfg, rollouts=EnginePool(student_engines),
+                               teacher=EnginePool(teacher_engines), seed=cfg.seed)
+            else:
+                inputs = distill_inputs(cfg.world, scfg.num_distill_prompts, scfg.dimensions)
+                targets, collect = teacher_targets(cfg, teacher, inputs, root / "targets")
+                task = RISDTask(model_dir=str(base))
+                train = ray.data.from_arrow(targets.select(["prompt", "image", "dimension", "q_teacher"]))
+            fitted = fit(task, scfg.learner, datasets={"train": train}, storage_path=root, name=name,
+                         resume=resume and has_checkpoint(run_dir), time_budget_s=scfg.time_budget_s)
+        finally:
+            if engines:
+                EnginePool(engines).shutdown()
+        final_dir = export_final(fitted.hf_dir, run_dir)
+        evaluation = evaluate_with_engine(cfg, final_dir, f"student_{name}", form="auto")
+        record = {"method": name, "model_dir": str(final_dir), "evaluation": evaluation, "targets": collect,
+                  "training": {"steps": fitted.final_step, "fit_wall_s": fitted.wall_s,
+                               "last": fitted.history[-1] if fitted.history else None},
+                  "config": to_dict(dataclasses.replace(scfg, method=name))}
+        (run_dir / "metrics.json").write_text(json.dumps(record, indent=2, default=str))
+        records[name] = record
+        print(f"[train-student] {METHOD_NAMES[name]}: pooled HPA {evaluation['pooled']['hpa']:.4f} -> {run_dir}")
+    table = write_results(cfg, root)
+    print(table)
+    return records
+
+
+def teacher_targets(cfg: RunConfig, teacher: Path, inputs: Any, targets_dir: Path) -> tuple[Any, dict[str, Any]]:
+    """The teacher's q_T for every distillation input, collected through `vllm.num_engines` teacher engines into
+    `targets_dir` (or read back from it); returns (targets table, a summary of the collection)."""
+    from tqdm import tqdm
+
+    from actors.engine_pool import EnginePool, start_engines
+    from zray.tasks.risd import collect_teacher_targets
+
+    scfg = cfg.train_student
+    bar = tqdm(total=inputs.num_rows, desc="teacher targets", unit="input")
+    clock = time.perf_counter()
+    engines: list[Any] = []
+
+    class LazyPool:  # start the engines only if a chunk is missing (a finished collection needs none)
+        def generate(self, requests, **kwargs):
+            if not engines:
+                engines.extend(start_engines(teacher, cfg.vllm, seed=cfg.seed))
+            return EnginePool(engines).generate(requests, **kwargs)
+
+    def progress(done: int, total: int) -> None:
+        bar.update(done - bar.n)
+
+    try:
+        targets = collect_teacher_targets(
+            LazyPool(), inputs, out_dir=targets_dir, teacher_samples=scfg.teacher_samples,
+            max_reasoning_tokens=scfg.max_reasoning_tokens, temperature=scfg.temperature, seed=cfg.seed,
+            identity={"teacher": str(teacher.resolve()), "world": to_dict(cfg.world),
+                      "num_distill_prompts": scfg.num_distill_prompts, "dimensions": list(scfg.dimensions)},
+            progress=progress)
+    finally:
+        bar.close()
+        if engines:
+            EnginePool(engines).shutdown()
+    column = targets.column
+    summary = {"num_inputs": targets.num_rows, "teacher_samples": scfg.teacher_samples,
+               "mean_teacher_tokens": float(sum(column("teacher_tokens").to_pylist()) / targets.num_rows),
+               "teacher_format_ok": float(sum(column("teacher_format_ok").to_pylist()) / targets.num_rows),
+               "collect_wall_s": time.perf_counter() - clock}
+    print(f"[train-student] teacher targets: {summary}")
+    return targets, summary
+
+
+def evaluate_with_engine(cfg: RunConfig, model: Path, name: str, *, form: str) -> dict[str, Any]:
+    """Evaluate `model` on the test split with one fresh engine actor (stopped afterwards)."""
+    from actors.engine_pool import EnginePool, start_engines
+    from zray.evaluation.rewards import evaluate_reward_model
+
+    clock = time.perf_counter()
+    pool = EnginePool(start_engines(model, cfg.vllm, seed=cfg.seed, num_engines=1))
+    try:
+        return evaluate_reward_model(cfg, model, pool, form=form, name=name,
+                                     engine_start_s=time.perf_counter() - clock)
+    finally:
+        pool.shutdown()
+
+
+def teacher_record(cfg: RunConfig, teacher: Path, record_dir: Path) -> dict[str, Any]:
+    """The teacher's evaluation (its own form), made once per teacher dir and evaluation config."""
+    path = record_dir / "metrics.json"
+    key = {"model_dir": str(teacher.resolve()), "evaluate": to_dict(cfg.evaluate)}
+    if path.exists():
+        record = json.loads(path.read_text())
+        if record.get("key") == json.loads(json.dumps(key)):
+            return record
+    print(f"[train-student] evaluating the teacher {teacher}")
+    record = {"key": key, "method": "teacher", "model_dir": str(teacher),
+              "evaluation": evaluate_with_engine(cfg, teacher, "student_teacher", form="auto")}
+    record_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, default=str))
+    return record
+
+
+def write_results(cfg: RunConfig, root: Path) -> str:
+    """`root/results.md`: the teacher, each student method evaluated so far and the oracle, with throughput."""
+    from zray.evaluation.rewards import RESULTS_HEADER, evaluation_rows, markdown_row, oracle_record
+
+    lines = [RESULTS_HEADER]
+    speeds = []
+    for name in ("teacher", "sft", "opd", "risd"):
+        path = root / name / "metrics.json"
+        if not path.exists():
+            continue
+        evaluation = json.loads(path.read_text())["evaluation"]
+        lines.append(markdown_row(METHOD_NAMES[name], evaluation, model="teacher" if name == "teacher" else "student"))
+        speeds.append(f"{METHOD_NAMES[name]} {evaluation['queries_per_s']:.1f}")
+    lines.append(markdown_row("oracle (true scores)", oracle_record(evaluation_rows(cfg)), model="-"))
+    table = "\n".join(lines) + "\n\nScoring throughput on the test queries (queries/s, one engine): " \
+        + ", ".join(speeds) + "\n"
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "results.md").write_text(table)
+    return table
