@@ -1,4 +1,4 @@
-"""`zray pretrain-vlm`: pre-train the tiny teacher and/or student VLM on the captioning corpus.
+"""`zray pretrain-vlm`: pre-train the tiny teacher and/or student VLM: vision warm-up, captioning, instruction phase.
 
     zray pretrain-vlm --recipe dev --model teacher            # the calibrated 20-minute run
     zray pretrain-vlm --recipe dev --model teacher --resume   # continue it from its latest checkpoint
@@ -9,7 +9,10 @@ left of `time_budget_s`: the budget is for the whole run, so a run whose budget 
 Steps: resolve the world (build `<out_dir>/data` if missing, refuse one built from another WorldConfig),
 build each tiny model from its VLMConfig (or start from `VLMConfig.checkpoint`), read captions_train with
 Ray Data, train with the generic learner (`actors.learner.fit`: Ray Train + DeepSpeed, checkpoints in HF
-format, TensorBoard events), then evaluate on `num_eval_images` held-out caption images.
+format, TensorBoard events), then evaluate on `num_eval_images` held-out caption images. With
+`pretrain_vlm.instruct` (the roles of `instruct_roles`), an instruction phase follows (`zray.tasks.instruct`: the
+scoring conversation from ground-truth rationales, never the score token), evaluated for format failures and
+rationale accuracy; its model (`<role>_instruct/final`) is the base of train-teacher and train-student.
 
 Outputs under `<out_dir>/pretrain_vlm/<role>/` (next to Ray Train's checkpoints and `tensorboard/`):
 `final/` (the trained model, Hugging Face format: loads in transformers and vLLM), `metrics.json`,
@@ -125,9 +128,12 @@ def run_pretrain_vlm(cfg: RunConfig, model: str = "both", resume: bool = False) 
         save_description_grid(run_dir / "descriptions.png", eval_rows[:NUM_GRID_IMAGES], predictions,
                               pcfg.caption_style, title=f"{role}: held-out images after {fitted.final_step} steps")
         save_learning_curve(run_dir / "learning_curve.png", fitted.history, curve, title=f"{role} captioning")
-        (run_dir / "summary.md").write_text(summary_markdown({role: record}))
         print(f"[pretrain-vlm] {role}: " + ", ".join(f"{k} {metrics[k]:.1%}" for k in (*ATTRIBUTES, "exact"))
               + f" on {len(eval_rows)} held-out images after {fitted.final_step} steps -> {run_dir}")
+        if pcfg.instruct and role in pcfg.instruct_roles:
+            record["instruct"] = instruct_phase(final_dir, cfg, root, role, resume)
+            (run_dir / "metrics.json").write_text(json.dumps(record, indent=2))
+        (run_dir / "summary.md").write_text(summary_markdown({role: record}))
         results[role] = record
 
     everything = json.loads((root / "metrics.json").read_text()) if (root / "metrics.json").exists() else {}
@@ -172,6 +178,48 @@ def warm_up_vision(init_dir: Path, pcfg: Any, data_dir: Path, root: Path, role: 
           f"{last.get('loss', float('nan')):.3f}; all scene attributes right on {last.get('attribute_exact', 0.0):.0%}"
           f", whole object map right on {last.get('object_map_exact', 0.0):.0%} of the last training images")
     return final_dir, seconds
+
+
+def instruct_phase(caption_dir: Path, cfg: RunConfig, root: Path, role: str, resume: bool) -> dict[str, Any]:
+    """The instruction phase: `InstructTask` from the captioning model on fresh instruction examples, then the
+    scoring conversation evaluated on other fresh examples; the model goes to `<root>/<role>_instruct/final`.
+    A finished phase is reused on `--resume`; a cut one continues from its checkpoint. Returns its record."""
+    import ray
+
+    from actors.learner import fit
+    from zray.data.rationales import INSTRUCT_STREAM, instruct_corpus
+    from zray.evaluation.instruct import evaluate_instruct
+    from zray.tasks.instruct import InstructTask
+
+    pcfg = cfg.pretrain_vlm
+    run_dir = root / f"{role}_instruct"
+    final_dir = run_dir / "final"
+    if not (resume and (final_dir / "config.json").is_file()):
+        corpus = instruct_corpus(cfg.world, pcfg.num_instruct_prompts)
+        latest = latest_checkpoint(run_dir) if resume else None
+        budget = remaining_budget(pcfg.instruct_time_budget_s, latest)
+        budget = max(budget, 1.0) if pcfg.instruct_time_budget_s else 0.0
+        fitted = fit(InstructTask(model_dir=str(caption_dir), name=f"instruct_{role}"), pcfg.instruct_learner,
+                     datasets={"train": ray.data.from_arrow(corpus)}, storage_path=root, name=f"{role}_instruct",
+                     resume=latest is not None, time_budget_s=budget)
+        export_final(fitted.hf_dir, run_dir)
+    state = read_learner_state(latest_checkpoint(run_dir))
+    rows = instruct_corpus(cfg.world, pcfg.num_instruct_eval_prompts, stream=INSTRUCT_STREAM + 2,
+                           progress=False).to_pylist()
+    model, processor = load_vlm(final_dir)
+    clock = time.perf_counter()
+    metrics, answers = evaluate_instruct(model, processor, rows, max_new_tokens=pcfg.instruct_max_new_tokens,
+                                         seed=cfg.seed)
+    record = {"model_dir": str(final_dir), "steps": int(state["step"]), "train_s": trained_seconds(state["history"]),
+              "num_train_examples": pcfg.num_instruct_prompts * cfg.world.candidates_per_prompt * 4,
+              "eval": metrics, "eval_s": time.perf_counter() - clock, "samples": answers[:8]}
+    (run_dir / "metrics.json").write_text(json.dumps(record, indent=2))
+    dims = metrics["dimensions"]
+    print(f"[pretrain-vlm] {role}: instruction phase {record['steps']} steps; zero-shot sampling format failures "
+          f"{metrics['format_fail_sampled']:.1%}, greedy rationales exact {metrics['exact']:.1%}, alignment drawn "
+          f"{dims.get('alignment', {}).get('drawn', float('nan')):.1%} on {metrics['num_examples']} held-out "
+          f"examples -> {run_dir}")
+    return record
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -228,6 +276,17 @@ def summary_markdown(records: dict[str, dict[str, Any]]) -> str:
                       "| slice | images | shape | count | exact |", "|---|---|---|---|---|"]
             lines += [f"| {row['slice']} | {int(row['images'])} | {row['shape']:.1%} | {row['count']:.1%} | "
                       f"{row['exact']:.1%} |" for row in r["slices"]]
+        if r.get("instruct"):
+            ins = r["instruct"]
+            m = ins["eval"]
+            lines += ["", f"Instruction phase: {ins['steps']} steps on {ins['num_train_examples']} examples, model "
+                      f"`{ins['model_dir']}`; on {m['num_examples']} held-out examples, format failures "
+                      f"{m['format_fail_sampled']:.1%} sampled at temperature 1 ({m['format_fail_greedy']:.1%} "
+                      f"greedy), greedy rationales exact {m['exact']:.1%}.", "",
+                      "| dimension | " + " | ".join(("exact", "drawn", "verdict", "defects")) + " |", "|---|---|---|---|---|"]
+            for dim, d in m["dimensions"].items():
+                lines.append(f"| {dim} | " + " | ".join(f"{d[k]:.1%}" if k in d else "-"
+                                                       for k in ("exact", "drawn", "verdict", "defects")) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -39,6 +39,8 @@ def tiny_cpu() -> RunConfig:
                                   log_every=1, length_window=2),
             eval_every=2, num_eval_images=4, max_new_tokens=32,
             vision=LearnerConfig(max_steps=2, micro_batch_size=8, lr=2e-3, checkpoint_every=2, log_every=1),
+            instruct_learner=LearnerConfig(max_steps=2, micro_batch_size=8, lr=2e-3, checkpoint_every=2, log_every=1),
+            num_instruct_prompts=2, num_instruct_eval_prompts=1, instruct_max_new_tokens=8,
         ),
         # A few steps per phase: the plumbing end to end (tests), not a trained generator.
         pretrain_generator=PretrainGeneratorConfig(
@@ -97,6 +99,12 @@ def dev() -> RunConfig:
             vision=LearnerConfig(num_workers=2, max_steps=20000, micro_batch_size=16, lr=1e-3, checkpoint_every=1000,
                                  keep_checkpoints=2, log_every=100),
             vision_time_budget_s=200.0,
+            # The instruction phase: 400 fresh prompts x 6 candidates x 4 dimensions (9,600 examples), 6 minutes.
+            instruct_learner=LearnerConfig(num_workers=2, max_steps=5000, micro_batch_size=8, lr=1e-3, warmup_steps=20,
+                                           lr_schedule="cosine", checkpoint_every=500, keep_checkpoints=2,
+                                           log_every=50, length_window=8, budget_schedule=True),
+            instruct_time_budget_s=360.0, num_instruct_prompts=400, num_instruct_eval_prompts=20,
+            instruct_max_new_tokens=48,
         ),
         # Calibrated for about 38 minutes in all on a 2-core CPU (docs/experiments.md, pretrain-generator): 8 min of
         # VAE, 26 min of flow transformer, about 4 min of start-up, checkpoints and evaluation. One thread per

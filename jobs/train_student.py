@@ -5,7 +5,7 @@
     zray train-student --recipe dev --method risd --resume   # continue from the latest checkpoint
 
 Every method starts from the same student base (`train_student.base_model`, default: the student of
-`zray pretrain-vlm`, `<out_dir>/pretrain_vlm/student/final`).
+`zray pretrain-vlm`, `zray.training.runs.pretrained_vlm_dir`).
 
 - RISD: `train_student.num_distill_prompts` fresh unlabelled prompts of the world with their candidates, in every
   dimension (`zray.data.distill_inputs`), stream through `vllm.num_engines` teacher engines serving the frozen
@@ -32,7 +32,7 @@ from typing import Any
 
 from zray.config import STUDENT_METHODS, ConfigError, RunConfig, to_dict
 from zray.data import ensure_world
-from zray.training.runs import export_final, has_checkpoint
+from zray.training.runs import export_final, has_checkpoint, pretrained_vlm_dir
 
 METHOD_NAMES = {"sft": "SFT", "opd": "OPD", "risd": "RISD", "teacher": "teacher", "oracle": "oracle"}
 
@@ -66,7 +66,9 @@ def run_train_student(cfg: RunConfig, method: str | None = None, resume: bool = 
     out = Path(cfg.out_dir).resolve()
     root = out / "train_student"
     data_dir = ensure_world(cfg.world, out / "data")
-    base = model_dir(scfg.base_model, out / "pretrain_vlm" / "student" / "final", "base_model",
+    pcfg = cfg.pretrain_vlm
+    base = model_dir(scfg.base_model, pretrained_vlm_dir(out, "student", instruct=pcfg.instruct
+                                                          and "student" in pcfg.instruct_roles), "base_model",
                      f"run `zray pretrain-vlm --recipe {cfg.name} --model student` first")
     teacher = model_dir(scfg.teacher_model, out / "train_teacher" / "gdso" / "final", "teacher_model",
                         f"run `zray train-teacher --recipe {cfg.name} --method gdso` first")
@@ -188,7 +190,8 @@ def teacher_record(cfg: RunConfig, teacher: Path, record_dir: Path) -> dict[str,
 
 def write_results(cfg: RunConfig, root: Path) -> str:
     """`root/results.md`: the teacher, each student method evaluated so far and the oracle, with throughput."""
-    from zray.evaluation.rewards import RESULTS_HEADER, evaluation_rows, markdown_row, oracle_record
+    from zray.evaluation.rewards import (RESULTS_HEADER, evaluation_rows, markdown_row, oracle_predictions,
+                                         reference_record)
 
     lines = [RESULTS_HEADER]
     speeds = []
@@ -199,7 +202,9 @@ def write_results(cfg: RunConfig, root: Path) -> str:
         evaluation = json.loads(path.read_text())["evaluation"]
         lines.append(markdown_row(METHOD_NAMES[name], evaluation, model="teacher" if name == "teacher" else "student"))
         speeds.append(f"{METHOD_NAMES[name]} {evaluation['queries_per_s']:.1f}")
-    lines.append(markdown_row("oracle (true scores)", oracle_record(evaluation_rows(cfg)), model="-"))
+    rows = evaluation_rows(cfg)
+    lines.append(markdown_row("oracle (true scores)", reference_record("oracle", oracle_predictions(rows), rows),
+                              model="-"))
     table = "\n".join(lines) + "\n\nScoring throughput on the test queries (queries/s, one engine): " \
         + ", ".join(speeds) + "\n"
     root.mkdir(parents=True, exist_ok=True)

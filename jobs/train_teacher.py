@@ -5,7 +5,8 @@
     zray train-teacher --recipe dev --method gdso --resume   # continue from the latest checkpoint
 
 Every method starts from the same base VLM (`train_teacher.base_model`, default: the teacher of
-`zray pretrain-vlm`, `<out_dir>/pretrain_vlm/teacher/final`) and trains on the same rows: the train split's
+`zray pretrain-vlm` after its instruction phase, `<out_dir>/pretrain_vlm/teacher_instruct/final`, or after captioning,
+`<out_dir>/pretrain_vlm/teacher/final`, when `pretrain_vlm.instruct` is off) and trains on the same rows: the train split's
 same-prompt pairs (`zray.data.pair_examples`) of `train_teacher.dimensions`.
 
 - zero-shot: no training; the base model scores in the reasoning form.
@@ -31,8 +32,8 @@ from typing import Any
 from zray.config import TEACHER_METHODS, ConfigError, RunConfig, to_dict
 from zray.data import ensure_world
 from zray.data.pair_examples import pair_examples
-from zray.evaluation.rewards import results_table
-from zray.training.runs import export_final, has_checkpoint
+from zray.evaluation.rewards import markdown_row, results_table
+from zray.training.runs import export_final, has_checkpoint, pretrained_vlm_dir
 
 METHOD_NAMES = {"zero_shot": "zero-shot", "sft": "SFT", "grpo": "GRPO", "gdso": "GDSO"}
 CURVES = ("loss", "reward_mean", "kl", "ce_loss", "pw_loss", "format_fail_frac", "pair_acc", "step_time_s")
@@ -41,7 +42,9 @@ CURVES = ("loss", "reward_mean", "kl", "ce_loss", "pw_loss", "format_fail_frac",
 def base_model_dir(cfg: RunConfig) -> Path:
     """`train_teacher.base_model`, else the pre-trained teacher of this run; a clear error when neither exists."""
     given = cfg.train_teacher.base_model
-    path = Path(given) if given else Path(cfg.out_dir).resolve() / "pretrain_vlm" / "teacher" / "final"
+    pcfg = cfg.pretrain_vlm
+    path = Path(given) if given else pretrained_vlm_dir(cfg.out_dir, "teacher",
+                                                        instruct=pcfg.instruct and "teacher" in pcfg.instruct_roles)
     if not (path / "config.json").is_file():
         hint = "" if given else (f" (run `zray pretrain-vlm --recipe {cfg.name} --model teacher` first, or set "
                                  "train_teacher.base_model)")
@@ -110,7 +113,7 @@ def run_train_teacher(cfg: RunConfig, method: str | None = None, resume: bool = 
             save_training_curves(run_dir / "training.png", fitted.history, METHOD_NAMES[name])
         records[name] = record
         print(f"[train-teacher] {METHOD_NAMES[name]}: pooled HPA {evaluation['pooled']['hpa']:.4f} -> {run_dir}")
-    table = write_results(root)
+    table = write_results(cfg, root)
     print(table)
     return records
 
@@ -148,15 +151,28 @@ def training_summary(history: list[dict[str, float]], final_step: int, wall_s: f
     return summary
 
 
-def write_results(root: Path) -> str:
-    """`root/results.md`: one row per method with an evaluation so far (zero-shot, SFT, GRPO, GDSO order)."""
+def write_results(cfg: RunConfig, root: Path) -> str:
+    """`root/results.md`: one row per method with an evaluation so far (zero-shot, SFT, GRPO, GDSO order), then the
+    reference rows on the same candidates: the oracle (the world's true scores, the ceiling) and the independent
+    judge (alignment only, not learned). The judge's predictions are kept in `root/judge_predictions.json`."""
+    from zray.evaluation.rewards import evaluation_rows, judge_predictions, oracle_predictions, reference_record
+
     rows = []
     for name in TEACHER_METHODS[::-1]:
         path = root / name / "metrics.json"
         if path.exists():
             rows.append((METHOD_NAMES[name], json.loads(path.read_text())["evaluation"]))
-    table = results_table(rows)
+    candidates = evaluation_rows(cfg)
+    cache = root / "judge_predictions.json"
+    ids = [r["candidate_id"] for r in candidates]
+    cached = json.loads(cache.read_text()) if cache.exists() else None
+    judged = cached["predictions"] if cached and cached.get("candidate_ids") == ids else judge_predictions(candidates)
     root.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({"candidate_ids": ids, "predictions": judged}))
+    table = results_table(rows) + "\n".join([
+        markdown_row("oracle (true scores)", reference_record("oracle", oracle_predictions(candidates), candidates),
+                     model="-"),
+        markdown_row("judge (alignment only)", reference_record("judge", judged, candidates), model="-")]) + "\n"
     (root / "results.md").write_text(table + "\n")
     return table
 

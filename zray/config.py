@@ -259,6 +259,18 @@ class PretrainVLMConfig:
     # Loss weight of the position digits of canonical captions ("at (36, 74)"), the other answer tokens weighing 1
     # (zray/tasks/caption.py, CaptionTask.position_weight); 1 = the plain mean over the answer tokens.
     position_weight: float = 1.0
+    # Instruction phase after captioning (zray/tasks/instruct.py): the scoring conversation (a ground-truth
+    # rationale, then the score prefix; never the score token) on `num_instruct_prompts` fresh prompts' candidates in
+    # every dimension. Its model is the base of train-teacher and train-student (zray.training.runs.pretrained_vlm_dir)
+    # for the roles in `instruct_roles`. Evaluated on `num_instruct_eval_prompts` other fresh prompts' candidates.
+    instruct: bool = True
+    instruct_roles: tuple[str, ...] = ("teacher", "student")
+    instruct_learner: LearnerConfig = field(default_factory=lambda: LearnerConfig(max_steps=20, checkpoint_every=20,
+                                                                                  log_every=10, lr=1e-3))
+    instruct_time_budget_s: float = 0.0  # 0 = only instruct_learner.max_steps
+    num_instruct_prompts: int = 50
+    num_instruct_eval_prompts: int = 10
+    instruct_max_new_tokens: int = 48  # the evaluation's answer budget (as train_teacher.max_reasoning_tokens)
 
     def __post_init__(self) -> None:
         _positive(self, "num_eval_images", "max_new_tokens")
@@ -269,6 +281,11 @@ class PretrainVLMConfig:
             _require(getattr(self, name) >= 0, f"PretrainVLMConfig.{name}", getattr(self, name), "a float >= 0")
         _require(self.caption_style in ("canonical", "compact"), "PretrainVLMConfig.caption_style",
                  self.caption_style, "'canonical' or 'compact'")
+        _positive(self, "num_instruct_prompts", "num_instruct_eval_prompts", "instruct_max_new_tokens")
+        _require(self.instruct_time_budget_s >= 0, "PretrainVLMConfig.instruct_time_budget_s",
+                 self.instruct_time_budget_s, "a float >= 0")
+        _require(all(r in ("teacher", "student") for r in self.instruct_roles), "PretrainVLMConfig.instruct_roles",
+                 self.instruct_roles, "a subset of ('teacher', 'student')")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -298,6 +315,73 @@ class PretrainGeneratorConfig:
         _require(self.shift > 0, "PretrainGeneratorConfig.shift", self.shift, "a float > 0")
         _require(0.0 <= self.flow_ema_decay < 1.0, "PretrainGeneratorConfig.flow_ema_decay", self.flow_ema_decay,
                  "a float in [0, 1)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TurboConfig:
+    """Turbo++: the two-step student distilled from the 8-step teacher (methods.md §6).
+
+    Every [chosen] design item of the spec is a knob here, with the spec's default. The student samples
+    `1 -> sigma_2 -> 0` (`zray.sampling.two_step_sample`); its step-1 regression target is the teacher's state
+    after `teacher_mid_steps` of its `teacher_steps` Euler steps (shift `teacher_shift`), which must sit at
+    sigma_2 (checked), so that no interpolation is needed. Losses: `zray.losses.turbo`; networks:
+    `zray.models.turbo.TwoStepStudent`, `zray.models.discriminator.LADDDiscriminator`.
+    """
+
+    # sampler
+    sigma_2: float = 0.75
+    teacher_steps: int = 8
+    teacher_shift: float = 3.0
+    teacher_mid_steps: int = 4
+    renoise: Literal["same", "fresh"] = "same"  # x_s2 re-noised with step 1's eps (spec) or fresh noise
+    # step-decoupled parameterisation and end-to-end training
+    decoupling: Literal["copies", "lora", "shared"] = "copies"  # "shared": one parameter set, the ablation
+    lora_rank: int = 16
+    lora_alpha: float = 0.0  # 0 = lora_rank
+    detach_steps: bool = False  # True: the "no end-to-end" baseline (step 1 only learns from its own loss)
+    # generator loss: lam_adv L_adv(x0_2) + lam_1 L_1 + lam_reg ||x0_2 - teacher x0||^2
+    step1_loss: Literal["regression", "adversarial", "none"] = "regression"
+    lam_adv: float = 1.0
+    lam_1: float = 1.0
+    lam_1_decay_steps: int = 0  # lam_1 decays linearly to 0 over this many generator steps; 0 = constant
+    lam_reg: float = 0.0
+    # discriminator (LADD-style: frozen teacher transformer, heads on the image tokens of some blocks)
+    real_data: Literal["teacher", "renders"] = "teacher"  # "real" = 8-step teacher outputs (spec) or world renders
+    disc_blocks: tuple[int, ...] = (0, -1)  # indices into transformer.layers, negative from the end
+    disc_tau_range: tuple[float, ...] = (0.1, 0.9)  # (lo, hi): re-noising sigma ~ U(lo, hi)
+    disc_head: Literal["conv", "linear"] = "conv"
+    disc_head_hidden: int = 64
+    disc_lr: float = 1e-4
+    disc_steps_per_gen_step: int = 1  # alternating updates: discriminator steps per generator step
+
+    def __post_init__(self) -> None:
+        _positive(self, "teacher_steps", "teacher_mid_steps", "lora_rank", "disc_head_hidden",
+                  "disc_steps_per_gen_step")
+        _require(0.0 < self.sigma_2 < 1.0, "TurboConfig.sigma_2", self.sigma_2, "a float in (0, 1)")
+        _require(self.teacher_shift > 0, "TurboConfig.teacher_shift", self.teacher_shift, "a float > 0")
+        _require(self.teacher_mid_steps < self.teacher_steps, "TurboConfig.teacher_mid_steps",
+                 self.teacher_mid_steps, f"an integer in [1, teacher_steps={self.teacher_steps})")
+        if self.step1_loss == "regression":  # the teacher's sigma after k of N steps (zray.sampling.flow_sigmas)
+            base = 1.0 - self.teacher_mid_steps / self.teacher_steps
+            teacher_sigma = self.teacher_shift * base / (1.0 + (self.teacher_shift - 1.0) * base)
+            _require(abs(teacher_sigma - self.sigma_2) < 1e-4, "TurboConfig.sigma_2", self.sigma_2,
+                     f"{teacher_sigma:.4f}, the teacher's sigma after teacher_mid_steps={self.teacher_mid_steps} of "
+                     f"teacher_steps={self.teacher_steps} at shift {self.teacher_shift} (the step-1 regression "
+                     "target), or change those")
+        choices = {"renoise": ("same", "fresh"), "decoupling": ("copies", "lora", "shared"),
+                   "step1_loss": ("regression", "adversarial", "none"), "real_data": ("teacher", "renders"),
+                   "disc_head": ("conv", "linear")}
+        for name, allowed in choices.items():
+            _require(getattr(self, name) in allowed, f"TurboConfig.{name}", getattr(self, name), f"one of {allowed}")
+        for name in ("lam_adv", "lam_1", "lam_reg", "lora_alpha"):
+            _require(getattr(self, name) >= 0, f"TurboConfig.{name}", getattr(self, name), "a float >= 0")
+        _require(self.lam_1_decay_steps >= 0, "TurboConfig.lam_1_decay_steps", self.lam_1_decay_steps,
+                 "an integer >= 0 (0 = no decay)")
+        _require(self.disc_lr > 0, "TurboConfig.disc_lr", self.disc_lr, "a float > 0")
+        _require(len(self.disc_blocks) >= 1 and len(set(self.disc_blocks)) == len(self.disc_blocks),
+                 "TurboConfig.disc_blocks", self.disc_blocks, "a non-empty tuple of distinct block indices")
+        _require(len(self.disc_tau_range) == 2 and 0.0 <= self.disc_tau_range[0] <= self.disc_tau_range[1] <= 1.0,
+                 "TurboConfig.disc_tau_range", self.disc_tau_range, "(lo, hi) with 0 <= lo <= hi <= 1")
 
 
 TeacherMethod = Literal["gdso", "grpo", "sft", "zero_shot"]
@@ -429,6 +513,8 @@ class ServeConfig:
     max_batch_items: int = 32  # items per POST /v1/score/batch
     auth_token_env: str = ""  # name of the environment variable holding the bearer token; empty = no auth
     request_timeout_s: float = 60.0  # the ingress's wait for the scorer (504 after it)
+    # How often Serve checks a scorer replica (Serve's default is 10 s): a dead replica is replaced after about this.
+    health_check_period_s: float = 2.0
 
     def __post_init__(self) -> None:
         _positive(self, "port", "num_replicas", "max_ongoing_requests", "max_batch_size", "max_body_bytes",
@@ -441,6 +527,8 @@ class ServeConfig:
         _require(0.0 <= self.batch_wait_timeout_s <= 10.0, "ServeConfig.batch_wait_timeout_s",
                  self.batch_wait_timeout_s, "seconds in [0, 10]")
         _require(self.request_timeout_s > 0, "ServeConfig.request_timeout_s", self.request_timeout_s, "seconds > 0")
+        _require(self.health_check_period_s > 0, "ServeConfig.health_check_period_s", self.health_check_period_s,
+                 "seconds > 0")
         _require(self.auth_token_env == "" or (self.auth_token_env.replace("_", "a").isalnum()
                                                and not self.auth_token_env[0].isdigit()),
                  "ServeConfig.auth_token_env", self.auth_token_env,

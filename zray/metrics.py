@@ -142,6 +142,42 @@ def srcc(pred, human) -> float:
     return float(stats.spearmanr(*inputs).statistic)
 
 
+def paired_bootstrap(correct_a, correct_b, clusters, *, num_samples: int = 2000, level: float = 0.95,
+                     seed: int = 0) -> dict[str, float]:
+    """Paired cluster bootstrap of the accuracy difference of two methods judged on the same items (e.g. HPA: one
+    item per test pair, 1 where the method orders the pair as the humans do).
+
+    `correct_a[i]`, `correct_b[i]` in {0, 1} (or any floats) for item i; `clusters[i]` its resampling unit (the
+    prompt: pairs of one prompt share candidates, so they are resampled together). Each bootstrap sample draws as
+    many clusters as there are, with replacement, and takes mean(a) - mean(b) over their items. Returns {"diff"
+    (on the data), "lo", "hi" (the percentile interval at `level`), "num_items", "num_clusters"}.
+    """
+    a, b = _vector("correct_a", correct_a), _vector("correct_b", correct_b)
+    _same_length(correct_a=a, correct_b=b)
+    keys = list(clusters)
+    if len(keys) != len(a):
+        raise ValueError(f"clusters has {len(keys)} entries but there are {len(a)} items")
+    if not len(a):
+        raise ValueError("no items to bootstrap")
+    if not 0.0 < level < 1.0 or num_samples < 1:
+        raise ValueError(f"level={level}, num_samples={num_samples}: expected 0 < level < 1, num_samples >= 1")
+    ids = {k: j for j, k in enumerate(dict.fromkeys(keys))}
+    cluster_of = np.array([ids[k] for k in keys])
+    num = len(ids)
+    sum_a, sum_b = np.bincount(cluster_of, a, num), np.bincount(cluster_of, b, num)
+    size = np.bincount(cluster_of, minlength=num).astype(float)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(num, size=(num_samples, num))
+    counts = np.zeros((num_samples, num))
+    np.add.at(counts, (np.arange(num_samples)[:, None], draws), 1.0)  # how often each cluster was drawn
+    items = counts @ size
+    diffs = (counts @ sum_a - counts @ sum_b) / items
+    tail = (1.0 - level) / 2.0
+    lo, hi = np.quantile(diffs, [tail, 1.0 - tail])
+    return {"diff": float(a.mean() - b.mean()), "lo": float(lo), "hi": float(hi), "num_items": int(len(a)),
+            "num_clusters": int(num)}
+
+
 _GSB_VALUES = {"G": 1, "S": 0, "B": -1, 1: 1, 0: 0, -1: -1}
 
 

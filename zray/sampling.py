@@ -112,3 +112,78 @@ def sample(model_fn: ModelFn, noise: torch.Tensor, sigmas: torch.Tensor, cond: A
         x = euler_step(x, u, sigma.item(), sigma_next.item())
         trajectory.append(x)
     return (x, trajectory) if return_trajectory else x
+
+
+# ------------------------------------------------------------------ Turbo++ two-step student (methods.md §6)
+
+TURBO_SIGMA_2 = 0.75  # the 8-step shift-3 teacher's sigma after 4 of its 8 steps: flow_sigmas(8, 3.0)[4]
+
+
+def _check_sigma_2(sigma_2: float) -> float:
+    sigma_2 = float(sigma_2)
+    if not 0.0 < sigma_2 < 1.0:
+        raise ValueError(f"sigma_2={sigma_2} is not allowed: expected a float in (0, 1)")
+    return sigma_2
+
+
+def _call(model_fn: ModelFn, x: torch.Tensor, sigma: float, cond: Any, name: str) -> torch.Tensor:
+    """`model_fn(x, t = 1 - sigma as [B], cond)` in float32, its output checked against x's shape."""
+    t_B = model_time(torch.tensor(sigma, dtype=torch.float32)).to(x.device).expand(x.shape[0])
+    u = model_fn(x, t_B, cond)
+    if u.shape != x.shape:
+        raise ValueError(f"{name} model output has shape {tuple(u.shape)}: expected the input's {tuple(x.shape)}")
+    return u.to(torch.float32)
+
+
+def turbo_step1(model_fn: ModelFn, noise: torch.Tensor, cond: Any) -> torch.Tensor:
+    """Step 1 at sigma 1: `u1 = f1(eps, t = 0, c)`, `x0_1 = eps + u1` (`x0_from_velocity` at sigma 1)."""
+    x = noise.to(torch.float32)
+    return x0_from_velocity(x, _call(model_fn, x, 1.0, cond, "step 1"), 1.0)
+
+
+def turbo_step2(model_fn: ModelFn, x_s2: torch.Tensor, sigma_2: float, cond: Any) -> torch.Tensor:
+    """Step 2 at sigma_2: `u2 = f2(x_s2, t = 1 - sigma_2, c)`, `x0_2 = x_s2 + sigma_2 u2`."""
+    sigma_2 = _check_sigma_2(sigma_2)
+    x = x_s2.to(torch.float32)
+    return x0_from_velocity(x, _call(model_fn, x, sigma_2, cond, "step 2"), sigma_2)
+
+
+def two_step_sample(step1_fn: ModelFn, step2_fn: ModelFn, noise: torch.Tensor, cond: Any, *,
+                    sigma_2: float = TURBO_SIGMA_2, detach_steps: bool = False,
+                    renoise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Turbo++ student's sampler `1 -> sigma_2 -> 0` with step-decoupled model functions: (x0_1, x_s2, x0_2).
+
+        x0_1 = eps + f1(eps, t = 0, c)                          step 1, a jump to the clean estimate
+        x_s2 = (1 - sigma_2) x0_1 + sigma_2 eps'                re-noise; eps' = eps (default) or `renoise`
+        x0_2 = x_s2 + sigma_2 f2(x_s2, t = 1 - sigma_2, c)      step 2
+
+    `noise` [B, C, H, W] is eps. Re-noising with the same eps is the spec's choice (methods.md §6); pass fresh
+    noise of the same shape as `renoise` for the other variant. `detach_steps` cuts the graph between the steps
+    (x_s2 is detached before step 2): the "no end-to-end" baseline, where step 1 gets gradient only from losses
+    on x0_1 / x_s2. Runs in the caller's grad mode.
+    """
+    sigma_2 = _check_sigma_2(sigma_2)
+    eps = noise.to(torch.float32)
+    if renoise is not None and renoise.shape != eps.shape:
+        raise ValueError(f"renoise has shape {tuple(renoise.shape)}: expected the noise's {tuple(eps.shape)}")
+    x0_1 = turbo_step1(step1_fn, eps, cond)
+    x_s2 = noise_latents(x0_1, eps if renoise is None else renoise.to(eps), sigma_2)
+    x0_2 = turbo_step2(step2_fn, x_s2.detach() if detach_steps else x_s2, sigma_2, cond)
+    return x0_1, x_s2, x0_2
+
+
+def teacher_state(model_fn: ModelFn, noise: torch.Tensor, sigmas: torch.Tensor, cond: Any,
+                  num_steps: int = 4) -> torch.Tensor:
+    """The teacher's latent after `num_steps` of the Euler steps along `sigmas` (x at `sigmas[num_steps]`).
+
+    It is `sample` on the first `num_steps + 1` sigmas, so it equals bit for bit the state at index `num_steps`
+    of `sample(..., return_trajectory=True)` on the full schedule from the same noise. With the 8-step teacher
+    (`flow_sigmas(8, 3.0)`) and `num_steps = 4` this is the step-1 regression target at sigma 0.75.
+    """
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float32)
+    if sigmas.ndim != 1 or sigmas.numel() < 2:
+        raise ValueError(f"sigmas has shape {tuple(sigmas.shape)}: expected [N + 1] with N >= 1")
+    num_total = sigmas.numel() - 1
+    if not isinstance(num_steps, int) or not 1 <= num_steps <= num_total:
+        raise ValueError(f"num_steps={num_steps!r} is not allowed: expected an integer in [1, {num_total}]")
+    return sample(model_fn, noise, sigmas[: num_steps + 1], cond)

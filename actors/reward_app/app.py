@@ -251,6 +251,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     user_config = ({"model": cfg.model, "max_batch_size": cfg.max_batch_size,
                     "batch_wait_timeout_s": cfg.batch_wait_timeout_s} if cfg.model else None)
     scorer = RewardScorer.options(num_replicas=cfg.num_replicas, max_ongoing_requests=cfg.max_ongoing_requests,
+                                  health_check_period_s=cfg.health_check_period_s,
                                   ray_actor_options={"num_cpus": cfg.cpus_per_replica}, user_config=user_config)
     torch_threads = max(1, int(cfg.cpus_per_replica))  # one torch thread per CPU the replica holds
     return RewardIngress.options(max_ongoing_requests=cfg.max_ongoing_requests).bind(

@@ -55,6 +55,7 @@ def deploy_config(cfg: ServeConfig, *, model: str, auth_token: str | None = None
                 "name": SCORER,
                 "num_replicas": cfg.num_replicas,
                 "max_ongoing_requests": cfg.max_ongoing_requests,
+                "health_check_period_s": cfg.health_check_period_s,
                 "user_config": {"model": str(model), "max_batch_size": cfg.max_batch_size,
                                 "batch_wait_timeout_s": cfg.batch_wait_timeout_s},
             }],

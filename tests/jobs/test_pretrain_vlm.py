@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -71,3 +72,15 @@ def test_tiny_cpu_job_end_to_end(tmp_path, ray_session):
     assert (run_dir / "final" / HEAD_FILE).is_file()
     assert [p.name for p in (run_dir / "final").glob("*.safetensors")] == ["model.safetensors"]
     assert model.config.model_type == "qwen2_5_vl"
+    # the instruction phase followed captioning, from its model; its model is the base of train-teacher / -student
+    from zray.training.runs import pretrained_vlm_dir
+
+    instruct = record["instruct"]
+    assert instruct["steps"] == cfg.pretrain_vlm.instruct_learner.max_steps
+    assert Path(instruct["model_dir"]) == pretrained_vlm_dir(cfg.out_dir, "student", instruct=True)
+    assert (Path(instruct["model_dir"]) / "config.json").is_file()
+    ev = instruct["eval"]
+    assert ev["num_examples"] == cfg.world.candidates_per_prompt * 4  # one held-out prompt's candidates x dimensions
+    assert 0.0 <= ev["format_fail_sampled"] <= 1.0 and set(ev["dimensions"]) == {"alignment", "realism",
+                                                                                  "aesthetics", "plausibility"}
+    assert "Instruction phase" in (run_dir / "summary.md").read_text()

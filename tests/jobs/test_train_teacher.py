@@ -98,3 +98,5 @@ def test_all_methods_end_to_end(tmp_path, sharp_teacher_dir, ray_session):
     assert records["zero_shot"]["model_dir"] == str(sharp_teacher_dir)
     table = (root / "results.md").read_text()
     assert all(f"| teacher | {name} |" in table for name in ("zero-shot", "SFT", "GRPO", "GDSO"))
+    assert "| - | oracle (true scores) |" in table and "| - | judge (alignment only) |" in table
+    assert (root / "judge_predictions.json").is_file()

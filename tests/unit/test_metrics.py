@@ -166,3 +166,55 @@ def test_metrics_is_import_light():
     )
     subprocess.run([sys.executable, "-c", code], check=True)
     assert metrics.MARGIN == 0.5
+
+
+# ------------------------------------------------------------------------------------------ paired bootstrap
+
+
+def test_bootstrap_of_a_certain_difference_is_a_point():
+    from zray.metrics import paired_bootstrap
+
+    out = paired_bootstrap([1] * 30, [0] * 30, [i // 3 for i in range(30)], num_samples=200)
+    assert (out["diff"], out["lo"], out["hi"]) == (1.0, 1.0, 1.0)
+    assert (out["num_items"], out["num_clusters"]) == (30, 10)
+    same = paired_bootstrap([1, 0, 1, 1], [1, 0, 1, 1], ["a", "a", "b", "b"], num_samples=200)
+    assert (same["diff"], same["lo"], same["hi"]) == (0.0, 0.0, 0.0)  # paired: identical methods never differ
+
+
+def test_bootstrap_resamples_whole_clusters():
+    """Two clusters of ten items: all of the difference sits in one. Drawing two clusters gives 1.0 (both the first),
+    0.0 (both the second) or 0.5, with probabilities 1/4, 1/4, 1/2: the 95% interval is [0, 1]."""
+    import numpy as np
+
+    from zray.metrics import paired_bootstrap
+
+    a, b, clusters = [1] * 20, [0] * 10 + [1] * 10, [0] * 10 + [1] * 10
+    out = paired_bootstrap(a, b, clusters, num_samples=4000, seed=1)
+    assert out["diff"] == 0.5 and (out["lo"], out["hi"]) == (0.0, 1.0)
+    # resampling items instead (each its own cluster) would give a far narrower interval
+    items = paired_bootstrap(a, b, np.arange(20), num_samples=4000, seed=1)
+    assert items["hi"] - items["lo"] < 0.6
+
+
+def test_bootstrap_interval_matches_the_normal_approximation_for_independent_items():
+    import numpy as np
+
+    from zray.metrics import paired_bootstrap
+
+    rng = np.random.default_rng(0)
+    n = 4000
+    a, b = (rng.random(n) < 0.8).astype(float), (rng.random(n) < 0.7).astype(float)
+    out = paired_bootstrap(a, b, np.arange(n), num_samples=2000, seed=2)
+    half = 1.96 * np.sqrt((a.var() + b.var() - 2 * np.cov(a, b)[0, 1]) / n)
+    assert out["lo"] < out["diff"] < out["hi"]
+    assert (out["hi"] - out["lo"]) / 2 == pytest.approx(half, rel=0.15)
+    assert out["lo"] < 0.1 < out["hi"]  # the true difference
+
+
+def test_bootstrap_rejects_bad_input():
+    from zray.metrics import paired_bootstrap
+
+    with pytest.raises(ValueError, match="clusters has 1 entries but there are 2 items"):
+        paired_bootstrap([1, 0], [0, 0], [0])
+    with pytest.raises(ValueError, match="level=1.5"):
+        paired_bootstrap([1], [0], [0], level=1.5)

@@ -90,7 +90,7 @@ class Description:
         return out
 
 
-def _level(severity: float) -> str:
+def severity_level(severity: float) -> str:
     return "severe" if severity >= SEVERE_MIN else "mild"
 
 
@@ -110,7 +110,7 @@ def description_of(scene: Scene, defects: Defects | None = None) -> Description:
             elif a.y - b.y >= REL_MIN:
                 relations.append((i, "below", j))
     present = (defects or Defects()).to_dict()
-    visible = tuple((name, _level(v)) for name, v in present.items() if v >= VISIBLE_MIN)
+    visible = tuple((name, severity_level(v)) for name, v in present.items() if v >= VISIBLE_MIN)
     return Description(background=scene.background, groups=canonical_groups(scene.counts()), objects=objects,
                        relations=tuple(relations), defects=visible)
 

@@ -14,14 +14,14 @@ Columns: input_id ("d-p0000-c0-alignment"), prompt_id, prompt, image (PNG bytes)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import pyarrow as pa
 from tqdm import tqdm
 
 from zray.config import WorldConfig
-from zray.data.candidates import make_candidates
-from zray.data.prompt_grammar import prompt_text
+from zray.data.candidates import Candidate, make_candidates
+from zray.data.prompt_grammar import PromptSpec, prompt_text
 from zray.data.render import png_bytes
 from zray.data.world import ALL_COMBOS, heldout_combos, sample_prompts, split_prompts, split_rng
 from zray.rubric import DIMENSIONS, check_dimension
@@ -31,17 +31,13 @@ SCHEMA = pa.schema([("input_id", pa.string()), ("prompt_id", pa.string()), ("pro
                     ("image", pa.binary()), ("dimension", pa.string())])
 
 
-def distill_inputs(world: WorldConfig, num_prompts: int, dimensions: Sequence[str] = DIMENSIONS, *,
-                   stream: int = DISTILL_STREAM, progress: bool = True) -> pa.Table:
-    """`num_prompts` fresh prompts x `world.candidates_per_prompt` candidates x `dimensions`, as one table.
-
-    Raises ValueError for a bad count or dimension, RuntimeError when the prompt grammar runs out of distinct
-    prompts (a world too small for the count)."""
+def fresh_candidates(world: WorldConfig, num_prompts: int, *, stream: int, progress: bool = True,
+                     desc: str = "fresh candidates") -> Iterator[tuple[str, PromptSpec, int, Candidate]]:
+    """(prompt_id, prompt spec, candidate index, candidate) for `num_prompts` fresh prompts of random stream
+    `stream` (and `stream + 1` for their candidates): prompts disjoint by text from every labelled split, from the
+    combinations the train split may use, candidates drawn as the labelled splits' are."""
     if not isinstance(num_prompts, int) or num_prompts < 1:
         raise ValueError(f"num_prompts={num_prompts!r} is not allowed: expected an integer >= 1")
-    dims = [check_dimension(d) for d in dimensions]
-    if not dims or len(set(dims)) != len(dims):
-        raise ValueError(f"dimensions={tuple(dimensions)!r} is not allowed: expected distinct rubric dimensions")
     labelled = split_prompts(world.seed, world.num_train_prompts, world.num_test_prompts, world.num_heldout_prompts,
                              world.max_objects, world.relation_prob)
     taken = {prompt_text(p) for specs in labelled.values() for p in specs}
@@ -49,15 +45,34 @@ def distill_inputs(world: WorldConfig, num_prompts: int, dimensions: Sequence[st
     seen = tuple(c for c in ALL_COMBOS if c not in held)
     specs = sample_prompts(split_rng(world.seed, stream), num_prompts, world.max_objects, world.relation_prob,
                            combos=seen, exclude=taken)
-    rows: dict[str, list] = {name: [] for name in SCHEMA.names}
-    for i, spec in enumerate(tqdm(specs, desc="distillation inputs", unit="prompt", disable=not progress)):
-        prompt_id, text = f"d-p{i:04d}", prompt_text(spec)
+    prefix = {DISTILL_STREAM: "d"}.get(stream, f"s{stream}")
+    for i, spec in enumerate(tqdm(specs, desc=desc, unit="prompt", disable=not progress)):
         candidates = make_candidates(spec, split_rng(world.seed, stream + 1, i), world.candidates_per_prompt,
                                      world.image_size, seen)
         for k, cand in enumerate(candidates):
-            image = png_bytes(cand.image)
-            for dim in dims:
-                for name, value in (("input_id", f"{prompt_id}-c{k}-{dim}"), ("prompt_id", prompt_id),
-                                    ("prompt", text), ("image", image), ("dimension", dim)):
-                    rows[name].append(value)
+            yield f"{prefix}-p{i:04d}", spec, k, cand
+
+
+def check_dimensions(dimensions: Sequence[str]) -> list[str]:
+    dims = [check_dimension(d) for d in dimensions]
+    if not dims or len(set(dims)) != len(dims):
+        raise ValueError(f"dimensions={tuple(dimensions)!r} is not allowed: expected distinct rubric dimensions")
+    return dims
+
+
+def distill_inputs(world: WorldConfig, num_prompts: int, dimensions: Sequence[str] = DIMENSIONS, *,
+                   stream: int = DISTILL_STREAM, progress: bool = True) -> pa.Table:
+    """`num_prompts` fresh prompts x `world.candidates_per_prompt` candidates x `dimensions`, as one table.
+
+    Raises ValueError for a bad count or dimension, RuntimeError when the prompt grammar runs out of distinct
+    prompts (a world too small for the count)."""
+    dims = check_dimensions(dimensions)
+    rows: dict[str, list] = {name: [] for name in SCHEMA.names}
+    for prompt_id, spec, k, cand in fresh_candidates(world, num_prompts, stream=stream, progress=progress,
+                                                     desc="distillation inputs"):
+        image, text = png_bytes(cand.image), prompt_text(spec)
+        for dim in dims:
+            for name, value in (("input_id", f"{prompt_id}-c{k}-{dim}"), ("prompt_id", prompt_id),
+                                ("prompt", text), ("image", image), ("dimension", dim)):
+                rows[name].append(value)
     return pa.table(rows, schema=SCHEMA)

@@ -175,10 +175,21 @@ def oracle_predictions(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for r in rows for d in DIMENSIONS]
 
 
-def oracle_record(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Metrics of `oracle_predictions(rows)` in the shape of an evaluation record (for `results_table`)."""
-    return _json_ready({"name": "oracle", "method": "oracle", "num_candidates": len(rows),
-                        "mean_output_tokens": math.nan, **compute_metrics(oracle_predictions(rows))})
+def judge_predictions(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The independent judge's predictions (`zray.data.judge`: scene recovery from pixels, the world's alignment
+    formula): alignment only (the judge does not estimate defect severities). A non-learned reference row."""
+    from zray.data.judge import judge_scores
+
+    return [{"candidate_id": r["candidate_id"], "prompt_id": r["prompt_id"], "dimension": "alignment",
+             "mu": float(judge_scores(decode_png(r["image"]), r["prompt"])["alignment"]),
+             "human": float(r["human_alignment"]), "num_output_tokens": 0} for r in rows]
+
+
+def reference_record(name: str, preds: list[dict[str, Any]], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Metrics of non-learned predictions (`oracle_predictions`, `judge_predictions`) shaped as an evaluation
+    record, for `results_table`."""
+    return _json_ready({"name": name, "method": name, "num_candidates": len(rows), "mean_output_tokens": math.nan,
+                        **compute_metrics(preds)})
 
 
 def compute_metrics(preds: list[dict[str, Any]]) -> dict[str, Any]:

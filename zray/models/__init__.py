@@ -6,4 +6,7 @@
                         tokens and q, with the LM head applied in chunks)
     vision_heads.py     vision heads on a VLM's image tokens, their targets and loss
     generator.py        the Z-Image pipeline through diffusers: sampling, prompt encoding, VAE helpers
+    reward.py           DifferentiableReward: the student as a reward with gradients to the pixels
+    turbo.py            TwoStepStudent: Turbo++'s step-decoupled generator (two copies, per-step LoRA, or shared)
+    discriminator.py    the LADD-style discriminator: a frozen teacher transformer's block features, trainable heads
 """

@@ -81,3 +81,11 @@ def budget_end_step(step: int, first_step: int, elapsed_s: float, budget_s: floa
     rate of the steps since `first_step` (this process's first), never past `max_steps` nor before `step`."""
     rate = (step - first_step) / max(elapsed_s, 1e-9)
     return max(step, min(max_steps, step + int(rate * max(0.0, budget_s - elapsed_s))))
+
+
+def pretrained_vlm_dir(out_dir: str | os.PathLike, role: str, *, instruct: bool) -> Path:
+    """Where `zray pretrain-vlm` leaves the base VLM of `role` ("teacher" or "student") under a run's `out_dir`:
+    after its instruction phase when that phase ran for the role (`instruct`), else after captioning."""
+    if role not in ("teacher", "student"):
+        raise ValueError(f"role={role!r} is not allowed: expected 'teacher' or 'student'")
+    return Path(out_dir).resolve() / "pretrain_vlm" / (f"{role}_instruct" if instruct else role) / FINAL_DIR
