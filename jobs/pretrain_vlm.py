@@ -41,6 +41,7 @@ from zray.data.scene import Defects, Scene
 from zray.evaluation.captions import ATTRIBUTES, caption_metrics, caption_slices, describe_images, score_caption
 from zray.models.tiny import build_once, build_tiny_vlm, count_parameters
 from zray.models.vlm import load_vlm
+from zray.rubric import DIMENSIONS
 from zray.tasks.caption import CaptionTask
 from zray.training.runs import (checkpoints, elapsed_by_step, export_final, latest_checkpoint, read_learner_state,
                                 remaining_budget, trained_seconds)
@@ -211,7 +212,7 @@ def instruct_phase(caption_dir: Path, cfg: RunConfig, root: Path, role: str, res
     metrics, answers = evaluate_instruct(model, processor, rows, max_new_tokens=pcfg.instruct_max_new_tokens,
                                          seed=cfg.seed)
     record = {"model_dir": str(final_dir), "steps": int(state["step"]), "train_s": trained_seconds(state["history"]),
-              "num_train_examples": pcfg.num_instruct_prompts * cfg.world.candidates_per_prompt * 4,
+              "num_train_examples": pcfg.num_instruct_prompts * cfg.world.candidates_per_prompt * len(DIMENSIONS),
               "eval": metrics, "eval_s": time.perf_counter() - clock, "samples": answers[:8]}
     (run_dir / "metrics.json").write_text(json.dumps(record, indent=2))
     dims = metrics["dimensions"]

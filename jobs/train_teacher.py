@@ -122,18 +122,14 @@ def serve_final_weights(pool: Any, base: Path, final_dir: Path, version: int) ->
     """Have the rollout engines (started on `base`) serve the trained model of `final_dir`, verified, so that the
     evaluation needs no second engine start-up. Only when they would serve exactly what a fresh engine on
     `final_dir` serves: the same dtype (engines keep the dtype they were started with). Returns whether they do."""
-    import torch
+    from zray.models.vlm import served_dtype, trainable_vlm
+    from zray.tasks.gdso import send_weights
 
-    from zray.checksum import weights_checksum
-    from zray.models.vlm import checkpoint_dtype, trainable_vlm
-
-    served = checkpoint_dtype(base)
-    if served != checkpoint_dtype(final_dir):
+    served = served_dtype(base)
+    if served != served_dtype(final_dir):
         return False
-    weights = trainable_vlm(final_dir).state_dict()  # the names and layout the learner syncs every rollout
-    if served != "auto":
-        weights = {k: v.to(getattr(torch, served)) for k, v in weights.items()}
-    pool.load_weights(weights, version=version, checksum=weights_checksum(weights))
+    # the names and layout the learner syncs every rollout
+    send_weights(pool, trainable_vlm(final_dir).state_dict(), dtype=served, version=version)
     return True
 
 

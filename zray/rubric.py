@@ -108,6 +108,17 @@ def check_dimension(dimension: str) -> str:
     return dimension
 
 
+def check_dimensions(dimensions: Any) -> tuple[str, ...]:
+    """`dimensions` as a tuple, checked: a non-empty subset of DIMENSIONS without repeats (ValueError otherwise)."""
+    dims = tuple(dimensions)
+    if not dims or len(set(dims)) != len(dims):
+        raise ValueError(f"dimensions={dims!r} is not allowed: expected distinct rubric dimensions (a non-empty "
+                         f"subset of {DIMENSIONS} without repeats)")
+    for dim in dims:
+        check_dimension(dim)
+    return dims
+
+
 def rubric_text(dimension: str) -> str:
     """The rubric of `dimension`, one anchor a line."""
     anchors = RUBRICS[check_dimension(dimension)]

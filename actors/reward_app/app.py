@@ -36,7 +36,7 @@ from PIL import ImageFile
 from ray import serve
 from ray.util import metrics
 
-from actors.reward_app.scorer import ItemScores, RewardScorer, ScoreItem
+from actors.reward_app.scorer import ScoreResult, RewardScorer, ScoreItem
 from actors.reward_app.validation import (ErrorResponse, RequestError, RequestLimits, ScoreBatchBody,
                                           ScoreBatchResponse, ScoreBody, ScoreResponse, check_dimensions,
                                           check_prompt_text, decode_image, validation_error)
@@ -60,7 +60,7 @@ def resolve_token(auth_token_env: str, auth_token: str | None = None) -> str | N
     return value
 
 
-def _response(result: ItemScores) -> dict[str, Any]:
+def _response(result: ScoreResult) -> dict[str, Any]:
     return {"model_version": result.model_version, "model_dir": result.model_dir,
             "scores": {dim: dataclasses.asdict(s) for dim, s in result.scores.items()}}
 
@@ -119,7 +119,7 @@ class Ingress:
                                f"{self.cfg.max_batch_items} per request")
         return [self.item(it, prefix=f"items[{i}].") for i, it in enumerate(body.items)]
 
-    async def score(self, items: list[ScoreItem]) -> list[ItemScores] | JSONResponse:
+    async def score(self, items: list[ScoreItem]) -> list[ScoreResult] | JSONResponse:
         try:
             return await asyncio.wait_for(self.scorer.score.remote(items), timeout=self.cfg.request_timeout_s)
         except asyncio.TimeoutError:

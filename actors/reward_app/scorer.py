@@ -7,7 +7,8 @@ In-cluster callers use it through a `DeploymentHandle`, with typed objects and n
     results = await scorer.score.remote([ScoreItem(prompt="a red circle", image=pil_image)])   # or .result()
     results[0].model_version, results[0].scores["alignment"].expected_score
 
-- `ScoreItem` -> `ItemScores` (one per item, in order): per dimension the nine-bin distribution q, the expected
+- `ScoreItem` -> `ScoreResult` (`zray.client`'s result type: the HTTP client and the handle return the same; one
+  per item, in order): per dimension the nine-bin distribution q, the expected
   score mu and its standard deviation, and the version of the weights that scored the item. All dimensions of an
   item are scored by the same weights.
 - Batching: `@serve.batch` gathers concurrent items (from any number of callers) into one forward pass of at most
@@ -32,14 +33,15 @@ import math
 import os
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ray import serve
 from ray.util import metrics
 
-from zray.rubric import DIMENSIONS, SCORE_BINS, ScoreRequest, check_dimension, check_prompt
+from zray.client import DimensionScore, ScoreResult
+from zray.rubric import DIMENSIONS, SCORE_BINS, ScoreRequest, check_dimensions, check_prompt
 
 VERSION_CHARS = 16
 logger = logging.getLogger("ray.serve")
@@ -55,29 +57,9 @@ class ScoreItem:
 
     def __post_init__(self) -> None:
         check_prompt(self.prompt)
-        dims = tuple(self.dimensions)
-        if not dims or len(set(dims)) != len(dims):
-            raise ValueError(f"dimensions={dims!r} is not allowed: expected a non-empty subset of {DIMENSIONS} "
-                             "without repeats")
-        for dim in dims:
-            check_dimension(dim)
-        object.__setattr__(self, "dimensions", dims)
+        object.__setattr__(self, "dimensions", check_dimensions(self.dimensions))
         if not hasattr(self.image, "size") or not hasattr(self.image, "convert"):
             raise ValueError(f"image={type(self.image).__name__} is not allowed: expected a PIL image")
-
-
-@dataclass(frozen=True)
-class DimensionScore:
-    distribution: tuple[float, ...]  # q over SCORE_BINS
-    expected_score: float            # mu = sum_s s q(s)
-    std: float                       # sqrt(sum_s (s - mu)^2 q(s))
-
-
-@dataclass(frozen=True)
-class ItemScores:
-    model_version: str
-    model_dir: str
-    scores: dict[str, DimensionScore] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -112,8 +94,8 @@ def load_student(model_dir: str | Path) -> LoadedModel:
     return LoadedModel(model=model, processor=processor, version=version, model_dir=str(path.resolve()))
 
 
-def score_items(loaded: LoadedModel, items: Sequence[ScoreItem]) -> list[ItemScores]:
-    """Score every (item, dimension) in one forward pass of `loaded`; one ItemScores per item, in order."""
+def score_items(loaded: LoadedModel, items: Sequence[ScoreItem]) -> list[ScoreResult]:
+    """Score every (item, dimension) in one forward pass of `loaded`; one ScoreResult per item, in order."""
     import torch
 
     from zray.models.vlm import score_distributions_hf
@@ -131,7 +113,7 @@ def score_items(loaded: LoadedModel, items: Sequence[ScoreItem]) -> list[ItemSco
             scores[dim] = DimensionScore(distribution=tuple(float(p) for p in q_BK[row]),
                                          expected_score=float(mu_B[row]), std=math.sqrt(max(float(var_B[row]), 0.0)))
             row += 1
-        out.append(ItemScores(model_version=loaded.version, model_dir=loaded.model_dir, scores=scores))
+        out.append(ScoreResult(model_version=loaded.version, model_dir=loaded.model_dir, scores=scores))
     return out
 
 
@@ -200,15 +182,15 @@ class RewardScorer:
         with self._load_lock:
             return load_student(model_dir)
 
-    async def score(self, items: Sequence[ScoreItem]) -> list[ItemScores]:
-        """Score `items` (each batched with concurrent callers' items); one ItemScores per item, in order."""
+    async def score(self, items: Sequence[ScoreItem]) -> list[ScoreResult]:
+        """Score `items` (each batched with concurrent callers' items); one ScoreResult per item, in order."""
         for i, it in enumerate(items):
             if not isinstance(it, ScoreItem):
                 raise TypeError(f"items[{i}] is a {type(it).__name__}: expected actors.reward_app.scorer.ScoreItem")
         return list(await asyncio.gather(*(self._score_batch(it) for it in items)))
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _score_batch(self, items: list[ScoreItem]) -> list[ItemScores]:
+    async def _score_batch(self, items: list[ScoreItem]) -> list[ScoreResult]:
         loaded = self._loaded  # read once: the whole batch is scored by these weights
         if loaded is None:
             raise RuntimeError("no model loaded: the RewardScorer deployment needs user_config={'model': DIR}")

@@ -221,7 +221,7 @@ def test_a_thousand_bad_requests_change_nothing(reward_service, expected):
 def test_deployment_handle_scores_typed_items(reward_service, expected):
     from ray import serve
 
-    from actors.reward_app.scorer import ItemScores, ScoreItem
+    from actors.reward_app.scorer import ScoreResult, ScoreItem
 
     score, version = expected
     handle = serve.get_deployment_handle("RewardScorer", app_name=APP)
@@ -231,7 +231,7 @@ def test_deployment_handle_scores_typed_items(reward_service, expected):
     responses = [handle.score.remote([it]) for it in items]  # concurrent callers: batched together
     results = [r.result(timeout_s=120)[0] for r in responses] + handle.score.remote(items[:2]).result(timeout_s=120)
     for it, res in zip(items + items[:2], results):
-        assert isinstance(res, ItemScores) and res.model_version == version
+        assert isinstance(res, ScoreResult) and res.model_version == version
         q = torch.tensor([res.scores[d].distribution for d in it.dimensions])
         ref = score(pngs[int(it.prompt.split()[1])], it.prompt, it.dimensions)
         assert torch.allclose(q.double(), ref.double(), atol=1e-5)

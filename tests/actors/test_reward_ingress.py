@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from actors.reward_app.app import Ingress, build_app, create_api, resolve_token
-from actors.reward_app.scorer import DimensionScore, ItemScores
+from zray.client import DimensionScore, ScoreResult
 from zray.config import ConfigError, ServeConfig
 from zray.rubric import DIMENSIONS
 
@@ -44,7 +44,7 @@ class StandInScorer:
 
     async def _score(self, items):
         self.seen += items
-        return [ItemScores(model_version="v1", model_dir="/ckpt", scores={
+        return [ScoreResult(model_version="v1", model_dir="/ckpt", scores={
             d: DimensionScore(distribution=(1 / 9,) * 9, expected_score=3.0, std=1.29) for d in it.dimensions})
             for it in items]
 

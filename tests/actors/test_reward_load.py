@@ -100,10 +100,9 @@ def service(ray_session, tiny_zoo, tmp_path_factory):
     model.save_pretrained(other)
     processor.save_pretrained(other)
     cfg = ServeConfig(app_name=APP, port=_free_port(), num_replicas=SCORER_REPLICAS, cpus_per_replica=1.0,
-                      max_ongoing_requests=MAX_ONGOING, max_batch_size=8, batch_wait_timeout_s=0.005)
+                      max_ongoing_requests=MAX_ONGOING, max_batch_size=8, batch_wait_timeout_s=0.005,
+                      health_check_period_s=HEALTH_CHECK_PERIOD_S)
     config = deploy_config(cfg, model=str(student), auth_token=TOKEN)
-    [scorer] = [d for d in config["applications"][0]["deployments"] if d["name"] == SCORER]
-    scorer["health_check_period_s"] = HEALTH_CHECK_PERIOD_S
     deploy(config, timeout_s=180)
     yield Service(url=f"http://127.0.0.1:{cfg.port}", config=config, student=student, other=other,
                   version=version)

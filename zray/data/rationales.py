@@ -31,11 +31,11 @@ import pyarrow as pa
 
 from zray.config import WorldConfig
 from zray.data.captions import VISIBLE_MIN, severity_level
-from zray.data.distill_inputs import check_dimensions, fresh_candidates
+from zray.data.distill_inputs import fresh_candidates
 from zray.data.prompt_grammar import PromptSpec, canonical_groups, content_phrase, prompt_text
 from zray.data.render import png_bytes
 from zray.data.scene import DEFECT_DIMENSION, Defects, Relation, Scene
-from zray.rubric import DIMENSIONS, check_dimension
+from zray.rubric import DIMENSIONS, check_dimension, check_dimensions
 
 INSTRUCT_STREAM = 32  # the random stream of instruction prompts (distillation uses 30, 31)
 SCHEMA = pa.schema([("example_id", pa.string()), ("prompt_id", pa.string()), ("prompt", pa.string()),
@@ -91,8 +91,8 @@ def instruct_corpus(world: WorldConfig, num_prompts: int, dimensions: Sequence[s
     ground-truth rationale (columns of SCHEMA). Deterministic in (world, count, stream)."""
     dims = check_dimensions(dimensions)
     rows: dict[str, list] = {name: [] for name in SCHEMA.names}
-    for prompt_id, spec, k, cand in fresh_candidates(world, num_prompts, stream=stream, progress=progress,
-                                                     desc="instruction corpus"):
+    for prompt_id, spec, k, cand in fresh_candidates(world, num_prompts, stream=stream, id_prefix=f"s{stream}",
+                                                     progress=progress, desc="instruction corpus"):
         image, text = png_bytes(cand.image), prompt_text(spec)
         for dim in dims:
             values = {"example_id": f"{prompt_id}-c{k}-{dim}", "prompt_id": prompt_id, "prompt": text,

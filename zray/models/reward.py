@@ -43,7 +43,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from zray.rubric import DIMENSIONS, check_dimension, check_prompt, render_score_context
+from zray.rubric import DIMENSIONS, check_dimensions, check_prompt, render_score_context
 from zray.scores import expected_score, score_distribution, score_token_ids
 
 _RESAMPLE_MODES = {2: "bilinear", 3: "bicubic"}  # PIL / transformers resample codes -> F.interpolate modes
@@ -169,11 +169,7 @@ class DifferentiableReward(torch.nn.Module):
         super().__init__()
         from zray.models.vlm import load_vlm
 
-        dims = tuple(dimensions)
-        if not dims or len(set(dims)) != len(dims):
-            raise ValueError(f"dimensions={dims!r} is not allowed: expected a non-empty tuple without repeats")
-        for d in dims:
-            check_dimension(d)
+        dims = check_dimensions(dimensions)
         w = [1.0 / len(dims)] * len(dims) if weights is None else [float(v) for v in weights]
         if len(w) != len(dims) or not all(math.isfinite(v) for v in w):
             raise ValueError(f"weights={weights!r} is not allowed: expected {len(dims)} finite floats, one per "

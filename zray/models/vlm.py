@@ -62,6 +62,12 @@ def checkpoint_dtype(model_dir: str | Path) -> str:
 
 
 
+def served_dtype(model_dir: str | Path) -> torch.dtype | None:
+    """The dtype a fresh engine on `model_dir` serves (its recorded dtype), None when the checkpoint records none."""
+    recorded = checkpoint_dtype(model_dir)
+    return None if recorded == "auto" else getattr(torch, recorded)
+
+
 @functools.lru_cache(maxsize=8)
 def _load_processor(model_dir: str) -> tuple[Any, str]:
     from transformers import AutoProcessor

@@ -54,16 +54,25 @@ def _answer_header(tokenizer: Any) -> list[int]:
     return tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
 
 
-def mask_to_answer(input_ids_BL: torch.Tensor, tokenizer: Any) -> torch.Tensor:
+def mask_to_answer(input_ids_BL: torch.Tensor, tokenizer: Any, lengths_B: torch.Tensor | None = None) -> torch.Tensor:
     """labels_BL: input ids on the last assistant answer (its text and its `<|im_end|>`), -100 elsewhere.
 
-    Raises ValueError when a row has no complete assistant turn (truncated or not a chat)."""
+    With `lengths_B` (the real tokens of each right-padded row), the answer is open-ended instead: it runs from the
+    last assistant header to the row's last real token (a context cut before the end of the turn, e.g. at the score
+    position). Raises ValueError when a row has no complete (or, open-ended, no non-empty) assistant answer."""
     header = _answer_header(tokenizer)
     end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     labels = torch.full_like(input_ids_BL, IGNORE_INDEX)
     for b, row in enumerate(input_ids_BL.tolist()):
-        start = next((i + len(header) for i in range(len(row) - len(header), -1, -1)
+        length = len(row) if lengths_B is None else int(lengths_B[b])
+        start = next((i + len(header) for i in range(length - len(header), -1, -1)
                       if row[i:i + len(header)] == header), None)
+        if lengths_B is not None:
+            if start is None or start >= length:
+                raise ValueError(f"row {b}: no assistant answer to train on (the context must end after the score "
+                                 "prefix)")
+            labels[b, start:length] = input_ids_BL[b, start:length]
+            continue
         end = next((i for i in range(start, len(row)) if row[i] == end_id), None) if start is not None else None
         if end is None:
             raise ValueError(f"row {b}: no complete '<|im_start|>assistant ... <|im_end|>' turn to train on")

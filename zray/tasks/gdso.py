@@ -39,7 +39,7 @@ from zray.checksum import weights_checksum
 from zray.config import TrainTeacherConfig
 from zray.losses.gdso import gdso_loss, gdso_rewards, penalize_malformed, side_advantages
 from zray.models.teacher_forcing import PolicyModel, forced_logprobs, rollout_inputs
-from zray.models.vlm import (cached_processor, checkpoint_dtype, load_vlm_weights, save_vlm, trainable_vlm,
+from zray.models.vlm import (cached_processor, load_vlm_weights, save_vlm, served_dtype, trainable_vlm,
                             write_scoring_file)
 from zray.rubric import ScoreRequest
 from zray.scores import score_token_ids
@@ -57,6 +57,14 @@ class RolloutSource(Protocol):
                  temperature: float, seed: int | None) -> RolloutBatch: ...
 
     def load_weights(self, weights: dict[str, torch.Tensor], *, version: int, checksum: str) -> Any: ...
+
+
+def send_weights(source: RolloutSource, weights: dict[str, torch.Tensor], *, dtype: torch.dtype | None,
+                 version: int) -> Any:
+    """Have the engines of `source` serve `weights` as `version`, sent in the dtype they serve (`dtype`; None: as
+    they are) with the checksum of what is sent (the engines verify it by readback); returns their reports."""
+    sent = {k: v.to(dtype) for k, v in weights.items()} if dtype is not None else weights
+    return source.load_weights(sent, version=version, checksum=weights_checksum(sent))
 
 
 @dataclass
@@ -122,8 +130,7 @@ class GDSOTask:
         ref = PolicyModel(trainable_vlm(self.model_dir), score_ids).eval()
         ref.requires_grad_(False)
         # The engines serve the checkpoint's dtype (TeacherEngine loads it with that dtype): send weights in it.
-        served = checkpoint_dtype(self.model_dir)
-        self.policy = PolicyState(ref=ref, served_dtype=None if served == "auto" else getattr(torch, served))
+        self.policy = PolicyState(ref=ref, served_dtype=served_dtype(self.model_dir))
         return PolicyModel(trainable_vlm(self.model_dir), score_ids).train()
 
     def before_rollout(self, engine: Any, *, rollout_index: int) -> None:
@@ -138,9 +145,7 @@ class GDSOTask:
             policy.ref_fresh = True
         version = rollout_index + 1
         if engine.rank == 0:
-            served = policy.served_dtype
-            sent = {k: v.to(served) for k, v in weights.items()} if served is not None else weights
-            self.rollouts.load_weights(sent, version=version, checksum=weights_checksum(sent))
+            send_weights(self.rollouts, weights, dtype=policy.served_dtype, version=version)
         if dist.is_initialized():
             dist.barrier()
         policy.version, policy.rollout_index, policy.sync_s = version, rollout_index, time.perf_counter() - t0

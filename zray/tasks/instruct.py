@@ -28,22 +28,14 @@ import torch
 from zray.data.render import decode_png
 from zray.models.vlm import cached_processor, load_vlm_weights, save_vlm, trainable_vlm
 from zray.rubric import render_score_context
-
-IGNORE_INDEX = -100
-ANSWER_HEADER = "<|im_start|>assistant\n"
+from zray.tasks.caption import IGNORE_INDEX, mask_to_answer
 
 
 def answer_labels(input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor, tokenizer: Any) -> torch.Tensor:
     """labels_BL: the input ids after the last `<|im_start|>assistant\\n` of each row, up to its last real token
-    (right padding), -100 elsewhere. Raises ValueError for a row without an assistant turn."""
-    header = tokenizer(ANSWER_HEADER, add_special_tokens=False)["input_ids"]
-    labels = torch.full_like(input_ids_BL, IGNORE_INDEX)
-    for b, (row, length) in enumerate(zip(input_ids_BL.tolist(), attention_mask_BL.sum(-1).tolist(), strict=True)):
-        starts = [i + len(header) for i in range(length - len(header), -1, -1) if row[i:i + len(header)] == header]
-        if not starts or starts[0] >= length:
-            raise ValueError(f"row {b}: no assistant answer to train on (the context must end after the score prefix)")
-        labels[b, starts[0]:length] = input_ids_BL[b, starts[0]:length]
-    return labels
+    (right padding), -100 elsewhere (`zray.tasks.caption.mask_to_answer`, open-ended). Raises ValueError for a row
+    without an assistant answer."""
+    return mask_to_answer(input_ids_BL, tokenizer, lengths_B=attention_mask_BL.sum(-1))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -28,14 +28,13 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
-from zray.checksum import weights_checksum
 from zray.config import TrainStudentConfig
 from zray.losses.opd import opd_loss
 from zray.models.teacher_forcing import PolicyModel, forced_logprobs, rollout_inputs
-from zray.models.vlm import (cached_processor, checkpoint_dtype, load_vlm_weights, save_vlm, trainable_vlm,
+from zray.models.vlm import (cached_processor, load_vlm_weights, save_vlm, served_dtype, trainable_vlm,
                             write_scoring_file)
 from zray.scores import score_token_ids
-from zray.tasks.gdso import ROLLOUT_METRICS, RolloutSource
+from zray.tasks.gdso import ROLLOUT_METRICS, RolloutSource, send_weights
 from zray.tasks.risd import input_requests
 from zray.types import ForcedSequence, WeightVersionError
 
@@ -83,8 +82,7 @@ class OPDTask:
         return self.state
 
     def build_model(self) -> PolicyModel:
-        served = checkpoint_dtype(self.model_dir)
-        self.state = StudentState(served_dtype=None if served == "auto" else getattr(torch, served))
+        self.state = StudentState(served_dtype=served_dtype(self.model_dir))
         return PolicyModel(trainable_vlm(self.model_dir), score_token_ids(self.processor)).train()
 
     def before_rollout(self, engine: Any, *, rollout_index: int) -> None:
@@ -93,8 +91,7 @@ class OPDTask:
         version = rollout_index + 1
         weights = engine.full_state_dict() if engine.rank == 0 or engine.zero_stage == 3 else None
         if engine.rank == 0:
-            sent = {k: v.to(state.served_dtype) for k, v in weights.items()} if state.served_dtype else weights
-            self.rollouts.load_weights(sent, version=version, checksum=weights_checksum(sent))
+            send_weights(self.rollouts, weights, dtype=state.served_dtype, version=version)
         if dist.is_initialized():
             dist.barrier()
         state.version, state.rollout_index, state.sync_s = version, rollout_index, time.perf_counter() - t0
