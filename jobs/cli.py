@@ -9,6 +9,8 @@
                                                         Z-Reward teacher (GDSO or a baseline), then evaluate
     zray train-student --method risd|opd|sft|all [--resume] [--recipe NAME] [--set ...]
                                                         Z-Reward student (RISD, OPD or SFT), beside its teacher
+    zray reward-finetune [--generator base|turbo] [--generator-dir DIR] [--reward-dir DIR] [--resume] [--recipe ...]
+                                                        reward-gradient fine-tuning, judged for reward hacking
     zray serve [--model DIR] [--host H] [--port N] [--detach] [--recipe NAME] [--set serve.key=value ...]
                                                         the reward service (Ray Serve) over a student checkpoint
 
@@ -71,6 +73,21 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--method", choices=("risd", "opd", "sft", "all"), default=None,
                     help="default: train_student.method of the recipe; all: SFT, OPD and RISD, then the table")
     ts.add_argument("--resume", action="store_true", help="continue each method from its latest checkpoint")
+    dg = sub.add_parser("distill-generator", parents=[parent], help="Turbo++: distil the 8-step generator into a "
+                        "two-step student (and its ablations), then judge them")
+    dg.add_argument("--variant", choices=("turbo", "shared", "detached", "renders", "no_step1", "all"), default=None,
+                    help="default: distill_generator.variants of the recipe; all: Turbo++ and the four ablations")
+    dg.add_argument("--resume", action="store_true", help="keep finished variants, continue a cut one from its "
+                    "latest checkpoint")
+    rf = sub.add_parser("reward-finetune", parents=[parent], help="reward-gradient fine-tuning of a generator on the "
+                        "differentiable student reward, watched by the judge for reward hacking")
+    rf.add_argument("--generator", choices=("base", "turbo"), default="base",
+                    help="base: the N-step generator of pretrain-generator; turbo: the Turbo++ student")
+    rf.add_argument("--generator-dir", default=None, help="the generator (base: a ZImagePipeline folder; turbo: a "
+                    "TwoStepStudent folder); default: reward_finetune.generator_dir, else this run's")
+    rf.add_argument("--reward-dir", default=None, help="the student reward (one-token form); default: "
+                    "reward_finetune.reward_dir, else <out_dir>/train_student/risd/final")
+    rf.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of the run")
     sv = sub.add_parser("serve", parents=[parent], help="serve a student checkpoint as the reward service (Ray Serve)")
     sv.add_argument("--model", default=None, help="student checkpoint dir (default: serve.model, else "
                     "<out_dir>/train_student/risd/final)")
@@ -139,6 +156,27 @@ def main(argv: list[str] | None = None) -> int:
         try:
             run_train_student(cfg, method=args.method, resume=args.resume)
         except (ConfigError, FileExistsError) as err:
+            print(f"zray: error: {err}", file=sys.stderr)
+            return 2
+        return 0
+    if args.command == "distill-generator":
+        from jobs.distill_generator import run_distill_generator
+        from zray.config import TURBO_VARIANTS
+
+        variants = TURBO_VARIANTS if args.variant == "all" else (args.variant,) if args.variant else None
+        try:
+            run_distill_generator(cfg, resume=args.resume, variants=variants)
+        except (ConfigError, FileNotFoundError) as err:  # FileNotFoundError: no teacher pipeline yet
+            print(f"zray: error: {err}", file=sys.stderr)
+            return 2
+        return 0
+    if args.command == "reward-finetune":
+        from jobs.reward_finetune import run_reward_finetune
+
+        try:
+            run_reward_finetune(cfg, args.generator, generator_dir=args.generator_dir, reward_dir=args.reward_dir,
+                                resume=args.resume)
+        except (ConfigError, FileExistsError) as err:  # FileExistsError: an earlier run and no --resume
             print(f"zray: error: {err}", file=sys.stderr)
             return 2
         return 0

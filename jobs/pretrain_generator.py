@@ -41,7 +41,6 @@ from zray.models.generator import decode_images, initial_noise, load_zimage, pil
 from zray.models.tiny import build_once, build_tiny_zimage, count_parameters
 from zray.tasks.flow import FlowTask
 from zray.tasks.vae import VAETask
-from zray.training.runs import export_final, has_checkpoint, trained_seconds
 
 NUM_GRID = 12
 NUM_LATENT_STAT_IMAGES = 512
@@ -51,7 +50,7 @@ EVAL_BATCH = 50
 
 def run_pretrain_generator(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
     """Train and evaluate the base generator; returns the metrics record (also written to metrics.json)."""
-    from actors.learner import init_ray
+    from actors.learner import fit_phase, init_ray
 
     pcfg = cfg.pretrain_generator
     out = Path(cfg.out_dir).resolve()
@@ -74,7 +73,7 @@ def run_pretrain_generator(cfg: RunConfig, resume: bool = False) -> dict[str, An
     # 1. VAE: reconstruction, then latent scaling, then the colour check before anything else trains.
     vae_task = VAETask(init_dir / "vae", object_weight=pcfg.vae_object_weight, kl_weight=pcfg.vae_kl_weight)
     vae_phase = fit_phase(vae_task, pcfg.vae, train.select_columns(["image"]), root, "vae", resume,
-                          pcfg.vae_time_budget_s)
+                          pcfg.vae_time_budget_s, tag="pretrain-generator")
     vae_dir = vae_phase["final_dir"]
     latent_stats = set_latent_scaling(vae_dir, data_dir / "generator_train.parquet")
     vae_eval, reconstructions = evaluate_vae(vae_dir, eval_rows)
@@ -88,7 +87,8 @@ def run_pretrain_generator(cfg: RunConfig, resume: bool = False) -> dict[str, An
     flow_task = FlowTask(flow_init, shift=pcfg.shift, cache_encodings=pcfg.flow_cache_encodings,
                          ema_decay=pcfg.flow_ema_decay)
     flow_columns = train.select_columns(["image_id", "image", "prompt"])
-    flow_phase = fit_phase(flow_task, pcfg.flow, flow_columns, root, "flow", resume, pcfg.flow_time_budget_s)
+    flow_phase = fit_phase(flow_task, pcfg.flow, flow_columns, root, "flow", resume, pcfg.flow_time_budget_s,
+                           tag="pretrain-generator")
     pipeline_dir = assemble_pipeline(init_dir, root / "pipeline", vae_dir=vae_dir, shift=pcfg.shift,
                                      transformer_dir=flow_phase["final_dir"])
 
@@ -122,30 +122,6 @@ def run_pretrain_generator(cfg: RunConfig, resume: bool = False) -> dict[str, An
 def init_pipeline(gen_cfg: GeneratorConfig, path: Path, image_size: int) -> Path:
     """The initial pipeline: `gen_cfg.checkpoint` if set, else a tiny one built (once) under `path`."""
     return Path(build_once(gen_cfg, path, build_tiny_zimage, image_size)["path"])
-
-
-def fit_phase(task: Any, learner_cfg: Any, dataset: Any, root: Path, name: str, resume: bool,
-              budget_s: float) -> dict[str, Any]:
-    """Train one phase with the learner into `root/name` (final weights in `root/name/final`).
-
-    With `resume`, a phase that finished before (its `phase.json` exists) is kept as it is, and a phase that
-    has checkpoints continues from its latest one.
-    """
-    from actors.learner import fit
-
-    run_dir = root / name
-    done = run_dir / "phase.json"
-    if resume and done.exists():
-        print(f"[pretrain-generator] {name}: finished before, kept ({run_dir / 'final'})")
-        return {**json.loads(done.read_text()), "final_dir": run_dir / "final"}
-    # --resume continues a phase that checkpointed and starts one that never did
-    fitted = fit(task, learner_cfg, datasets={"train": dataset}, storage_path=root, name=name,
-                 resume=resume and has_checkpoint(run_dir), time_budget_s=budget_s)
-    final_dir = export_final(fitted.hf_dir, run_dir)
-    record = {"steps": fitted.final_step, "train_s": trained_seconds(fitted.history), "wall_s": fitted.wall_s,
-              "history": fitted.history}
-    done.write_text(json.dumps(record))
-    return {**record, "final_dir": final_dir}
 
 
 @torch.no_grad()

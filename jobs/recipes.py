@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from zray.config import (ConfigError, EvaluateConfig, GeneratorConfig, LearnerConfig, PretrainGeneratorConfig,
-                         PretrainVLMConfig, RunConfig, TrainStudentConfig, TrainTeacherConfig, VLLMConfig, VLMConfig,
-                         WorldConfig)
+from zray.config import (ConfigError, DistillGeneratorConfig, EvaluateConfig, GeneratorConfig, LearnerConfig,
+                         PretrainGeneratorConfig, PretrainVLMConfig, RunConfig, TrainStudentConfig, TrainTeacherConfig,
+                         RewardFinetuneConfig, TurboConfig, VLLMConfig, VLMConfig, WorldConfig)
 
 
 def tiny_cpu() -> RunConfig:
@@ -59,6 +59,19 @@ def tiny_cpu() -> RunConfig:
             learner=LearnerConfig(max_steps=2, micro_batch_size=4, lr=1e-3, checkpoint_every=1, keep_checkpoints=2,
                                   log_every=1),
             num_distill_prompts=2, max_reasoning_tokens=8,
+        ),
+        # Two updates on 8 precomputed teacher samples: the plumbing end to end (tests), not a trained student.
+        distill_generator=DistillGeneratorConfig(
+            turbo=TurboConfig(lora_rank=2, disc_head_hidden=8),
+            learner=LearnerConfig(max_steps=2, micro_batch_size=4, lr=1e-4, checkpoint_every=1, keep_checkpoints=2,
+                                  log_every=1),
+            num_teacher_samples=8, num_eval_prompts=4,
+        ),
+        # Two updates, evaluated after each: the plumbing end to end (tests), not a fine-tuned generator.
+        reward_finetune=RewardFinetuneConfig(
+            learner=LearnerConfig(max_steps=2, micro_batch_size=2, lr=1e-3, checkpoint_every=1, keep_checkpoints=2,
+                                  log_every=1),
+            lora_rank=2, eval_every=1, num_eval_prompts=2,
         ),
         evaluate=EvaluateConfig(num_prompts=2, max_reasoning_tokens=8, num_plot_images=2),
     )
@@ -124,6 +137,22 @@ def dev() -> RunConfig:
             learner=LearnerConfig(max_steps=150, micro_batch_size=4, lr=2e-4, warmup_steps=5, checkpoint_every=25,
                                   keep_checkpoints=2, log_every=5),
             group_size=8, max_reasoning_tokens=48, inner_steps=10,
+        ),
+        # LoRA on the 8-step base generator (or --generator turbo), ReFL over the whole schedule; judged every 100
+        # steps on 64 held-out prompts. Not calibrated yet (no dev run recorded).
+        reward_finetune=RewardFinetuneConfig(
+            learner=LearnerConfig(cpus_per_worker=1, max_steps=600, micro_batch_size=8, lr=3e-4, warmup_steps=20,
+                                  checkpoint_every=100, keep_checkpoints=2, log_every=10),
+            lora_rank=16, eval_every=100, num_eval_prompts=64, gap_threshold=0.5,
+        ),
+        # Turbo++ from the dev base generator: 4,000 precomputed teacher samples (8 steps each, same noise as the
+        # student), then 10 minutes of training per variant (docs/experiments.md, distill-generator).
+        distill_generator=DistillGeneratorConfig(
+            turbo=TurboConfig(disc_lr=1e-4),
+            learner=LearnerConfig(cpus_per_worker=1, micro_batch_size=32, lr=5e-5, warmup_steps=20, max_steps=4000,
+                                  checkpoint_every=250, keep_checkpoints=2, log_every=25),
+            time_budget_s=600.0, num_teacher_samples=4000, num_eval_prompts=200,
+            variants=("turbo", "shared", "detached", "renders", "no_step1"),
         ),
         evaluate=EvaluateConfig(num_prompts=50, max_reasoning_tokens=48, num_plot_images=4),
     )

@@ -384,6 +384,56 @@ class TurboConfig:
                  "TurboConfig.disc_tau_range", self.disc_tau_range, "(lo, hi) with 0 <= lo <= hi <= 1")
 
 
+TeacherSamples = Literal["online", "latents", "images"]
+TURBO_VARIANTS: tuple[str, ...] = ("turbo", "shared", "detached", "renders", "no_step1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistillGeneratorConfig:
+    """`zray distill-generator`: Turbo++ (methods.md §6) from the base generator of `pretrain-generator`.
+
+    `teacher_samples`: "online" samples the 8-step teacher inside each learner step (fresh noise every step);
+    "latents" precomputes `num_teacher_samples` teacher samples (noise seed, latent after `turbo.teacher_mid_steps`
+    steps, final latent, decoded image) into Parquet once, and the discriminator's real data are the stored final
+    latents; "images" uses the same Parquet but the real data are the stored images encoded by the VAE. Variants
+    (`variants`, run in order, each a named change of `turbo`): "turbo" (the recipe as given), "shared" (one
+    parameter set for both steps), "detached" (no end-to-end gradient), "renders" (world renders as real data),
+    "no_step1" (no step-1 loss).
+    """
+
+    turbo: TurboConfig = field(default_factory=TurboConfig)
+    learner: LearnerConfig = field(default_factory=lambda: LearnerConfig(max_steps=4, micro_batch_size=4,
+                                                                         checkpoint_every=2, lr=1e-4))
+    time_budget_s: float = 0.0  # per variant; 0 = no limit
+    teacher_dir: str = ""  # a ZImagePipeline folder (the 8-step teacher); empty = this run's pretrain-generator
+    teacher_samples: TeacherSamples = "latents"
+    num_teacher_samples: int = 64  # precomputed teacher samples ("latents" / "images"), from generator_train prompts
+    variants: tuple[str, ...] = ("turbo",)
+    num_eval_prompts: int = 16  # held-out prompts (generator_test) judged for every variant
+    disc_grad_clip: float = 1.0  # the discriminator heads' gradient-norm clip (0 = off)
+
+    def __post_init__(self) -> None:
+        _positive(self, "num_teacher_samples", "num_eval_prompts")
+        _require(self.time_budget_s >= 0, "DistillGeneratorConfig.time_budget_s", self.time_budget_s, "a float >= 0")
+        _require(self.disc_grad_clip >= 0, "DistillGeneratorConfig.disc_grad_clip", self.disc_grad_clip,
+                 "a float >= 0 (0 = off)")
+        _require(self.teacher_samples in ("online", "latents", "images"), "DistillGeneratorConfig.teacher_samples",
+                 self.teacher_samples, "'online', 'latents' or 'images'")
+        _require(bool(self.variants) and all(v in TURBO_VARIANTS for v in self.variants)
+                 and len(set(self.variants)) == len(self.variants), "DistillGeneratorConfig.variants", self.variants,
+                 f"a non-empty subset of {TURBO_VARIANTS}, no repeats")
+
+
+def turbo_variant(turbo: TurboConfig, variant: str) -> TurboConfig:
+    """`turbo` changed as the variant names (DistillGeneratorConfig's docstring): the ablations of issue 17."""
+    changes: dict[str, dict[str, Any]] = {"turbo": {}, "shared": {"decoupling": "shared"},
+                                          "detached": {"detach_steps": True}, "renders": {"real_data": "renders"},
+                                          "no_step1": {"step1_loss": "none"}}
+    if variant not in changes:
+        raise ValueError(f"variant={variant!r} is not allowed: expected one of {TURBO_VARIANTS}")
+    return dataclasses.replace(turbo, **changes[variant])
+
+
 TeacherMethod = Literal["gdso", "grpo", "sft", "zero_shot"]
 TEACHER_METHODS: tuple[str, ...] = ("gdso", "grpo", "sft", "zero_shot")
 
@@ -479,6 +529,73 @@ class TrainStudentConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RewardFinetuneConfig:
+    """`zray reward-finetune`: reward-gradient fine-tuning of a generator with the frozen differentiable student
+    reward (methods.md §5; `zray/tasks/reward_grad.py`).
+
+    Each update takes gradient through one sampler step k ~ U{k_min .. k_max} over the whole schedule and jumps to
+    x0_hat (ReFL, extended), or through the last `draft_k` steps (DRaFT-K, when > 0). The job trains in segments of
+    `eval_every` steps and after each one judges held-out prompts: the student's reward beside the judge's true
+    alignment; when the gap (student alignment minus judge alignment, relative to the first evaluation) exceeds
+    `gap_threshold`, it stops (`on_gap="stop"`) or warns. A segment is one `fit` whose `max_steps` is the segment's
+    end, so the LR schedule must be "constant" (a cosine would decay within every segment).
+    """
+
+    learner: LearnerConfig = field(default_factory=lambda: LearnerConfig(max_steps=4, micro_batch_size=2,
+                                                                         checkpoint_every=2, lr=1e-4))
+    generator_dir: str = ""  # base: a ZImagePipeline folder; turbo: a TwoStepStudent folder; empty = this run's
+    pipeline_dir: str = ""  # VAE, text encoder, tokenizer (turbo); empty = this run's pretrain-generator pipeline
+    reward_dir: str = ""  # the student reward (one-token form); empty = this run's train-student risd/final
+    finetune: Literal["lora", "full"] = "lora"
+    lora_rank: int = 8
+    lora_alpha: float = 0.0  # 0 = lora_rank
+    gradient_checkpointing: bool = False
+    base_steps: int = 8  # the base generator's sampler: N Euler steps along flow_sigmas(N, shift)
+    shift: float = 3.0
+    sigma_2: float = 0.75  # the Turbo++ student's middle sigma (TurboConfig.sigma_2 of its distillation)
+    k_min: int = 1  # ReFL: the step with gradient is drawn uniformly from k_min .. k_max (1-based)
+    k_max: int = 0  # 0 = the sampler's last step (8 for the base, 2 for the student)
+    draft_k: int = 0  # > 0: DRaFT-K, gradient through the last K steps instead (k_min / k_max unused)
+    dimensions: tuple[str, ...] = ("alignment", "realism", "aesthetics", "plausibility")
+    weights: tuple[float, ...] = ()  # R = sum_d w_d mu_d; empty = equal weights 1 / D
+    fm_weight: float = 0.0  # the flow-matching regulariser on world renders; 0 = off
+    eval_every: int = 2
+    num_eval_prompts: int = 16  # held-out prompts (generator_test), the same noise at every evaluation
+    gap_threshold: float = 0.5  # on the 1..5 scale
+    on_gap: Literal["stop", "warn"] = "stop"
+
+    def __post_init__(self) -> None:
+        _positive(self, "lora_rank", "base_steps", "k_min", "eval_every", "num_eval_prompts")
+        _require(self.finetune in ("lora", "full"), "RewardFinetuneConfig.finetune", self.finetune, "'lora' or 'full'")
+        _require(self.on_gap in ("stop", "warn"), "RewardFinetuneConfig.on_gap", self.on_gap, "'stop' or 'warn'")
+        _require(self.lora_alpha >= 0, "RewardFinetuneConfig.lora_alpha", self.lora_alpha, "a float >= 0 (0 = rank)")
+        _require(self.shift > 0, "RewardFinetuneConfig.shift", self.shift, "a float > 0")
+        _require(0.0 < self.sigma_2 < 1.0, "RewardFinetuneConfig.sigma_2", self.sigma_2, "a float in (0, 1)")
+        _require(self.k_max == 0 or self.k_min <= self.k_max <= self.base_steps, "RewardFinetuneConfig.k_max",
+                 self.k_max, f"0 (the last step) or an integer in [k_min={self.k_min}, base_steps={self.base_steps}]")
+        _require(self.k_min <= self.base_steps, "RewardFinetuneConfig.k_min", self.k_min,
+                 f"an integer in [1, base_steps={self.base_steps}]")
+        _require(0 <= self.draft_k <= self.base_steps, "RewardFinetuneConfig.draft_k", self.draft_k,
+                 f"an integer in [0, base_steps={self.base_steps}] (0 = ReFL)")
+        allowed = ("alignment", "realism", "aesthetics", "plausibility")
+        _require(bool(self.dimensions) and all(d in allowed for d in self.dimensions)
+                 and len(set(self.dimensions)) == len(self.dimensions), "RewardFinetuneConfig.dimensions",
+                 self.dimensions, f"a non-empty subset of {allowed}, no repeats")
+        _require("alignment" in self.dimensions, "RewardFinetuneConfig.dimensions", self.dimensions,
+                 "'alignment' among them (the reward-hacking watch compares it with the judge; weight it 0 to train "
+                 "on the others only)")
+        _require(len(self.weights) in (0, len(self.dimensions)) and all(-float("inf") < w < float("inf")
+                                                                        for w in self.weights),
+                 "RewardFinetuneConfig.weights", self.weights,
+                 f"{len(self.dimensions)} finite floats, one per dimension of {self.dimensions}, or none (equal)")
+        _require(self.fm_weight >= 0, "RewardFinetuneConfig.fm_weight", self.fm_weight, "a float >= 0 (0 = off)")
+        _require(self.gap_threshold > 0, "RewardFinetuneConfig.gap_threshold", self.gap_threshold, "a float > 0")
+        _require(self.learner.lr_schedule == "constant", "RewardFinetuneConfig.learner.lr_schedule",
+                 self.learner.lr_schedule, "'constant' (the job trains in segments of eval_every steps, each a fit "
+                 "ending at its own max_steps)")
+
+
+@dataclass(frozen=True, kw_only=True)
 class EvaluateConfig:
     """Reward-model evaluation on the Shapes test candidates (methods.md §4): HPA, Margin HPA, PLCC, SRCC."""
 
@@ -552,6 +669,8 @@ class RunConfig:
     pretrain_generator: PretrainGeneratorConfig = field(default_factory=PretrainGeneratorConfig)
     train_teacher: TrainTeacherConfig = field(default_factory=TrainTeacherConfig)
     train_student: TrainStudentConfig = field(default_factory=TrainStudentConfig)
+    distill_generator: DistillGeneratorConfig = field(default_factory=DistillGeneratorConfig)
+    reward_finetune: RewardFinetuneConfig = field(default_factory=RewardFinetuneConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
 

@@ -34,6 +34,7 @@ directory that already holds checkpoints, so nothing is continued or overwritten
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -47,7 +48,7 @@ from ray.train.torch import TorchTrainer
 
 from actors.learner.worker_loop import train_loop_per_worker
 from zray.config import LearnerConfig
-from zray.training.runs import SNAPSHOT_FILE, has_checkpoint, read_learner_state
+from zray.training.runs import SNAPSHOT_FILE, export_final, has_checkpoint, read_learner_state, trained_seconds
 from zray.training.task import LearnerTask, LengthGrouped
 
 @dataclass(frozen=True)
@@ -209,3 +210,25 @@ def fit(task: LearnerTask, cfg: LearnerConfig, *, datasets: dict[str, Any], stor
     kept = sorted({Path(ckpt.path) for ckpt, _ in (result.best_checkpoints or [])} | {final})
     return LearnerResult(history=state["history"], hf_dir=final / "hf", final_checkpoint=final, checkpoints=kept,
                          run_dir=run_dir, wall_s=wall_s, final_step=int(state["step"]))
+
+
+def fit_phase(task: Any, learner_cfg: Any, dataset: Any, root: Path, name: str, resume: bool,
+              budget_s: float, tag: str = "learner") -> dict[str, Any]:
+    """Train one phase with the learner into `root/name` (final weights in `root/name/final`).
+
+    With `resume`, a phase that finished before (its `phase.json` exists) is kept as it is, and a phase that
+    has checkpoints continues from its latest one.
+    """
+    run_dir = root / name
+    done = run_dir / "phase.json"
+    if resume and done.exists():
+        print(f"[{tag}] {name}: finished before, kept ({run_dir / 'final'})")
+        return {**json.loads(done.read_text()), "final_dir": run_dir / "final"}
+    # --resume continues a phase that checkpointed and starts one that never did
+    fitted = fit(task, learner_cfg, datasets={"train": dataset}, storage_path=root, name=name,
+                 resume=resume and has_checkpoint(run_dir), time_budget_s=budget_s)
+    final_dir = export_final(fitted.hf_dir, run_dir)
+    record = {"steps": fitted.final_step, "train_s": trained_seconds(fitted.history), "wall_s": fitted.wall_s,
+              "history": fitted.history}
+    done.write_text(json.dumps(record))
+    return {**record, "final_dir": final_dir}

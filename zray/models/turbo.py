@@ -201,3 +201,20 @@ def _trunk_without_adapters(model: nn.Module) -> nn.Module:
         trunk = type(model).from_config(model.config)
     trunk.load_state_dict(base_state, assign=True, strict=True)
     return trunk
+
+
+@torch.no_grad()
+def sample_two_step_images(student: TwoStepStudent, pipe: Any, prompts: Sequence[str], noise_BCHW: torch.Tensor, *,
+                           sigma_2: float = TURBO_SIGMA_2, batch_size: int = 50) -> torch.Tensor:
+    """Images [B, 3, H, W] in [0, 1] of the student's two steps from `noise_BCHW`, with the text encoder and VAE
+    of `pipe` (a `ZImagePipeline`), post-processed as the pipeline does it (no rounding)."""
+    from zray.models.generator import encode_prompts, vae_decode
+
+    if len(prompts) != noise_BCHW.shape[0]:
+        raise ValueError(f"{len(prompts)} prompts but noise has batch {noise_BCHW.shape[0]}: expected equal")
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        cond = encode_prompts(pipe.text_encoder, pipe.tokenizer, list(prompts[i:i + batch_size]))
+        x0 = student(noise_BCHW[i:i + batch_size], cond, sigma_2=sigma_2)[2]
+        out.append((vae_decode(pipe.vae, x0).float() * 0.5 + 0.5).clamp(0, 1))
+    return torch.cat(out)

@@ -1,0 +1,98 @@
+"""Reward hacking watch for reward-gradient fine-tuning: the student reward beside the judge's true score.
+
+At every evaluation of `zray reward-finetune` the same held-out prompts are sampled from the same noise and scored
+twice: by the frozen student the generator is trained on (mu per dimension, and R = sum_d w_d mu_d) and by the
+independent judge (`zray.evaluation.generator.judge_many`: the world's true alignment of the recovered scene,
+1..5). The student's alignment mu is on the same 1..5 scale, so
+
+    gap_t = (mu_align_t - judge_align_t) - (mu_align_0 - judge_align_0)
+
+is how far the student's alignment has run ahead of the truth since the first evaluation (t = 0: before any
+update). A widening gap is reward hacking: the generator found what the student over-rates. `widened` says when it
+passes a threshold. Numpy and matplotlib only (the images and scores come from the caller).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from zray.evaluation.generator import judge_many, summarise
+
+GAP_DIMENSION = "alignment"  # the one dimension the judge measures
+
+
+def evaluation_record(step: int, images: Sequence[Any], prompts: Sequence[str], mu_BD: np.ndarray,
+                      dimensions: Sequence[str], weights: Sequence[float]) -> dict[str, Any]:
+    """One evaluation: the student's mean mu per dimension and mean R, the judge's summary, per-prompt alignments."""
+    mu_BD = np.asarray(mu_BD, dtype=np.float64)
+    if mu_BD.shape != (len(prompts), len(dimensions)) or len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images, {len(prompts)} prompts and mu of shape {mu_BD.shape}: expected "
+                         f"({len(prompts)}, {len(dimensions)}) and one image per prompt")
+    if GAP_DIMENSION not in dimensions:
+        raise ValueError(f"dimensions={tuple(dimensions)} is not allowed: expected {GAP_DIMENSION!r} among them (the "
+                         "judge measures alignment only)")
+    judged = judge_many(images, prompts)
+    align = list(dimensions).index(GAP_DIMENSION)
+    return {"step": int(step),
+            "student": {d: float(mu_BD[:, j].mean()) for j, d in enumerate(dimensions)},
+            "student_reward": float((mu_BD @ np.asarray(weights, dtype=np.float64)).mean()),
+            "judge": summarise(judged),
+            "per_prompt": {"student_alignment": [float(v) for v in mu_BD[:, align]],
+                           "judge_alignment": [float(j["alignment"]) for j in judged]}}
+
+
+def gap(record: dict[str, Any], first: dict[str, Any]) -> float:
+    """gap_t of the module docstring: (student - judge alignment) now minus the same at the first evaluation."""
+    def raw(r: dict[str, Any]) -> float:
+        return r["student"][GAP_DIMENSION] - r["judge"]["alignment"]
+    return raw(record) - raw(first)
+
+
+def with_gaps(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records, each with its `gap` (relative to the first record)."""
+    return [{**r, "gap": gap(r, records[0])} for r in records] if records else []
+
+
+def widened(records: Sequence[dict[str, Any]], threshold: float) -> dict[str, Any] | None:
+    """The first record whose gap exceeds `threshold`, or None."""
+    if threshold <= 0:
+        raise ValueError(f"threshold={threshold} is not allowed: expected a float > 0")
+    return next((r for r in with_gaps(records) if r["gap"] > threshold), None)
+
+
+def save_reward_vs_judge(path: Path, records: Sequence[dict[str, Any]], threshold: float, title: str,
+                         history: Sequence[dict[str, float]] = ()) -> None:
+    """Student reward R, student alignment mu and judge alignment against step (held-out prompts; with `history`,
+    the learner's logged training reward too); below, the gap and the threshold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = with_gaps(records)
+    steps = [r["step"] for r in records]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.4, 5.2), sharex=True, height_ratios=(2, 1))
+    top.plot(steps, [r["student_reward"] for r in records], "o-", label="student reward R (trained on)")
+    top.plot(steps, [r["student"][GAP_DIMENSION] for r in records], "s--", label="student alignment mu")
+    top.plot(steps, [r["judge"]["alignment"] for r in records], "^-", label="judge alignment (true)")
+    trained = [h for h in history if "reward" in h]
+    if trained:
+        top.plot([h["step"] for h in trained], [h["reward"] for h in trained], color="gray", alpha=0.5, lw=1,
+                 label="student reward R, training batches")
+    top.set_ylabel("score (1..5)")
+    top.legend(fontsize=7)
+    top.grid(alpha=0.3)
+    top.set_title(title, fontsize=9)
+    bottom.plot(steps, [r["gap"] for r in records], "o-", color="tab:red", label="gap (relative to step 0)")
+    bottom.axhline(threshold, color="gray", linestyle=":", label=f"threshold {threshold:g}")
+    bottom.set_xlabel("learner step")
+    bottom.set_ylabel("gap")
+    bottom.legend(fontsize=7)
+    bottom.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

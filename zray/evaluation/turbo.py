@@ -1,0 +1,120 @@
+"""Judging two-step generators against the 8-step teacher and naive 2-step sampling (issue 17's results).
+
+Every generator samples the same held-out prompts from the same noise; the independent judge
+(`zray.evaluation.generator.judge_against`) scores each image. Definitions:
+
+- **GSB** of A against B over prompts: Good = A's true alignment above B's on that prompt, Same = equal, Bad =
+  below; `net = (G - B) / N` (in [-1, 1]; > 0 means A wins more prompts than it loses).
+- **Gap closed** by a student on a metric: `(student - naive) / (teacher - naive)`, where naive is the teacher
+  sampled with 2 steps: 1 = as good as the teacher, 0 = no better than naive, negative = worse. It is the same
+  formula for a metric where lower is better (Frechet distance). Undefined (nan) when teacher == naive.
+- Frechet distances: `zray.evaluation.generator.frechet_to` (fixed colour / layout features, no network).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from zray.evaluation.generator import frechet_to, judge_many, summarise
+
+GAP_METRICS: tuple[str, ...] = ("frechet_to_renders", "main_colour")
+
+
+def gsb(a_scores: Sequence[float], b_scores: Sequence[float], tol: float = 1e-9) -> dict[str, float]:
+    """{good, same, bad} as fractions and `net = good - bad`, comparing A with B prompt by prompt."""
+    a, b = np.asarray(a_scores, dtype=float), np.asarray(b_scores, dtype=float)
+    if a.shape != b.shape or a.ndim != 1 or a.size == 0:
+        raise ValueError(f"scores have shapes {a.shape} and {b.shape}: expected equal 1-D, non-empty")
+    good, bad = float(np.mean(a > b + tol)), float(np.mean(a < b - tol))
+    return {"good": good, "same": 1.0 - good - bad, "bad": bad, "net": good - bad}
+
+
+def gap_closed(student: float, naive: float, teacher: float) -> float:
+    """`(student - naive) / (teacher - naive)`: the fraction of naive 2-step's gap to the teacher closed."""
+    span = teacher - naive
+    return float("nan") if abs(span) < 1e-12 else (student - naive) / span
+
+
+def judge_generator(images: Sequence[Any], prompts: Sequence[str], *, renders: Sequence[Any],
+                    teacher_images: Sequence[Any]) -> tuple[dict[str, float], list[float]]:
+    """Summary metrics of one generator's images (judge rates, mean alignment, Frechet distances to renders and
+    to the teacher's samples) and the per-prompt true alignment (for GSB)."""
+    judged = judge_many(images, prompts)
+    metrics = {**summarise(judged), "frechet_to_renders": frechet_to(images, renders),
+               "frechet_to_teacher": frechet_to(images, teacher_images)}
+    return metrics, [j["alignment"] for j in judged]
+
+
+def compare_to_references(metrics: dict[str, float], alignment: Sequence[float],
+                          references: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """GSB against the teacher and naive 2-step, and the gap closed on GAP_METRICS; `references` holds
+    {"teacher": {"metrics", "alignment"}, "two_step": {...}}."""
+    out: dict[str, float] = {}
+    for ref in ("teacher", "two_step"):
+        for key, value in gsb(alignment, references[ref]["alignment"]).items():
+            out[f"gsb_vs_{ref}_{key}"] = value
+    for key in GAP_METRICS:
+        out[f"gap_closed_{key}"] = gap_closed(metrics[key], references["two_step"]["metrics"][key],
+                                              references["teacher"]["metrics"][key])
+    return out
+
+
+def _fmt(value: float, pct: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.1%}" if pct else f"{value:.3f}"
+
+
+def results_markdown(rows: dict[str, dict[str, float]], *, num_prompts: int, notes: Sequence[str] = ()) -> str:
+    """The results table: one row per generator (teacher, naive 2-step, each Turbo++ variant)."""
+    head = ("| generator | steps | main colour | colours exact | alignment | Frechet to renders | Frechet to teacher "
+            "| gap closed (Frechet / main colour) | GSB vs teacher (net) | GSB vs naive 2-step (net) | train min |")
+    lines = [f"# Turbo++ two-step distillation: {num_prompts} held-out prompts, same noise, the independent judge", "",
+             head, "|" + "---|" * (head.count("|") - 1)]
+    for name, m in rows.items():
+        gap = (f"{_fmt(m.get('gap_closed_frechet_to_renders', float('nan')), True)} / "
+               f"{_fmt(m.get('gap_closed_main_colour', float('nan')), True)}") if "gap_closed_main_colour" in m else "-"
+        gsb_t = _fmt(m["gsb_vs_teacher_net"]) if "gsb_vs_teacher_net" in m else "-"
+        gsb_n = _fmt(m["gsb_vs_two_step_net"]) if "gsb_vs_two_step_net" in m else "-"
+        train = f"{m['train_s'] / 60:.1f}" if "train_s" in m else "-"
+        lines.append(f"| {name} | {int(m['steps'])} | {_fmt(m['main_colour'], True)} | {_fmt(m['colours_exact'], True)} "
+                     f"| {m['alignment']:.2f} | {_fmt(m['frechet_to_renders'])} | {_fmt(m['frechet_to_teacher'])} "
+                     f"| {gap} | {gsb_t} | {gsb_n} | {train} |")
+    lines += ["", "Gap closed = (student - naive) / (teacher - naive) (zray/evaluation/turbo.py); GSB net = share of "
+              "prompts where the row's true alignment beats the reference minus the share where it loses."]
+    if notes:
+        lines += [""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def save_variant_grid(path: Path, prompts: Sequence[str], images: dict[str, Sequence[Any]], num: int = 8) -> None:
+    """One row per prompt, one column per generator (same noise), each image with the judge's alignment."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from zray.evaluation.generator import judge_against
+
+    names = list(images)
+    n = min(num, len(prompts))
+    fig, axes = plt.subplots(n, len(names), figsize=(1.9 * len(names), 2.0 * n), squeeze=False)
+    for i in range(n):
+        for j, name in enumerate(names):
+            ax = axes[i, j]
+            ax.set_axis_off()
+            ax.imshow(images[name][i])
+            verdict = judge_against(images[name][i], prompts[i])
+            ax.set_title(f"{name}\nalign {verdict['alignment']:.1f}" if i == 0 else
+                         f"align {verdict['alignment']:.1f}", fontsize=7,
+                         color="green" if verdict["main_colour"] else "red")
+        axes[i, 0].text(-0.05, 0.5, prompts[i], transform=axes[i, 0].transAxes, fontsize=5, ha="right",
+                        va="center", wrap=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
