@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from zray.config import RunConfig, to_dict, turbo_variant
-from zray.data import ensure_world, read_table
+from zray.data import ensure_world, head_rows, read_table
 from zray.data.render import decode_png
 from zray.evaluation.turbo import compare_to_references, judge_generator, results_markdown, save_variant_grid
 from zray.models.generator import initial_noise, load_zimage, sample_images, to_pil
@@ -67,14 +67,13 @@ def run_distill_generator(cfg: RunConfig, resume: bool = False,
     started = time.perf_counter()
     data_dir = ensure_world(cfg.world, out / "data")
     teacher_dir = teacher_pipeline_dir(cfg)
-    train_rows = read_table(data_dir / "generator_train.parquet", "generator").to_pylist()
-    eval_rows = read_table(data_dir / "generator_test.parquet", "generator").to_pylist()
-    for name, value, have, source in (("num_eval_prompts", dcfg.num_eval_prompts, len(eval_rows), "generator_test"),
-                                      ("num_teacher_samples", dcfg.num_teacher_samples, len(train_rows),
-                                       "generator_train")):
-        if value > have:
-            raise ValueError(f"distill_generator.{name}={value} is not allowed: {source} has {have} rows")
-    eval_rows = eval_rows[: dcfg.num_eval_prompts]
+    eval_rows = head_rows(data_dir / "generator_test.parquet", "generator", dcfg.num_eval_prompts,
+                          "distill_generator.num_eval_prompts")
+    if dcfg.teacher_samples == "online":  # every train prompt; the teacher samples inside each step
+        train_rows = read_table(data_dir / "generator_train.parquet", "generator").to_pylist()
+    else:
+        train_rows = head_rows(data_dir / "generator_train.parquet", "generator", dcfg.num_teacher_samples,
+                               "distill_generator.num_teacher_samples")
     print(f"[distill-generator] teacher {teacher_dir}; variants {', '.join(variants)}; {len(eval_rows)} held-out "
           f"prompts; teacher samples: {dcfg.teacher_samples}")
 
@@ -84,7 +83,7 @@ def run_distill_generator(cfg: RunConfig, resume: bool = False,
     else:
         with tqdm(total=dcfg.num_teacher_samples, desc="teacher samples", unit="sample") as bar:
             table = collect_teacher_samples(
-                teacher_dir, train_rows[: dcfg.num_teacher_samples], out_dir=root / "teacher_samples", seed=cfg.seed,
+                teacher_dir, train_rows, out_dir=root / "teacher_samples", seed=cfg.seed,
                 steps=dcfg.turbo.teacher_steps, shift=dcfg.turbo.teacher_shift, mid_steps=dcfg.turbo.teacher_mid_steps,
                 image_size=cfg.world.image_size, progress=lambda done, total: bar.update(done - bar.n))
         train = ray.data.from_arrow(table)

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from zray.config import GeneratorConfig, RunConfig, to_dict
-from zray.data import ensure_world, read_ray_dataset, read_table
+from zray.data import ensure_world, head_rows, read_ray_dataset, read_table
 from zray.data.render import decode_png
 from zray.evaluation.generator import frechet_to, judge_many, summarise
 from zray.evaluation.generator_report import (save_loss_curves, save_reconstruction_grid, save_sample_grid,
@@ -58,11 +58,8 @@ def run_pretrain_generator(cfg: RunConfig, resume: bool = False) -> dict[str, An
     root.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     data_dir = ensure_world(cfg.world, out / "data")
-    eval_rows = read_table(data_dir / "generator_test.parquet", "generator").to_pylist()
-    if pcfg.num_eval_prompts > len(eval_rows):
-        raise ValueError(f"pretrain_generator.num_eval_prompts={pcfg.num_eval_prompts} is not allowed: "
-                         f"generator_test has {len(eval_rows)} prompts (world.num_generator_test_prompts)")
-    eval_rows = eval_rows[: pcfg.num_eval_prompts]
+    eval_rows = head_rows(data_dir / "generator_test.parquet", "generator", pcfg.num_eval_prompts,
+                          "pretrain_generator.num_eval_prompts")
     init_dir = init_pipeline(cfg.generator, root / "init", cfg.world.image_size)
     init_ray(max(pcfg.vae.num_workers * pcfg.vae.cpus_per_worker,
                  pcfg.flow.num_workers * pcfg.flow.cpus_per_worker) + 1)

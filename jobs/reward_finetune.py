@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from zray.config import ConfigError, RunConfig, to_dict
-from zray.data import ensure_world, read_ray_dataset, read_table
+from zray.data import ensure_world, head_rows, read_ray_dataset
 from zray.evaluation.reward_hacking import evaluation_record, save_reward_vs_judge, widened, with_gaps
 from zray.models.generator import to_pil
 from zray.training.runs import export_final, has_checkpoint, latest_checkpoint, read_learner_state, trained_seconds
@@ -99,11 +99,8 @@ def run_reward_finetune(cfg: RunConfig, generator: str = "base", *, generator_di
                               "remove it")
     started = time.perf_counter()
     data_dir = ensure_world(cfg.world, out / "data")
-    eval_rows = read_table(data_dir / "generator_test.parquet", "generator").to_pylist()
-    if rcfg.num_eval_prompts > len(eval_rows):
-        raise ConfigError(f"reward_finetune.num_eval_prompts={rcfg.num_eval_prompts} is not allowed: generator_test "
-                          f"has {len(eval_rows)} prompts (world.num_generator_test_prompts)")
-    prompts = [r["prompt"] for r in eval_rows[: rcfg.num_eval_prompts]]
+    prompts = [r["prompt"] for r in head_rows(data_dir / "generator_test.parquet", "generator",
+                                              rcfg.num_eval_prompts, "reward_finetune.num_eval_prompts")]
     root.mkdir(parents=True, exist_ok=True)
     task = RewardGradTask(rcfg, kind=generator, generator_dir=gen_dir, pipeline_dir=pipeline_dir, reward_dir=rew_dir,
                           image_size=cfg.world.image_size)

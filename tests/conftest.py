@@ -223,3 +223,15 @@ def _plain_then_ddp(task, batch, tmp_path):
 @pytest.fixture
 def plain_then_ddp():
     return _plain_then_ddp
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: one torch thread is as fast, and far faster when other jobs load the machine (no spin-waiting).
+    A module opts in with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -178,3 +178,16 @@ def test_import_is_light():
     code = ("import sys, zray.data; heavy = [m for m in ('ray', 'torch', 'transformers', 'vllm', 'diffusers') "
             "if m in sys.modules]; assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_head_rows_names_the_setting_that_asked_for_too_many(small_world):
+    from zray.config import ConfigError
+    from zray.data.parquet import head_rows
+
+    path = small_world[0] / "generator_test.parquet"
+    total = read_table(path, "generator").num_rows
+    rows = head_rows(path, "generator", 2, "x.num_eval_prompts")
+    assert [r["image_id"] for r in rows] == read_table(path, "generator").column("image_id").to_pylist()[:2]
+    with pytest.raises(ConfigError, match=rf"x.num_eval_prompts={total + 1} is not allowed: generator_test.parquet "
+                                          rf"has {total} rows; expected 1 to {total}"):
+        head_rows(path, "generator", total + 1, "x.num_eval_prompts")

@@ -40,15 +40,6 @@ def caption_rows(tmp_path_factory):
     return read_table(out / "captions_train.parquet", "captions").to_pydict()
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two spinning threads per process slow everyone down."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _numpy_batch(rows, start, size):
     return {k: np.array(v[start:start + size], dtype=object) for k, v in rows.items()}
 
@@ -156,7 +147,7 @@ def test_caption_slices_show_where_descriptions_fail():
         caption_slices(["x"], [TWO, THREE], [Defects()])
 
 
-def test_loss_decreases_and_model_round_trips(vlm_dirs, caption_rows, tmp_path, one_thread):
+def test_loss_decreases_and_model_round_trips(vlm_dirs, caption_rows, tmp_path, one_torch_thread):
     torch.manual_seed(0)
     task = CaptionTask(model_dir=vlm_dirs["student"], style="compact")
     model = task.build_model()
@@ -189,7 +180,7 @@ def test_loss_decreases_and_model_round_trips(vlm_dirs, caption_rows, tmp_path, 
 
 @pytest.mark.parametrize(("role", "cover"), [("teacher", 0.0), ("student", 0.0), ("student", 0.3)])
 def test_vision_aux_loss_adds_the_heads_loss_on_the_tokens_the_lm_reads(vlm_dirs, caption_rows, tmp_path, role,
-                                                                       cover, one_thread):
+                                                                       cover, one_torch_thread):
     from zray.models.vision_heads import HEAD_FILE, VisionProbe, vision_loss
 
     torch.manual_seed(0)
@@ -231,7 +222,7 @@ def test_position_digits_are_the_written_positions_only(vlm_dirs, caption_rows):
 
 
 @pytest.mark.parametrize("role", ["teacher", "student"])  # Qwen2.5-VL and Qwen3-VL
-def test_position_weight_weights_the_digit_losses(vlm_dirs, caption_rows, one_thread, role):
+def test_position_weight_weights_the_digit_losses(vlm_dirs, caption_rows, one_torch_thread, role):
     """Also checks the loss against the full logits: the task runs the LM head on the answer positions only."""
     torch.manual_seed(0)
     plain = CaptionTask(model_dir=vlm_dirs[role], style="canonical")
@@ -264,7 +255,7 @@ def test_bad_position_weight_is_refused(vlm_dirs, weight):
 
 
 @pytest.mark.parametrize(("role", "cover"), [("teacher", 0.0), ("student", 0.3)])  # Qwen2.5-VL, Qwen3-VL
-def test_vision_aux_loss_goes_through_a_ddp_wrapper(vlm_dirs, caption_rows, tmp_path, role, cover, one_thread,
+def test_vision_aux_loss_goes_through_a_ddp_wrapper(vlm_dirs, caption_rows, tmp_path, role, cover, one_torch_thread,
                                                     plain_then_ddp):
     task = CaptionTask(model_dir=vlm_dirs[role], vision_aux_weight=0.5, cover_weight=cover)
     batch = task.collate(_numpy_batch(caption_rows, 0, 2))

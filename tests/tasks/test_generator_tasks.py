@@ -22,13 +22,7 @@ GEN = GeneratorConfig(dim=32, num_layers=1, num_refiner_layers=1, num_heads=2, v
                       text_hidden_size=32, text_num_layers=2, seed=5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is as fast, and far faster when other jobs load the machine (no spin-waiting)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -24,12 +24,7 @@ GEN = GeneratorConfig(dim=32, num_layers=1, num_refiner_layers=1, num_heads=2, v
 CFG = RewardFinetuneConfig(lora_rank=2, base_steps=4, dimensions=("alignment", "realism"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -27,12 +27,7 @@ GEN = GeneratorConfig(dim=32, num_layers=2, num_refiner_layers=1, num_heads=2, v
 TURBO = TurboConfig(disc_head_hidden=8, lora_rank=2, disc_lr=1e-2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ Import-light: numpy, PIL, pyarrow and tqdm (and the pure `zray.rubric`); Ray is 
 from zray.data.build import GENERATOR_VERSION, build_world, ensure_world, verify_world
 from zray.data.captions import Description, describe, parse_description
 from zray.data.labels import snap, true_scores
-from zray.data.parquet import SCHEMAS, DataError, read_ray_dataset, read_table, write_table
+from zray.data.parquet import SCHEMAS, DataError, head_rows, read_ray_dataset, read_table, write_table
 from zray.data.prompt_grammar import PromptSpec, parse_prompt, prompt_for
 from zray.data.render import render_scene
 from zray.data.scene import Defects, Relation, Scene, SceneObject
@@ -19,7 +19,7 @@ from zray.data.world import heldout_combos, sample_scene
 
 __all__ = [
     "GENERATOR_VERSION", "SCHEMAS", "DataError", "Defects", "Description", "PromptSpec", "Relation", "Scene",
-    "SceneObject", "build_world", "describe", "ensure_world", "heldout_combos", "parse_description",
+    "SceneObject", "build_world", "describe", "ensure_world", "head_rows", "heldout_combos", "parse_description",
     "parse_prompt", "prompt_for", "read_ray_dataset", "read_table", "render_scene", "sample_scene", "snap",
     "true_scores", "verify_world", "write_table",
 ]

@@ -195,6 +195,18 @@ def read_table(path: str | Path, table_kind: str) -> pa.Table:
     return table.cast(expected)
 
 
+def head_rows(path: str | Path, table_kind: str, num: int, field: str) -> list[dict[str, Any]]:
+    """The first `num` rows of a table (read and validated), as dicts; `field` names the setting that asked for
+    `num`, so that too large a number is a `ConfigError` naming it and what the table holds."""
+    from zray.config import ConfigError
+
+    rows = read_table(path, table_kind).to_pylist()
+    if not 0 < num <= len(rows):
+        raise ConfigError(f"{field}={num} is not allowed: {Path(path).name} has {len(rows)} rows; expected 1 to "
+                          f"{len(rows)}")
+    return rows[:num]
+
+
 def read_ray_dataset(path: str | Path, table_kind: str | None = None) -> ray.data.Dataset:
     """A Ray Data dataset over a table file (or a folder of them); with `table_kind`, the file schema is
     checked first (rows are validated by the consumer, not here: that would read everything)."""
