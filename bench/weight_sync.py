@@ -15,12 +15,16 @@ the weights.
   served tensor (through the CPU kernels for repacked linear layers) and its checksum. The learner-side
   checksum (`zray.checksum.weights_checksum`) and the safetensors-bytes route (`encode_weights`, the wire format
   for multi-process engines) are timed separately.
+- what verification adds, against vLLM's own reload: vLLM alone (`reload_weights` in place + the cache resets,
+  unverified) is timed each round, and so is the transport check alone (`receive_weights`: checksum of the
+  received tensors, loads nothing); verification = transport check + readback/verify (the report's `verify_s`),
+  printed as a ratio to vLLM alone (issue 15's target: at most 0.25).
 
 Rounds interleave all of them (after one warm-up round) so that drifting CPU load hits each alike. Printed:
 median seconds and GB/s over `--rounds` of each, and the ratio candidate / baseline. The machine is
 shared: absolute figures move with the load, so compare within one run.
 
-No recorded runs yet; record them in docs/experiments.md (section 5).
+Recorded runs: docs/experiments.md, section 2 ("6 Dec 2026: weight-sync verification cost").
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ def main() -> None:
     import torch
 
     from actors.teacher_engine import TeacherEngine
-    from actors.teacher_engine.weight_sync import encode_weights
+    from actors.teacher_engine.weight_sync import _reload_from_bytes, encode_weights, receive_weights, reset_caches
     from zray.checksum import weights_checksum
     from zray.config import VLLMConfig, VLMConfig
     from zray.models.tiny import build_tiny_vlm
@@ -79,26 +83,37 @@ def main() -> None:
         result = fn()
         return time.perf_counter() - start, result
 
+    def vllm_alone(st, blob):
+        """vLLM's own reload in place and the cache resets, nothing checked (what the sync is measured against)."""
+        if args.multiprocess:
+            engine.llm.collective_rpc(_reload_from_bytes, args=(blob,))
+        else:
+            engine.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(st.items())})
+        reset_caches(engine.llm)
+
     # Rounds interleave every method, so that drifting CPU load (a shared machine) hits them alike.
     # Round 0 is a warm-up (page faults of the copy target, first reload) and is not counted.
     rows: dict[str, list[float]] = {k: [] for k in ("copy", "checksum", "encode", "sync", "sync_bytes", "load",
-                                                    "verify")}
+                                                    "verify", "vllm", "transport")}
     for r in range(args.rounds + 1):
-        st = states[r % len(states)]
+        st, blob = states[r % len(states)], blobs[r % len(states)]
         copy_s, _ = timed(lambda: [dst[k].copy_(v) for k, v in st.items()])
         checksum_s, checksum = timed(lambda: weights_checksum(st))
         encode_s, _ = timed(lambda: encode_weights(st))
+        vllm_s, _ = timed(lambda: vllm_alone(states[(r + 1) % len(states)], blobs[(r + 1) % len(states)]))
+        transport_s, _ = timed(lambda: receive_weights(engine.llm, st, version=2 * r + 1, checksum=checksum))
         sync_s, report = timed(lambda: engine.load_weights(st, version=2 * r + 1, checksum=checksum))
-        bytes_s, _ = timed(lambda: engine.load_weights(blobs[r % len(states)], version=2 * r + 2, checksum=checksum))
+        bytes_s, _ = timed(lambda: engine.load_weights(blob, version=2 * r + 2, checksum=checksum))
         if r:
             for key, value in (("copy", copy_s), ("checksum", checksum_s), ("encode", encode_s), ("sync", sync_s),
-                               ("sync_bytes", bytes_s), ("load", report.load_s), ("verify", report.verify_s)):
+                               ("sync_bytes", bytes_s), ("load", report.load_s), ("verify", report.verify_s),
+                               ("vllm", vllm_s), ("transport", transport_s)):
                 rows[key].append(value)
     engine.shutdown()
     med = {k: statistics.median(v) for k, v in rows.items()}
     copy_s, sync_s, checksum_s, encode_s, bytes_s = (med[k] for k in ("copy", "sync", "checksum", "encode",
                                                                        "sync_bytes"))
-    load_s, verify_s = med["load"], med["verify"]
+    load_s, verify_s, vllm_s, transport_s = med["load"], med["verify"], med["vllm"], med["transport"]
 
     print(f"engine: {'multi-process' if args.multiprocess else 'in-process'}")
     print(f"baseline  plain in-memory copy:           {copy_s * 1e3:8.1f} ms  {gb / copy_s:6.2f} GB/s")
@@ -107,7 +122,11 @@ def main() -> None:
     print(f"          learner-side checksum:          {checksum_s * 1e3:8.1f} ms  {gb / checksum_s:6.2f} GB/s")
     print(f"          safetensors route: encode {encode_s * 1e3:.1f} ms + load_weights(bytes) "
           f"{bytes_s * 1e3:.1f} ms")
+    print(f"          vLLM alone (reload_weights + cache resets, unchecked): {vllm_s * 1e3:.1f} ms; verification ="
+          f" transport check {transport_s * 1e3:.1f} ms + readback/verify {verify_s * 1e3:.1f} ms")
     print(f"ratio engine sync / plain copy: {sync_s / copy_s:.1f}x the time")
+    print(f"ratio verification / vLLM alone: {(transport_s + verify_s) / vllm_s:.2f} (readback/verify alone "
+          f"{verify_s / vllm_s:.2f}; issue 15's target: at most 0.25)")
 
 
 if __name__ == "__main__":

@@ -16,9 +16,16 @@ calls both:
    model's `hf_to_vllm_mapper`; fused `qkv_proj` / `gate_up_proj` rows through `packed_modules_mapping`,
    offsets from the sent shapes; padded vocabulary rows cut off) and read back *as served*: on CPU, vLLM
    repacks linear weights for oneDNN / sgl kernels and leaves an empty `weight`, so those are recovered by
-   running the layer's own kernel (`cpu_linear`) on an identity matrix (exact: each output is one product
-   by 1.0). Per-tensor digests come back (never tensors); their combined checksum must equal the learner's,
-   and every parameter of the engine must have been written. Otherwise `WeightVersionError`, naming tensors.
+   running the layer's own kernel (`cpu_linear`) on rows of an identity matrix (exact: each output is one
+   product by 1.0), PROBE_CHUNK columns of W at a time; each sent tensor in that weight (every shard of a
+   fused one) is digested from those blocks as they pass (`zray.checksum.bit_sums`), never assembled.
+   Per-tensor digests come back (never tensors); their combined checksum must equal the learner's, and every
+   parameter of the engine must have been written. Otherwise `WeightVersionError`, naming tensors.
+
+Cost (Dec 2026, 2-core CPU, 95 MB fp32 model; docs/experiments.md section 2): the identity readback is the
+floor of step 3: it multiplies in_features x weight size (43 GFLOP here) at the core's matmul rate, about 4x
+vLLM's own reload, more for wider layers; the digests add two passes at about 3 GB/s. On GPU engines vLLM keeps
+the weights as they are: no identity matmul, and the digests run on the device.
 
 Supports tensor parallel size 1 (one worker); the readback raises for more.
 """
@@ -26,13 +33,14 @@ Supports tensor parallel size 1 (one worker); the readback raises for more.
 from __future__ import annotations
 
 import functools
+import math
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 
-from zray.checksum import combine_digests, tensor_digest, weights_digests
+from zray.checksum import bit_sums, combine_digests, digest_of_sums, tensor_digest, weights_digests
 from zray.types import WeightSyncReport, WeightVersionError
 
 PROBE_CHUNK = 1024  # identity rows per readback matmul
@@ -92,54 +100,90 @@ def _fused_location(model: Any, hf_name: str, vllm_name: str, shapes: Mapping[st
     return f"{parent}.{fused}", param_name, offset
 
 
-def _served_tensor(module: Any, param_name: str) -> torch.Tensor:
-    """A parameter as the engine serves it: through the layer's CPU kernel when vLLM repacked the weight."""
+def _served_column_blocks(module: Any, param_name: str, identities: dict[tuple, torch.Tensor]
+                          ) -> Iterator[torch.Tensor] | None:
+    """For a linear weight W (out x in) that vLLM repacked for its CPU kernel: the blocks W[:, a:b]^T in order,
+    read through the layer's own kernel (`cpu_linear`) on rows of an identity matrix (exact: each output is one
+    product by 1.0); `identities` caches those rows across layers. None when the parameter is served as it is."""
     from vllm.model_executor.layers.linear import LinearBase
     from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
     param = getattr(module, param_name)
     kernel = getattr(module, "cpu_linear", None)
     if param_name != "weight" or kernel is None or not isinstance(module, (LinearBase, ParallelLMHead)):
-        return param.detach()
+        return None
     in_features = getattr(module, "input_size_per_partition", None) or module.embedding_dim
     dtype = getattr(module, "params_dtype", param.dtype)
-    columns = []
-    with torch.inference_mode():
+
+    def blocks() -> Iterator[torch.Tensor]:
         for start in range(0, in_features, PROBE_CHUNK):
             stop = min(start + PROBE_CHUNK, in_features)
-            eye = torch.zeros(stop - start, in_features, dtype=dtype, device=param.device)
-            eye[:, start:stop] = torch.eye(stop - start, dtype=dtype, device=param.device)
-            columns.append(kernel(eye, param, None).T)  # rows of W^T -> columns of W
-    return torch.cat(columns, dim=1)
+            key = (start, stop, in_features, dtype, param.device)
+            if key not in identities:
+                identities[key] = torch.zeros(stop - start, in_features, dtype=dtype, device=param.device)
+                identities[key][:, start:stop].fill_diagonal_(1)
+            yield kernel(identities[key], param, None)  # (stop - start, out): columns start:stop of W, transposed
+
+    return blocks()
+
+
+def _digest_blocks(blocks: Iterator[torch.Tensor], parts: list[tuple[str, tuple[int, ...], int]]
+                   ) -> dict[str, str]:
+    """Digests of the sent tensors `parts` (name, shape, row offset) that lie in rows of a repacked weight W, from
+    its column blocks W[:, a:b]^T, without assembling W (`zray.checksum.bit_sums` adds up block by block)."""
+    row_sums: dict[str, Any] = {name: 0 for name, _, _ in parts}
+    column_sums: dict[str, list[torch.Tensor]] = {name: [] for name, _, _ in parts}
+    out_features = in_features = 0
+    dtype = None
+    for block in blocks:
+        out_features, in_features, dtype = block.shape[1], in_features + block.shape[0], block.dtype
+        for name, shape, offset in parts:
+            rows, columns = bit_sums(block[:, offset: offset + shape[0]].T if shape else block)
+            row_sums[name] = row_sums[name] + rows
+            column_sums[name].append(columns)
+    for name, shape, offset in parts:
+        if not shape or offset + shape[0] > out_features or math.prod(shape[1:]) != in_features:
+            raise WeightVersionError(f"the engine holds {name!r} in a ({out_features}, {in_features}) weight at row "
+                                     f"{offset}: sent {shape}")
+    return {name: digest_of_sums(name, dtype, shape, row_sums[name], torch.cat(column_sums[name]))
+            for name, shape, _ in parts}
 
 
 def served_digests(model: Any, layout: list[tuple[str, tuple[int, ...]]]) -> tuple[dict[str, str], list[str]]:
     """Per-tensor digests of the weights the engine serves, under the HF names of `layout`, and the engine
-    parameters that no sent tensor wrote. Runs inside the worker (`LLM.apply_model`); returns strings only."""
+    parameters that no sent tensor wrote. Runs inside the worker (`LLM.apply_model`); returns strings only.
+    Each served parameter is read once; a repacked one in column blocks that every sent tensor in it (the
+    shards of a fused `qkv_proj`) digests as they pass."""
     mapper = getattr(model, "hf_to_vllm_mapper", None)
     packed = getattr(model, "packed_modules_mapping", None) or {}
     shard_of = {sub: (fused, i, list(subs)) for fused, subs in packed.items() for i, sub in enumerate(subs)}
     shapes = dict(layout)
-    cache: dict[tuple[str, str], torch.Tensor] = {}
-    touched: set[str] = set()
-    digests: dict[str, str] = {}
+    served: dict[tuple[str, str], list[tuple[str, tuple[int, ...], int]]] = {}
     for name, shape in layout:
         vllm_name = mapper.map_name(name) if mapper is not None else name
         if vllm_name is None:
             raise WeightVersionError(f"the engine ignores the sent tensor {name!r}: it cannot serve it")
         module_path, param_name, offset = _fused_location(model, name, vllm_name, shapes, shard_of)
-        key = (module_path, param_name)
-        if key not in cache:
-            cache[key] = _served_tensor(model.get_submodule(module_path), param_name)
-        touched.add(f"{module_path}.{param_name}")
-        full = cache[key]
-        rows = full[offset: offset + shape[0]] if shape else full
-        if tuple(rows.shape) != tuple(shape):
-            if rows.numel() != torch.Size(shape).numel():
-                raise WeightVersionError(f"the engine holds {name!r} with shape {tuple(rows.shape)}: "
-                                         f"sent {tuple(shape)}")
-            rows = rows.reshape(shape)
-        digests[name] = tensor_digest(name, rows)
+        served.setdefault((module_path, param_name), []).append((name, tuple(shape), offset))
+    digests: dict[str, str] = {}
+    identities: dict[tuple, torch.Tensor] = {}
+    with torch.inference_mode():
+        for (module_path, param_name), parts in served.items():
+            module = model.get_submodule(module_path)
+            blocks = _served_column_blocks(module, param_name, identities)
+            if blocks is not None:
+                digests.update(_digest_blocks(blocks, parts))
+                continue
+            full = getattr(module, param_name).detach()
+            for name, shape, offset in parts:
+                rows = full[offset: offset + shape[0]] if shape else full
+                if tuple(rows.shape) != shape:
+                    if rows.numel() != math.prod(shape):
+                        raise WeightVersionError(f"the engine holds {name!r} with shape {tuple(rows.shape)}: "
+                                                 f"sent {shape}")
+                    rows = rows.reshape(shape)
+                digests[name] = tensor_digest(name, rows)
+    touched = {f"{module_path}.{param_name}" for module_path, param_name in served}
     uncovered = sorted({n for n, _ in model.named_parameters()} - touched)
     return digests, uncovered
 

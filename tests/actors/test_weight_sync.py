@@ -167,3 +167,20 @@ def test_readback_catches_what_the_engine_did_not_load(engine, serve, hf, origin
     assert engine.version() == version and report.checksum == weights_checksum(original)
     diff = (engine.score(score_requests) - _hf_scores(hf, original, score_requests)).abs().max().item()
     assert diff < 1e-3
+
+
+def test_readback_reads_each_shard_of_a_fused_weight_at_its_offset(engine, serve, original):
+    """q/k/v live in one repacked qkv_proj: a k_proj that was not loaded is named, and only it (q and v verify)."""
+    serve(original)
+    prefix = "model.language_model.layers.0.self_attn"
+    changed = dict(original)
+    for i, shard in enumerate(("q_proj", "k_proj", "v_proj")):
+        changed[f"{prefix}.{shard}.weight"] = original[f"{prefix}.{shard}.weight"] + 0.01 * (i + 1)
+
+    def skip_k_proj(llm, state, data):
+        kept = [(k, v) for k, v in state.items() if k != f"{prefix}.k_proj.weight"]
+        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(kept)})
+
+    with pytest.raises(WeightVersionError, match=rf"1 tensors differ, e.g. \['{prefix}.k_proj.weight'\]"):
+        engine.load_weights(changed, version=next(_VERSIONS), checksum=weights_checksum(changed), reload=skip_k_proj)
+    serve(changed)  # all three shards loaded: verified
