@@ -138,6 +138,14 @@ def dev() -> RunConfig:
                                   keep_checkpoints=2, log_every=5),
             group_size=8, max_reasoning_tokens=48, inner_steps=10,
         ),
+        # RISD / OPD: 400 fresh unlabelled prompts x 6 candidates x 4 dimensions (9,600 inputs; the teacher's
+        # targets are collected once and reused); every method gets the same 600 updates of 16 examples (one pass
+        # over the inputs), from the same student base. SFT: 9,600 examples of the labelled train pairs.
+        train_student=TrainStudentConfig(
+            learner=LearnerConfig(num_workers=2, max_steps=600, micro_batch_size=8, lr=5e-4, warmup_steps=20,
+                                  lr_schedule="cosine", checkpoint_every=100, keep_checkpoints=2, log_every=10),
+            num_distill_prompts=400, max_reasoning_tokens=48,
+        ),
         # LoRA on the 8-step base generator (or --generator turbo), ReFL over the whole schedule; judged every 100
         # steps on 64 held-out prompts. Not calibrated yet (no dev run recorded).
         reward_finetune=RewardFinetuneConfig(

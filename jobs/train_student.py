@@ -17,6 +17,10 @@ Every method starts from the same student base (`train_student.base_model`, defa
   answers with reasoning (evaluated in the reasoning form).
 - SFT: `ScoreSFTTask` (the label bin as one score token) on the labelled train pairs.
 
+The engines are started once per job and kept (`JobEngines`): one teacher set serves the RISD targets, OPD's
+token scoring and the teacher's evaluation; one student set serves OPD's rollouts and then each student's
+evaluation, its final weights loaded into it and verified by checksum readback.
+
 Outputs under `<out_dir>/train_student/`: `<method>/` (Ray Train checkpoints, `final/` with `zray_scoring.json`,
 `metrics.json`), `teacher/metrics.json` (the teacher evaluated once, reasoning form), and `results.md`: student
 methods beside their teacher and the oracle (the world's true scores), with scoring throughput.
@@ -49,15 +53,7 @@ def model_dir(given: str, default: Path, field: str, hint: str) -> Path:
 def run_train_student(cfg: RunConfig, method: str | None = None, resume: bool = False) -> dict[str, Any]:
     """Train and evaluate one method, or all three with method="all"; evaluates the teacher once; returns
     {name: record}."""
-    import ray
-
-    from actors.engine_pool import EnginePool, start_engines
-    from actors.learner import fit, init_ray
-    from zray.data.distill_inputs import distill_inputs
-    from zray.data.pair_examples import pair_examples
-    from zray.tasks.opd import OPDTask
-    from zray.tasks.risd import RISDTask
-    from zray.tasks.score_sft import ScoreSFTTask
+    from actors.learner import init_ray
 
     methods = ("sft", "opd", "risd") if method == "all" else (method or cfg.train_student.method,)
     if any(m not in STUDENT_METHODS for m in methods):
@@ -74,66 +70,118 @@ def run_train_student(cfg: RunConfig, method: str | None = None, resume: bool = 
                         f"run `zray train-teacher --recipe {cfg.name} --method gdso` first")
     init_ray(scfg.learner.num_workers * scfg.learner.cpus_per_worker
              + 2 * cfg.vllm.num_engines * cfg.vllm.cpus_per_engine + 1)  # OPD: student and teacher engines
-    records: dict[str, Any] = {"teacher": teacher_record(cfg, teacher, root / "teacher")}
-    for name in methods:
-        run_dir = root / name
-        print(f"[train-student] {METHOD_NAMES[name]}: student {base}, teacher {teacher}")
-        collect: dict[str, Any] = {}
-        engines: list[Any] = []
-        try:
-            if name == "sft":
-                task: Any = ScoreSFTTask(model_dir=str(base), name="student_sft")
-                train = ray.data.from_arrow(pair_examples(data_dir, "train", scfg.dimensions))
-            elif name == "opd":
-                train = ray.data.from_arrow(distill_inputs(cfg.world, scfg.num_distill_prompts, scfg.dimensions))
-                student_engines = start_engines(base, cfg.vllm, seed=cfg.seed)
-                engines += student_engines
-                teacher_engines = start_engines(teacher, cfg.vllm, seed=cfg.seed)
-                engines += teacher_engines
-                task = OPDTask(model_dir=str(base), cfg=scfg, rollouts=EnginePool(student_engines),
-                               teacher=EnginePool(teacher_engines), seed=cfg.seed)
-            else:
-                inputs = distill_inputs(cfg.world, scfg.num_distill_prompts, scfg.dimensions)
-                targets, collect = teacher_targets(cfg, teacher, inputs, root / "targets")
-                task = RISDTask(model_dir=str(base))
-                train = ray.data.from_arrow(targets.select(["prompt", "image", "dimension", "q_teacher"]))
-            fitted = fit(task, scfg.learner, datasets={"train": train}, storage_path=root, name=name,
-                         resume=resume and has_checkpoint(run_dir), time_budget_s=scfg.time_budget_s)
-        finally:
-            if engines:
-                EnginePool(engines).shutdown()
-        final_dir = export_final(fitted.hf_dir, run_dir)
-        evaluation = evaluate_with_engine(cfg, final_dir, f"student_{name}", form="auto")
-        record = {"method": name, "model_dir": str(final_dir), "evaluation": evaluation, "targets": collect,
-                  "training": {"steps": fitted.final_step, "fit_wall_s": fitted.wall_s,
-                               "last": fitted.history[-1] if fitted.history else None},
-                  "config": to_dict(dataclasses.replace(scfg, method=name))}
-        (run_dir / "metrics.json").write_text(json.dumps(record, indent=2, default=str))
-        records[name] = record
-        print(f"[train-student] {METHOD_NAMES[name]}: pooled HPA {evaluation['pooled']['hpa']:.4f} -> {run_dir}")
+    engines = JobEngines(cfg, teacher, base)
+    try:
+        records: dict[str, Any] = {"teacher": teacher_record(cfg, teacher, root / "teacher", engines)}
+        for name in methods:
+            records[name] = train_method(cfg, name, base, teacher, engines, data_dir, root, resume)
+    finally:
+        engines.shutdown()
     table = write_results(cfg, root)
     print(table)
     return records
 
 
-def teacher_targets(cfg: RunConfig, teacher: Path, inputs: Any, targets_dir: Path) -> tuple[Any, dict[str, Any]]:
-    """The teacher's q_T for every distillation input, collected through `vllm.num_engines` teacher engines into
-    `targets_dir` (or read back from it); returns (targets table, a summary of the collection)."""
+class JobEngines:
+    """The job's engine actors, each set started on first use and kept until the job ends (a vLLM engine takes
+    seconds to start): the teacher's (RISD targets, OPD's token scoring, its own evaluation) and one student set
+    (OPD's rollouts, then every student's evaluation with that student's weights loaded and verified)."""
+
+    def __init__(self, cfg: RunConfig, teacher: Path, base: Path) -> None:
+        self.cfg, self.teacher_dir, self.base = cfg, teacher, base
+        self.pools: dict[str, Any] = {}
+        self.start_s: dict[str, float] = {}
+        self.version = 0  # of the weights last loaded into the student engines
+
+    def _pool(self, role: str) -> Any:
+        from actors.engine_pool import EnginePool, start_engines
+
+        if role not in self.pools:
+            clock = time.perf_counter()
+            model = self.teacher_dir if role == "teacher" else self.base
+            self.pools[role] = EnginePool(start_engines(model, self.cfg.vllm, seed=self.cfg.seed))
+            self.start_s[role] = time.perf_counter() - clock
+        return self.pools[role]
+
+    def teacher(self) -> Any:
+        return self._pool("teacher")
+
+    def student(self) -> Any:
+        return self._pool("student")
+
+    def serve_student(self, model_dir: Path) -> Any:
+        """The student engines serving the weights of `model_dir` (a new version, verified by checksum readback)."""
+        from zray.models.vlm import served_dtype, trainable_vlm
+        from zray.tasks.gdso import send_weights
+
+        pool = self.student()
+        self.version = max(self.version, pool.version()) + 1
+        send_weights(pool, trainable_vlm(model_dir).state_dict(), dtype=served_dtype(self.base), version=self.version)
+        return pool
+
+    def shutdown(self) -> None:
+        for pool in self.pools.values():
+            pool.shutdown()
+        self.pools.clear()
+
+
+def train_method(cfg: RunConfig, name: str, base: Path, teacher: Path, engines: JobEngines, data_dir: Path,
+                 root: Path, resume: bool) -> dict[str, Any]:
+    """Fit one student method from `base`, evaluate it on the student engines, write `<root>/<name>/metrics.json`."""
+    import ray
+
+    from actors.learner import fit
+    from zray.data.distill_inputs import distill_inputs
+    from zray.data.pair_examples import pair_examples
+    from zray.tasks.opd import OPDTask
+    from zray.tasks.risd import RISDTask
+    from zray.tasks.score_sft import ScoreSFTTask
+
+    scfg = cfg.train_student
+    run_dir = root / name
+    print(f"[train-student] {METHOD_NAMES[name]}: student {base}, teacher {teacher}")
+    collect: dict[str, Any] = {}
+    if name == "sft":
+        task: Any = ScoreSFTTask(model_dir=str(base), name="student_sft")
+        train = ray.data.from_arrow(pair_examples(data_dir, "train", scfg.dimensions))
+    elif name == "opd":
+        train = ray.data.from_arrow(distill_inputs(cfg.world, scfg.num_distill_prompts, scfg.dimensions))
+        task = OPDTask(model_dir=str(base), cfg=scfg, rollouts=engines.student(), teacher=engines.teacher(),
+                       seed=cfg.seed)
+    else:
+        inputs = distill_inputs(cfg.world, scfg.num_distill_prompts, scfg.dimensions)
+        targets, collect = teacher_targets(cfg, teacher, inputs, root / "targets", engines)
+        task = RISDTask(model_dir=str(base))
+        train = ray.data.from_arrow(targets.select(["prompt", "image", "dimension", "q_teacher"]))
+    fitted = fit(task, scfg.learner, datasets={"train": train}, storage_path=root, name=name,
+                 resume=resume and has_checkpoint(run_dir), time_budget_s=scfg.time_budget_s)
+    final_dir = export_final(fitted.hf_dir, run_dir)
+    evaluation = evaluate_on(cfg, final_dir, f"student_{name}", engines.serve_student(final_dir),
+                             engines.start_s.get("student"))
+    record = {"method": name, "model_dir": str(final_dir), "evaluation": evaluation, "targets": collect,
+              "training": {"steps": fitted.final_step, "fit_wall_s": fitted.wall_s,
+                           "last": fitted.history[-1] if fitted.history else None},
+              "config": to_dict(dataclasses.replace(scfg, method=name))}
+    (run_dir / "metrics.json").write_text(json.dumps(record, indent=2, default=str))
+    print(f"[train-student] {METHOD_NAMES[name]}: pooled HPA {evaluation['pooled']['hpa']:.4f} -> {run_dir}")
+    return record
+
+
+def teacher_targets(cfg: RunConfig, teacher: Path, inputs: Any, targets_dir: Path,
+                    engines: JobEngines) -> tuple[Any, dict[str, Any]]:
+    """The teacher's q_T for every distillation input, collected through the teacher engines into `targets_dir` (or
+    read back from it); returns (targets table, a summary of the collection)."""
     from tqdm import tqdm
 
-    from actors.engine_pool import EnginePool, start_engines
     from zray.tasks.risd import collect_teacher_targets
 
     scfg = cfg.train_student
     bar = tqdm(total=inputs.num_rows, desc="teacher targets", unit="input")
     clock = time.perf_counter()
-    engines: list[Any] = []
 
-    class LazyPool:  # start the engines only if a chunk is missing (a finished collection needs none)
+    class LazyPool:  # the engines only if a chunk is missing (a finished collection needs none)
         def generate(self, requests, **kwargs):
-            if not engines:
-                engines.extend(start_engines(teacher, cfg.vllm, seed=cfg.seed))
-            return EnginePool(engines).generate(requests, **kwargs)
+            return engines.teacher().generate(requests, **kwargs)
 
     def progress(done: int, total: int) -> None:
         bar.update(done - bar.n)
@@ -147,8 +195,6 @@ def teacher_targets(cfg: RunConfig, teacher: Path, inputs: Any, targets_dir: Pat
             progress=progress)
     finally:
         bar.close()
-        if engines:
-            EnginePool(engines).shutdown()
     column = targets.column
     summary = {"num_inputs": targets.num_rows, "teacher_samples": scfg.teacher_samples,
                "mean_teacher_tokens": float(sum(column("teacher_tokens").to_pylist()) / targets.num_rows),
@@ -158,21 +204,14 @@ def teacher_targets(cfg: RunConfig, teacher: Path, inputs: Any, targets_dir: Pat
     return targets, summary
 
 
-def evaluate_with_engine(cfg: RunConfig, model: Path, name: str, *, form: str) -> dict[str, Any]:
-    """Evaluate `model` on the test split with one fresh engine actor (stopped afterwards)."""
-    from actors.engine_pool import EnginePool, start_engines
+def evaluate_on(cfg: RunConfig, model: Path, name: str, pool: Any, engine_start_s: float | None) -> dict[str, Any]:
+    """Evaluate `model` (the weights `pool` serves) on the test split, in its own form."""
     from zray.evaluation.rewards import evaluate_reward_model
 
-    clock = time.perf_counter()
-    pool = EnginePool(start_engines(model, cfg.vllm, seed=cfg.seed, num_engines=1))
-    try:
-        return evaluate_reward_model(cfg, model, pool, form=form, name=name,
-                                     engine_start_s=time.perf_counter() - clock)
-    finally:
-        pool.shutdown()
+    return evaluate_reward_model(cfg, model, pool, form="auto", name=name, engine_start_s=engine_start_s)
 
 
-def teacher_record(cfg: RunConfig, teacher: Path, record_dir: Path) -> dict[str, Any]:
+def teacher_record(cfg: RunConfig, teacher: Path, record_dir: Path, engines: JobEngines) -> dict[str, Any]:
     """The teacher's evaluation (its own form), made once per teacher dir and evaluation config."""
     path = record_dir / "metrics.json"
     key = {"model_dir": str(teacher.resolve()), "evaluate": to_dict(cfg.evaluate)}
@@ -181,8 +220,9 @@ def teacher_record(cfg: RunConfig, teacher: Path, record_dir: Path) -> dict[str,
         if record.get("key") == json.loads(json.dumps(key)):
             return record
     print(f"[train-student] evaluating the teacher {teacher}")
+    pool = engines.teacher()
     record = {"key": key, "method": "teacher", "model_dir": str(teacher),
-              "evaluation": evaluate_with_engine(cfg, teacher, "student_teacher", form="auto")}
+              "evaluation": evaluate_on(cfg, teacher, "student_teacher", pool, engines.start_s.get("teacher"))}
     record_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2, default=str))
     return record
@@ -205,7 +245,7 @@ def write_results(cfg: RunConfig, root: Path) -> str:
     rows = evaluation_rows(cfg)
     lines.append(markdown_row("oracle (true scores)", reference_record("oracle", oracle_predictions(rows), rows),
                               model="-"))
-    table = "\n".join(lines) + "\n\nScoring throughput on the test queries (queries/s, one engine): " \
+    table = "\n".join(lines) + "\n\nScoring throughput on the test queries (queries/s, `vllm.num_engines` engines each): " \
         + ", ".join(speeds) + "\n"
     root.mkdir(parents=True, exist_ok=True)
     (root / "results.md").write_text(table)
