@@ -2,6 +2,9 @@
 
     zray demo   [--recipe NAME] [--set key=value ...]   build data + tiny zoo, load every model, write a grid
     zray data   [--recipe NAME] [--set key=value ...]   build the Shapes world as Parquet
+    zray data import SOURCE --out DIR --kind rated|pairs|scoring|prompts [--format auto|jsonl|csv|folder|parquet]
+                [--map SRC=DST ...] [--rubric FILE] [--on-bad-row reject|skip]
+                                                        bring your own data (docs/data-formats.md)
     zray config [--recipe NAME] [--set key=value ...]   print the resolved config as JSON
     zray evaluate --model DIR [--form auto|reasoning|direct] [--name NAME] [--recipe NAME] [--set ...]
                                                         HPA, Margin HPA, PLCC, SRCC of a reward model
@@ -48,6 +51,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("config", parents=[parent], help="print the resolved config as JSON")
     data = sub.add_parser("data", parents=[parent], help="build the Shapes world (Parquet + manifest)")
     data.add_argument("--out", default=None, help="output folder (default <out_dir>/data)")
+    data_sub = data.add_subparsers(dest="data_command", required=False, parser_class=_Parser, metavar="import")
+    imp = data_sub.add_parser("import", help="import your own data (docs/data-formats.md)")
+    imp.add_argument("source", help="a .jsonl, .csv or .parquet file, or a folder of images with a sidecar file")
+    imp.add_argument("--out", required=True, help="output folder (must not exist, or be empty)")
+    imp.add_argument("--kind", required=True, choices=("rated", "pairs", "scoring", "prompts"),
+                     help="rated images (+ derived pairs), preference pairs, scoring inputs, or prompts")
+    imp.add_argument("--format", dest="fmt", choices=("auto", "jsonl", "csv", "folder", "parquet"), default="auto",
+                     help="source format (default auto: by suffix; a folder is folder)")
+    imp.add_argument("--map", dest="maps", action="append", default=[], metavar="SRC=DST",
+                     help="rename a source column to a field, e.g. --map text=prompt,file=image (repeatable)")
+    imp.add_argument("--rubric", default=None, help="rubric file (.json/.yaml): dimensions and five anchors each "
+                     "(default: the four built-in dimensions)")
+    imp.add_argument("--on-bad-row", choices=("reject", "skip"), default="reject",
+                     help="reject: write nothing and exit 1 (default); skip: drop bad rows, count and report them")
     demo = sub.add_parser("demo", parents=[parent], help="data + tiny model zoo + load through every stack")
     demo.add_argument("--skip-vllm", action="store_true", help="do not start a vLLM engine (it is started by default)")
     vlm = sub.add_parser("pretrain-vlm", parents=[parent], help="pre-train the tiny teacher/student VLM (captioning)")
@@ -112,6 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config":
         print(json.dumps(to_dict(cfg), indent=2))
         return 0
+    if args.command == "data" and args.data_command == "import":
+        from jobs.data_import import run_data_import
+
+        return run_data_import(args.source, args.out, kind=args.kind, fmt=args.fmt, maps=args.maps,
+                               rubric=args.rubric, on_bad_row=args.on_bad_row)
     if args.command == "data":
         from jobs.build_data import run_build_data
 

@@ -10,13 +10,19 @@ student and the reward service all see the same text:
 The score position is the position that predicts `<s_x>`: for the teacher it follows the fixed score prefix
 after the reasoning; for the student it is the first answer position.
 
+Rubric files (`load_rubric`): other dimensions and anchors than the four built-in ones, for imported data
+(docs/data-formats.md); YAML files need PyYAML (imported lazily).
+
 Pure: standard library only. Functions that render text take any object with a Hugging Face style
 `apply_chat_template` (a tokenizer or a processor).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -175,3 +181,88 @@ def render_score_context(chat: Any, prompt: str, dimension: str, reasoning: str 
     """
     head = render_generation_prompt(chat, prompt, dimension, reasoning is not None)
     return head + answer_prefix(reasoning)
+
+
+# ---- rubric files: dimensions and anchors from a config file (zray data import --rubric) ---------------------
+
+DIMENSION_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")  # safe in column names (label_<d>) and file names
+
+
+@dataclass(frozen=True)
+class Rubric:
+    """Rubric dimensions in order, each with its five anchor texts (levels 1..5); `source` says where it came
+    from ('builtin' or the file). Validated on construction (ValueError naming the dimension and the problem)."""
+
+    dimensions: tuple[str, ...]
+    anchors: tuple[tuple[str, str, str, str, str], ...]
+    source: str = "builtin"
+
+    def __post_init__(self) -> None:
+        where = f"rubric {self.source!r}"
+        if not self.dimensions or len(self.dimensions) != len(self.anchors):
+            raise ValueError(f"{where}: {len(self.dimensions)} dimensions and {len(self.anchors)} anchor lists are "
+                             "not allowed: expected one or more dimensions, each with five anchors")
+        for name, texts in zip(self.dimensions, self.anchors):
+            if not isinstance(name, str) or not DIMENSION_NAME.match(name):
+                raise ValueError(f"{where}: dimension name {name!r} is not allowed: expected lower-case letters, "
+                                 "digits and '_', starting with a letter, at most 32 characters")
+            if (not isinstance(texts, tuple) or len(texts) != 5
+                    or not all(isinstance(t, str) and t.strip() for t in texts)):
+                raise ValueError(f"{where}: dimension {name!r} anchors={texts!r} are not allowed: expected five "
+                                 "non-empty strings (levels 1 to 5)")
+        repeats = sorted({d for d in self.dimensions if self.dimensions.count(d) > 1})
+        if repeats:
+            raise ValueError(f"{where}: dimensions {repeats} repeat: expected distinct names")
+
+    def anchors_of(self, dimension: str) -> tuple[str, str, str, str, str]:
+        if dimension not in self.dimensions:
+            raise ValueError(f"dimension={dimension!r} is not allowed: expected one of {self.dimensions}")
+        return self.anchors[self.dimensions.index(dimension)]
+
+    def to_dict(self) -> dict[str, list[str]]:
+        """{dimension: [five anchors]} in order: the rubric file format (and the import manifest's)."""
+        return {d: list(a) for d, a in zip(self.dimensions, self.anchors)}
+
+
+BUILTIN_RUBRIC = Rubric(DIMENSIONS, tuple(RUBRICS[d] for d in DIMENSIONS))
+
+
+def parse_rubric(data: Any, source: str) -> Rubric:
+    """A rubric from parsed file content: `{"dimensions": {name: [five anchor texts], ...}}` (order kept)."""
+    if not isinstance(data, dict) or set(data) != {"dimensions"} or not isinstance(data["dimensions"], dict):
+        keys = sorted(data) if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"rubric {source!r}: top level {keys} is not allowed: expected one key 'dimensions' "
+                         "mapping each dimension name to its five anchor texts")
+    dims = data["dimensions"]
+    for name, texts in dims.items():
+        if not isinstance(texts, list):
+            raise ValueError(f"rubric {source!r}: dimension {name!r} anchors={texts!r} are not allowed: expected a "
+                             "list of five non-empty strings (levels 1 to 5)")
+    return Rubric(tuple(dims), tuple(tuple(t) for t in dims.values()), source=source)
+
+
+def load_rubric(path: str | os.PathLike | None) -> Rubric:
+    """The rubric of a JSON or YAML file (`.json`, `.yaml`, `.yml`; format in `parse_rubric`), or the four
+    built-in dimensions for None. Raises ValueError naming the file and the problem."""
+    if path is None:
+        return BUILTIN_RUBRIC
+    source = os.fspath(path)
+    suffix = os.path.splitext(source)[1].lower()
+    if suffix not in (".json", ".yaml", ".yml"):
+        raise ValueError(f"rubric file {source!r} is not allowed: expected a .json, .yaml or .yml file")
+    try:
+        with open(source, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as err:
+        raise ValueError(f"rubric file {source!r} does not read: {err}") from err
+    kind = "JSON" if suffix == ".json" else "YAML"
+    try:
+        if kind == "JSON":
+            data = json.loads(text)
+        else:
+            import yaml  # lazy: only YAML rubric files need PyYAML
+
+            data = yaml.safe_load(text)
+    except Exception as err:  # json.JSONDecodeError, yaml.YAMLError
+        raise ValueError(f"rubric file {source!r} does not parse as {kind}: {err}") from err
+    return parse_rubric(data, source)

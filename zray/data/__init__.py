@@ -3,7 +3,8 @@
 Spec: ../shared/spec/shapes-world.md. Modules: `scene` (vocabulary and data model), `layout` (geometry and
 layout defects), `render` (pixels), `prompt_grammar` (prompt grammar), `world` (sampling, splits), `candidates`
 (deviations and degradations), `labels` (true scores, annotators, pairs), `captions` (description text),
-`corpus` (pre-training corpora), `parquet` (schemas and readers), `build` (`build_world`, manifest).
+`corpus` (pre-training corpora), `parquet` (schemas and readers), `build` (`build_world`, manifest); imported data
+(docs/data-formats.md): `foreign` (formats, row checks, derived pairs), `importers` (`import_data`, `read_imported`).
 
 Import-light: numpy, PIL, pyarrow and tqdm (and the pure `zray.rubric`); Ray is imported inside `read_ray_dataset`.
 """

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -78,8 +79,17 @@ def _candidate_rows(
     return rows, pairs
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> Path:
+    """`out_dir/manifest.json` (sorted keys, indented), written atomically (a temporary name, then a rename)."""
+    path = Path(out_dir) / MANIFEST
+    tmp = path.with_name(f".{MANIFEST}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
 
 
 def build_world(cfg: WorldConfig, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
@@ -106,7 +116,7 @@ def build_world(cfg: WorldConfig, out_dir: str | Path, progress: bool = True) ->
     for (kind, split), rows in tables.items():
         path = out / f"{kind}_{split}.parquet"
         num_rows = write_table(rows, kind, path)
-        files[path.name] = {"table": kind, "split": split, "rows": num_rows, "sha256": _sha256(path)}
+        files[path.name] = {"table": kind, "split": split, "rows": num_rows, "sha256": sha256_file(path)}
     manifest = {
         "generator_version": GENERATOR_VERSION,
         "seed": cfg.seed,
@@ -115,12 +125,13 @@ def build_world(cfg: WorldConfig, out_dir: str | Path, progress: bool = True) ->
         "counts": {name: info["rows"] for name, info in files.items()},
         "files": files,
     }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    write_manifest(out, manifest)
     return manifest
 
 
 def verify_world(out_dir: str | Path) -> dict[str, Any]:
-    """Load manifest.json and check every listed file's sha256; raises DataError naming a mismatch."""
+    """Load manifest.json and check every listed file's sha256; raises DataError naming a mismatch. Works on any
+    folder whose manifest lists `files: {name: {"sha256": ...}}`: the world's, or an import's (`zray.data.foreign`)."""
     out = Path(out_dir)
     try:
         manifest = json.loads((out / MANIFEST).read_text())
@@ -128,7 +139,7 @@ def verify_world(out_dir: str | Path) -> dict[str, Any]:
         raise DataError(f"file {str(out / MANIFEST)!r}, row n/a, column n/a: unreadable manifest ({err})") from err
     for name, info in manifest["files"].items():
         path = out / name
-        digest = _sha256(path) if path.exists() else "missing"
+        digest = sha256_file(path) if path.exists() else "missing"
         if digest != info["sha256"]:
             raise DataError(f"file {str(path)!r}, row n/a, column n/a: sha256 {digest} does not match the "
                             f"manifest's {info['sha256']}")
@@ -139,7 +150,6 @@ def ensure_world(cfg: WorldConfig, data_dir: str | Path) -> Path:
     """`data_dir` holding the world of `cfg`: built (atomically) when missing, checked when present.
 
     A folder built from another WorldConfig raises ValueError (nothing is overwritten)."""
-    import os
     import shutil
 
     data_dir = Path(data_dir)

@@ -142,10 +142,12 @@ class Pair:
         return self.winner_label - self.loser_label
 
 
-def make_pairs(prompt_id: str, candidate_ids: Sequence[str], labels: Sequence[dict[str, float]]) -> list[Pair]:
-    """Every same-prompt candidate pair with different labels, per dimension (dimension-major order)."""
+def make_pairs(prompt_id: str, candidate_ids: Sequence[str], labels: Sequence[dict[str, float]],
+               dimensions: Sequence[str] = DIMENSIONS) -> list[Pair]:
+    """Every same-prompt candidate pair with different labels, per dimension (dimension-major order, then
+    (i, j) with i < j in candidate order); the winner has the higher label, ties are dropped."""
     out = []
-    for d in DIMENSIONS:
+    for d in dimensions:
         for i, j in itertools.combinations(range(len(candidate_ids)), 2):
             li, lj = labels[i][d], labels[j][d]
             if li == lj:

@@ -14,10 +14,18 @@ Table kinds and their columns (all non-nullable):
 file that is not Parquet, a missing column, a column of the wrong type, a null, an undecodable PNG, a
 scene / defects JSON that does not parse, a score outside [1, 5], a label off the bins, or a description
 that does not parse.
+
+`write_table`, `read_table` and `check_schema` also take a `pa.Schema` in place of a kind name: the imported
+tables of `zray.data.foreign`, whose columns depend on the rubric. Such a schema names its table in the metadata
+key `zray_table` and may list the allowed values of its `dimension` column in `zray_dimensions` (a JSON list);
+its nullable fields may hold nulls (every world field is non-nullable). Writes are atomic (a temporary name,
+then a rename), so an interrupted write never leaves a half-written table.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,7 +36,7 @@ import pyarrow.parquet as pq
 from zray.data.captions import parse_description
 from zray.data.render import decode_png
 from zray.data.scene import Defects, Scene
-from zray.rubric import DIMENSIONS, SCORE_BINS
+from zray.rubric import DIMENSIONS, SCORE_BINS, check_prompt
 
 if TYPE_CHECKING:
     import ray.data
@@ -80,16 +88,31 @@ SCHEMAS: dict[str, pa.Schema] = {
 }
 
 
-def _kind(table_kind: str) -> pa.Schema:
+def _kind(table_kind: str | pa.Schema) -> pa.Schema:
+    if isinstance(table_kind, pa.Schema):
+        return table_kind
     if table_kind not in SCHEMAS:
         raise ValueError(f"table_kind={table_kind!r} is not allowed: expected one of {tuple(SCHEMAS)}")
     return SCHEMAS[table_kind]
 
 
-def write_table(rows: Sequence[dict[str, Any]], table_kind: str, path: str | Path) -> int:
-    """Write rows (dicts keyed by column) with the kind's schema; returns the row count."""
+def _name(table_kind: str | pa.Schema) -> str:
+    """The table's name: the kind, or a schema's `zray_table` metadata."""
+    if isinstance(table_kind, str):
+        return table_kind
+    return (table_kind.metadata or {}).get(b"zray_table", b"unnamed").decode()
+
+
+def write_table(rows: Sequence[dict[str, Any]], table_kind: str | pa.Schema, path: str | Path) -> int:
+    """Write rows (dicts keyed by column) with the kind's schema, atomically; returns the row count."""
     table = pa.Table.from_pylist(list(rows), schema=_kind(table_kind))
-    pq.write_table(table, str(path), compression="zstd", compression_level=3)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        pq.write_table(table, str(tmp), compression="zstd", compression_level=3)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return table.num_rows
 
 
@@ -121,12 +144,14 @@ def _check_bins(values: list[float]) -> None:
         _check_bin(v)
 
 
-def _checks(table_kind: str) -> dict[str, Callable[[Any], None]]:
+def _checks(table_kind: str | pa.Schema) -> dict[str, Callable[[Any], None]]:
     checks: dict[str, Callable[[Any], None]] = {}
-    names = SCHEMAS[table_kind].names
-    for name in names:
-        if name == "image":
+    schema = _kind(table_kind)
+    for name in schema.names:
+        if name == "image" or name.endswith("_image"):
             checks[name] = _check_image
+        elif name == "prompt":
+            checks[name] = check_prompt
         elif name == "scene_json":
             checks[name] = Scene.from_json
         elif name == "defects_json":
@@ -139,7 +164,16 @@ def _checks(table_kind: str) -> dict[str, Callable[[Any], None]]:
             checks[name] = _check_bin
         elif name.startswith("annotators_"):
             checks[name] = _check_bins
-    if table_kind in SPLITS:
+    dims = (schema.metadata or {}).get(b"zray_dimensions")
+    if dims is not None and "dimension" in schema.names:
+        allowed_dims = tuple(json.loads(dims))
+
+        def check_dimension(value: str) -> None:
+            if value not in allowed_dims:
+                raise ValueError(f"dimension {value!r} is not one of {allowed_dims}")
+
+        checks["dimension"] = check_dimension
+    if isinstance(table_kind, str) and table_kind in SPLITS:
         allowed = SPLITS[table_kind]
 
         def check_split(value: str) -> None:
@@ -150,14 +184,14 @@ def _checks(table_kind: str) -> dict[str, Callable[[Any], None]]:
     return checks
 
 
-def check_schema(schema: pa.Schema, table_kind: str, path: str | Path) -> None:
+def check_schema(schema: pa.Schema, table_kind: str | pa.Schema, path: str | Path) -> None:
     """Every column of the kind is present with the right type (extra columns are allowed)."""
     expected = _kind(table_kind)
     for field in expected:
         index = schema.get_field_index(field.name)
         if index < 0:
             raise _error(path, "all", field.name, f"missing column (expected type {field.type}) for a "
-                                                  f"{table_kind!r} table")
+                                                  f"{_name(table_kind)!r} table")
         got = schema.field(index).type
         if not got.equals(field.type):
             raise _error(path, "all", field.name, f"type {got} does not match the expected {field.type}")
@@ -170,7 +204,7 @@ def _file_schema(path: str | Path) -> pa.Schema:
         raise _error(path, "n/a", None, f"not a readable Parquet file ({err})") from err
 
 
-def read_table(path: str | Path, table_kind: str) -> pa.Table:
+def read_table(path: str | Path, table_kind: str | pa.Schema) -> pa.Table:
     """Read and validate a table file; returns the table with exactly the kind's columns."""
     expected = _kind(table_kind)
     check_schema(_file_schema(path), table_kind, path)
@@ -181,13 +215,15 @@ def read_table(path: str | Path, table_kind: str) -> pa.Table:
     checks = _checks(table_kind)
     for name in expected.names:
         column = table.column(name)
-        if column.null_count:
+        if column.null_count and not expected.field(name).nullable:
             row = next(i for i, v in enumerate(column.is_null().to_pylist()) if v)
             raise _error(path, row, name, "null value")
         check = checks.get(name)
         if check is None:
             continue
         for row, value in enumerate(column.to_pylist()):
+            if value is None:  # a nullable field
+                continue
             try:
                 check(value)
             except ValueError as err:  # json.JSONDecodeError is a ValueError
