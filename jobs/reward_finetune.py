@@ -17,11 +17,22 @@ the generic learner (`actors.learner.fit` with `max_steps` at the segment's end;
 previous one's checkpoint), and after each segment sample the same held-out prompts (generator_test) from the same
 noise and score them with the student reward and the judge (`zray.evaluation.reward_hacking`). When the gap
 (student alignment minus judge alignment, relative to step 0) exceeds `gap_threshold`, the run stops
-(`on_gap="stop"`, the default) or prints a warning and goes on (`"warn"`).
+(`on_gap="stop"`, the default) or prints a warning and goes on (`"warn"`). Each evaluation also holds its GSB
+against step 0 (`gsb_vs_start`: good / same / bad fractions of the held-out prompts and net = good - bad, on the
+judge's per-prompt true alignment alone, `zray.evaluation.turbo.gsb` as distill-generator uses it): net > 0 with no
+widening gap is issue 17's "reward gradient raised the true alignment without hacking".
+
+The grid (first NUM_GRID held-out prompts, same noise): for "turbo", the base pipeline (`pipeline_dir`) sampled with
+`base_steps` (teacher) and naively with 2 steps (`zray.models.generator.sample_images`), the Turbo++ student as
+given (step 0) and after reward-gradient updates (the last evaluation); for "base", the base generator as given and
+after. The images of the first and latest evaluation are kept from the evaluations, with their judge verdicts; only
+a resumed run re-samples the ones it did not evaluate itself (the task's own sampler, the same noise).
 
 Outputs under `<out_dir>/reward_finetune/<generator>/`: `train/` (the Ray Train run: checkpoints, `tensorboard/`,
 `final/`: the fine-tuned weights, layout in `zray/models/reward_generator.py`: LoRA in diffusers' pipeline LoRA
-format, or the full network), `reward_vs_judge.json` and `.png` (every evaluation), `metrics.json`, `summary.md`.
+format, or the full network), `reward_vs_judge.json` and `.png` (every evaluation), `grid.png` (the grid above,
+each image with the judge's alignment), `metrics.json` (`evaluations`: every evaluation with its `gap` and
+`gsb_vs_start`; `gsb_vs_start`: the last one's), `summary.md` (the table with GSB against step 0, the verdict).
 """
 
 from __future__ import annotations
@@ -36,13 +47,16 @@ import torch
 
 from zray.config import ConfigError, RunConfig, to_dict
 from zray.data import ensure_world, head_rows, read_ray_dataset
-from zray.evaluation.reward_hacking import evaluation_record, save_reward_vs_judge, widened, with_gaps
-from zray.models.generator import to_pil
+from zray.evaluation.reward_hacking import (evaluation_record, judge_verdicts, save_reward_vs_judge, widened,
+                                            with_gaps, with_gsb)
+from zray.evaluation.turbo import save_variant_grid
+from zray.models.generator import load_zimage, sample_images, to_pil
 from zray.training.runs import export_final, has_checkpoint, latest_checkpoint, read_learner_state, trained_seconds
 
 GENERATORS = ("base", "turbo")
 RUN_NAME = "train"
 RECORDS_FILE = "reward_vs_judge.json"
+NUM_GRID = 8  # prompts (rows) in grid.png
 
 
 def input_dirs(cfg: RunConfig, generator: str, generator_dir: str | None,
@@ -107,19 +121,32 @@ def run_reward_finetune(cfg: RunConfig, generator: str = "base", *, generator_di
     noise = torch.randn(task.latent_shape(len(prompts)), generator=torch.Generator().manual_seed(cfg.seed))
     title = f"reward-finetune {generator} ({rcfg.finetune}): held-out prompts, same noise"
 
-    def evaluate(at_step: int, weights_dir: Path | None) -> dict[str, Any]:
-        model = task.build_model()  # the generator as given (LoRA adapters start at zero), or trained weights
+    def images_of(weights_dir: Path | None, num: int) -> torch.Tensor:
+        """The first `num` prompts from their noise: the generator as given (LoRA adapters start at zero), or with
+        trained weights."""
+        model = task.build_model()
         if weights_dir is not None:
             task.load_pretrained(model, weights_dir)
-        images = task.sample(model, prompts, noise)
+        return task.sample(model, prompts[:num], noise[:num])
+
+    kept: dict[int, list[Any]] = {}  # step -> the grid's images, for the first and the latest evaluation only
+
+    def evaluate(at_step: int, weights_dir: Path | None) -> dict[str, Any]:
+        images = images_of(weights_dir, len(prompts))
         mu_BD = task.student_scores(images, prompts).numpy()
-        return evaluation_record(at_step, to_pil(images), prompts, mu_BD, task.dimensions, task.weights)
+        pil = to_pil(images)
+        kept[at_step] = pil[:NUM_GRID]
+        for old in [s for s in kept if s not in (0, at_step)]:
+            del kept[old]
+        return evaluation_record(at_step, pil, prompts, mu_BD, task.dimensions, task.weights)
 
     def report(records: list[dict[str, Any]], history: list[dict[str, float]]) -> dict[str, Any] | None:
-        r = with_gaps(records)[-1]
+        r = with_gsb(with_gaps(records))[-1]
+        g = r["gsb_vs_start"]
         print(f"[reward-finetune] step {r['step']}: student reward {r['student_reward']:.3f}, alignment student "
-              f"{r['student']['alignment']:.3f} / judge {r['judge']['alignment']:.3f}, gap {r['gap']:+.3f}")
-        (root / RECORDS_FILE).write_text(json.dumps(with_gaps(records), indent=1))
+              f"{r['student']['alignment']:.3f} / judge {r['judge']['alignment']:.3f}, gap {r['gap']:+.3f}; GSB vs "
+              f"step 0 (judge) {g['good']:.0%}/{g['same']:.0%}/{g['bad']:.0%}, net {g['net']:+.3f}")
+        (root / RECORDS_FILE).write_text(json.dumps(with_gsb(with_gaps(records)), indent=1))
         save_reward_vs_judge(root / "reward_vs_judge.png", records, rcfg.gap_threshold, title, history)
         hacked = widened(records, rcfg.gap_threshold)
         if hacked is not None:
@@ -134,6 +161,8 @@ def run_reward_finetune(cfg: RunConfig, generator: str = "base", *, generator_di
     history = read_learner_state(latest)["history"] if latest is not None else []
     records = [r for r in json.loads((root / RECORDS_FILE).read_text()) if r["step"] <= step] \
         if resume and (root / RECORDS_FILE).is_file() else []
+    if not records and step > 0:  # the records file is gone: step 0 again, the reference of the gap and GSB
+        records.append(evaluate(0, None))
     if not records or records[-1]["step"] != step:
         records.append(evaluate(step, latest / "hf" if latest is not None else None))
     hacked = report(records, history)
@@ -156,16 +185,38 @@ def run_reward_finetune(cfg: RunConfig, generator: str = "base", *, generator_di
         raise RuntimeError(f"nothing was trained: reward_finetune.learner.max_steps={lcfg.max_steps} and no checkpoint "
                            f"in {run_dir}")
     final_dir = export_final(hf_dir, run_dir)
+    start = kept[0] if 0 in kept else to_pil(images_of(None, NUM_GRID))
+    final = kept[step] if step in kept else to_pil(images_of(hf_dir, NUM_GRID))
+    columns = grid_columns(generator, start, final, pipeline_dir=pipeline_dir, prompts=prompts[:NUM_GRID],
+                           noise=noise[:NUM_GRID], base_steps=rcfg.base_steps, shift=rcfg.shift)
+    verdicts = dict(zip(list(columns)[-2:], (judge_verdicts(records[0]), judge_verdicts(records[-1]))))
+    save_variant_grid(root / "grid.png", prompts, columns, NUM_GRID,  # labels of the evaluations, not judged again
+                      verdicts={name: v for name, v in verdicts.items() if v is not None})
+    evaluations = with_gsb(with_gaps(records))
     record = {"generator": generator, "generator_dir": str(gen_dir), "pipeline_dir": str(pipeline_dir),
               "reward_dir": str(rew_dir), "final_dir": str(final_dir), "steps": step,
               "train_s": trained_seconds(history), "total_s": time.perf_counter() - started,
               "stopped_by_gap": hacked is not None and rcfg.on_gap == "stop" and step < lcfg.max_steps,
-              "hacking": hacked, "evaluations": with_gaps(records), "history": history,
+              "hacking": hacked, "gsb_vs_start": evaluations[-1]["gsb_vs_start"], "grid": str(root / "grid.png"),
+              "grid_columns": list(columns), "evaluations": evaluations, "history": history,
               "config": {"reward_finetune": to_dict(rcfg)}}
     (root / "metrics.json").write_text(json.dumps(record, indent=2))
     (root / "summary.md").write_text(summary_markdown(record, rcfg.gap_threshold))
     print(f"[reward-finetune] done at step {step} in {record['total_s'] / 60:.1f} min -> {final_dir}")
     return record
+
+
+def grid_columns(generator: str, start: list[Any], final: list[Any], *, pipeline_dir: Path, prompts: list[str],
+                 noise: torch.Tensor, base_steps: int, shift: float) -> dict[str, list[Any]]:
+    """grid.png's columns, name -> PIL images of `prompts` from `noise`: for "turbo", the base pipeline sampled with
+    `base_steps` (the teacher) and naively with 2 steps, then the student as given (`start`) and after the reward
+    gradient (`final`); for "base", the generator as given and after."""
+    if generator == "base":
+        return {f"base {base_steps}-step": start, "base + reward grad": final}
+    pipe = load_zimage(pipeline_dir)
+    return {f"teacher {base_steps}-step": to_pil(sample_images(pipe, prompts, noise, base_steps, shift)),
+            "naive 2-step": to_pil(sample_images(pipe, prompts, noise, 2, shift)),
+            "Turbo++": start, "Turbo++ + reward grad": final}
 
 
 def summary_markdown(record: dict[str, Any], threshold: float) -> str:
@@ -174,17 +225,30 @@ def summary_markdown(record: dict[str, Any], threshold: float) -> str:
     lines = [f"# reward-finetune: {record['generator']} generator ({cfg['finetune']})", "",
              f"Generator `{record['generator_dir']}`, student reward `{record['reward_dir']}`; {record['steps']} "
              f"steps ({record['train_s'] / 60:.1f} min of training). Weights: `{record['final_dir']}`.", "",
-             "| step | student reward R | student alignment | judge alignment | gap | judge main colour |",
-             "|---:|---:|---:|---:|---:|---:|"]
+             "| step | student reward R | student alignment | judge alignment | gap | judge main colour "
+             "| GSB vs step 0 (G / S / B) | net |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in record["evaluations"]:
+        g = r["gsb_vs_start"]
         lines.append(f"| {r['step']} | {r['student_reward']:.3f} | {r['student']['alignment']:.3f} | "
-                     f"{r['judge']['alignment']:.3f} | {r['gap']:+.3f} | {r['judge']['main_colour']:.1%} |")
-    hacked = record["hacking"]
+                     f"{r['judge']['alignment']:.3f} | {r['gap']:+.3f} | {r['judge']['main_colour']:.1%} | "
+                     f"{g['good']:.0%} / {g['same']:.0%} / {g['bad']:.0%} | {g['net']:+.3f} |")
+    hacked, g = record["hacking"], record["gsb_vs_start"]
     lines += ["", "Gap = (student alignment - judge alignment) - the same at step 0; threshold "
-              f"{threshold:g} (on_gap={cfg['on_gap']!r})."]
+              f"{threshold:g} (on_gap={cfg['on_gap']!r}). GSB vs step 0: per held-out prompt (same noise), the "
+              "judge's true alignment above (Good), equal to (Same) or below (Bad) the generator as given; "
+              "net = G - B (`zray.evaluation.turbo.gsb`)."]
     lines.append(f"Reward hacking: the gap reached {hacked['gap']:+.3f} at step {hacked['step']}"
                  + ("; the run stopped there." if record["stopped_by_gap"] else ".") if hacked else
                  "No reward hacking detected: the gap stayed within the threshold.")
+    failed = ["net GSB <= 0"] * (g["net"] <= 0) + ["the gap widened"] * (hacked is not None)
+    lines.append("")
+    lines.append(f"Final (step {record['steps']}) against step 0: good {g['good']:.1%}, same {g['same']:.1%}, bad "
+                 f"{g['bad']:.1%}, net {g['net']:+.3f}: "
+                 + (f"not shown that the reward gradient raised the true alignment ({'; '.join(failed)})." if failed
+                    else "the reward gradient raised the true alignment with no widening gap."))
+    lines += ["", f"Grid (`grid.png`, first {NUM_GRID} held-out prompts, same noise, judge's alignment on each "
+              f"image): {' | '.join(record['grid_columns'])}."]
     load = {("base", "lora"): "`ZImagePipeline.from_pretrained(base).load_lora_weights(final_dir)`",
             ("turbo", "lora"): "`lora_step1.safetensors` / `lora_step2.safetensors` onto the transformer of that step "
                                "(`load_lora_weights(final_dir, weight_name=...)`)",

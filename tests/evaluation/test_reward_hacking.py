@@ -1,5 +1,5 @@
 """zray.evaluation.reward_hacking: the student-vs-judge record, the gap relative to the first evaluation, the
-threshold, and the plot."""
+threshold, GSB against the first evaluation, and the plot."""
 
 import numpy as np
 import pytest
@@ -8,7 +8,8 @@ from zray.config import WorldConfig
 from zray.data.corpus import generator_rows
 from zray.data.render import decode_png
 from zray.data.world import ALL_COMBOS
-from zray.evaluation.reward_hacking import evaluation_record, gap, save_reward_vs_judge, widened, with_gaps
+from zray.evaluation.reward_hacking import (evaluation_record, gap, gsb_vs_first, judge_verdicts,
+                                            save_reward_vs_judge, widened, with_gaps, with_gsb)
 
 
 def _record(step, student, judge):
@@ -29,6 +30,22 @@ def test_gap_is_relative_to_the_first_evaluation_by_hand():
         widened(records, 0)
 
 
+def test_gsb_against_the_first_evaluation_by_hand():
+    def rec(step, judge):
+        return {"step": step, "per_prompt": {"judge_alignment": judge, "student_alignment": [3.0] * len(judge)}}
+
+    start = rec(0, [2.0, 3.0, 4.0, 5.0])
+    # prompt by prompt: 3 > 2 good, 3 = 3 same, 3.5 < 4 bad, 5 = 5 same -> G 1/4, S 2/4, B 1/4, net 0
+    assert gsb_vs_first(rec(1, [3.0, 3.0, 3.5, 5.0]), start) == {"good": 0.25, "same": 0.5, "bad": 0.25, "net": 0.0}
+    # 4 > 2, 4 > 3, 4 = 4, 1 < 5 -> G 2/4, S 1/4, B 1/4, net 0.25
+    later = with_gsb([start, rec(1, [4.0, 4.0, 4.0, 1.0])])
+    assert later[0]["gsb_vs_start"] == {"good": 0.0, "same": 1.0, "bad": 0.0, "net": 0.0}
+    assert later[1]["gsb_vs_start"] == {"good": 0.5, "same": 0.25, "bad": 0.25, "net": 0.25}
+    assert later[1]["per_prompt"] == rec(1, [4.0, 4.0, 4.0, 1.0])["per_prompt"] and with_gsb([]) == []
+    with pytest.raises(ValueError, match="step 2 has 3 judged prompts and step 0 4"):
+        gsb_vs_first(rec(2, [1.0, 2.0, 3.0]), start)
+
+
 def test_evaluation_record_judges_images_and_plot(tmp_path):
     rows = generator_rows(WorldConfig(image_size=64, num_generator_images=4, num_generator_test_prompts=2),
                           ALL_COMBOS, lambda: None)["train"][:3]
@@ -40,6 +57,9 @@ def test_evaluation_record_judges_images_and_plot(tmp_path):
     assert rec["judge"]["alignment"] == pytest.approx(5.0) and rec["judge"]["num"] == 3.0  # clean renders
     assert rec["per_prompt"]["student_alignment"] == [2.0, 2.0, 2.0]
     assert rec["per_prompt"]["judge_alignment"] == [5.0, 5.0, 5.0]
+    assert rec["per_prompt"]["judge_main_colour"] == [1.0, 1.0, 1.0]
+    assert judge_verdicts(rec) == [{"alignment": 5.0, "main_colour": 1.0}] * 3
+    assert judge_verdicts({"per_prompt": {"judge_alignment": [5.0]}}) is None  # an older record
     with pytest.raises(ValueError, match="expected 'alignment' among them"):
         evaluation_record(5, images, prompts, mu, ("realism", "aesthetics"), (0.5, 0.5))
     with pytest.raises(ValueError, match=r"expected \(3, 2\)"):
@@ -48,3 +68,20 @@ def test_evaluation_record_judges_images_and_plot(tmp_path):
     save_reward_vs_judge(tmp_path / "r.png", [rec, later], 0.5, "test",
                          history=[{"step": 1, "reward": 2.9}, {"step": 9, "reward": 3.1}])
     assert (tmp_path / "r.png").stat().st_size > 1000
+
+
+def test_grid_labels_come_from_the_record(tmp_path, monkeypatch):
+    """save_variant_grid takes an evaluation's verdicts instead of judging its images again; other columns are
+    judged."""
+    import zray.evaluation.generator as generator
+    from zray.evaluation.turbo import save_variant_grid
+
+    rows = generator_rows(WorldConfig(image_size=64, num_generator_images=4, num_generator_test_prompts=2),
+                          ALL_COMBOS, lambda: None)["train"][:2]
+    images, prompts = [decode_png(r["image"]) for r in rows], [r["prompt"] for r in rows]
+    judged = []
+    monkeypatch.setattr(generator, "judge_against",
+                        lambda im, p: judged.append(p) or {"alignment": 1.0, "main_colour": 0.0})
+    verdicts = judge_verdicts({"per_prompt": {"judge_alignment": [4.0, 5.0], "judge_main_colour": [1.0, 1.0]}})
+    save_variant_grid(tmp_path / "g.png", prompts, {"given": images, "new": images}, verdicts={"given": verdicts})
+    assert judged == prompts and (tmp_path / "g.png").stat().st_size > 1000  # only the "new" column judged

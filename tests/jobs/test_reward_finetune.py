@@ -1,5 +1,5 @@
 """`zray reward-finetune` on the tiny_cpu recipe: Ray Train (1 worker) end to end, evaluations beside the judge,
-resume, the reward-hacking stop, and clear errors for missing inputs."""
+GSB against step 0, the grid, resume, the reward-hacking stop, and clear errors for missing inputs."""
 
 import dataclasses
 import json
@@ -63,7 +63,7 @@ def test_tiny_cpu_job_end_to_end_resume_and_stop(tmp_path, inputs, ray_session, 
         cfg.reward_finetune, learner=dataclasses.replace(cfg.reward_finetune.learner, max_steps=1)))
     record = job.run_reward_finetune(one)  # step 0 evaluated, one segment of one step, evaluated
     root = tmp_path / "run" / "reward_finetune" / "base"
-    for name in ("metrics.json", "summary.md", "reward_vs_judge.json", "reward_vs_judge.png",
+    for name in ("metrics.json", "summary.md", "reward_vs_judge.json", "reward_vs_judge.png", "grid.png",
                  f"train/final/{BASE_LORA_FILE}", "train/final/reward_finetune.json"):
         assert (root / name).is_file(), name
     assert list((root / "train" / "tensorboard").glob("events.out.tfevents.*"))
@@ -72,6 +72,10 @@ def test_tiny_cpu_job_end_to_end_resume_and_stop(tmp_path, inputs, ray_session, 
     assert first["gap"] == 0.0 and 1.0 <= first["judge"]["alignment"] <= 5.0
     assert 1.0 <= first["student"]["alignment"] <= 5.0 and 1.0 <= first["student_reward"] <= 5.0
     assert len(first["per_prompt"]["judge_alignment"]) == cfg.reward_finetune.num_eval_prompts
+    _check_gsb(record, json.loads((root / "metrics.json").read_text()))
+    assert record["grid_columns"] == [f"base {cfg.reward_finetune.base_steps}-step", "base + reward grad"]
+    assert "| GSB vs step 0 (G / S / B) | net |" in (root / "summary.md").read_text()
+    grid_written = (root / "grid.png").stat().st_mtime_ns
     assert {"loss", "reward", "mu_alignment", "grad_last"} <= set(record["history"][-1])
     lora = load_file(str(root / "train" / "final" / BASE_LORA_FILE))
     assert all(k.startswith("transformer.") for k in lora)  # diffusers' pipeline LoRA format
@@ -92,4 +96,44 @@ def test_tiny_cpu_job_end_to_end_resume_and_stop(tmp_path, inputs, ray_session, 
         cfg.reward_finetune, learner=dataclasses.replace(cfg.reward_finetune.learner, max_steps=3)))
     stopped = job.run_reward_finetune(three, resume=True)
     assert stopped["steps"] == 2 and stopped["stopped_by_gap"] and stopped["hacking"]["gap"] == 9.0
-    assert "the run stopped there" in (root / "summary.md").read_text()
+    summary = (root / "summary.md").read_text()
+    assert "the run stopped there" in summary and "the gap widened" in summary
+    _check_gsb(stopped, json.loads((root / "metrics.json").read_text()))
+    assert (root / "grid.png").stat().st_mtime_ns > grid_written  # rewritten: step 0 and 2 re-sampled on resume
+
+
+def _check_gsb(record, saved):
+    """GSB against step 0 in every evaluation and for the last one; fractions sum to 1; net = good - bad; equal to
+    the GSB of the saved per-prompt judge alignments."""
+    from zray.evaluation.turbo import gsb
+
+    assert saved["gsb_vs_start"] == record["gsb_vs_start"] == record["evaluations"][-1]["gsb_vs_start"]
+    assert record["evaluations"][0]["gsb_vs_start"] == {"good": 0.0, "same": 1.0, "bad": 0.0, "net": 0.0}
+    start = record["evaluations"][0]["per_prompt"]["judge_alignment"]
+    for r in record["evaluations"]:
+        g = r["gsb_vs_start"]
+        assert g["good"] + g["same"] + g["bad"] == pytest.approx(1.0) and g["net"] == pytest.approx(g["good"] - g["bad"])
+        assert min(g["good"], g["same"], g["bad"]) >= 0.0
+        assert g == gsb(r["per_prompt"]["judge_alignment"], start)
+    assert saved["grid"].endswith("grid.png") and saved["grid_columns"] == record["grid_columns"]
+
+
+def test_turbo_grid_columns(inputs):
+    """The turbo grid: the base pipeline sampled with base_steps and naively with 2 steps from the same noise, beside
+    the student's images as given and after (here stand-ins)."""
+    from jobs.reward_finetune import grid_columns
+    from zray.models.generator import initial_noise, load_zimage
+
+    cfg = tiny_cpu()
+    size = cfg.world.image_size
+    noise = initial_noise(load_zimage(inputs["generator_dir"]), 2, 0, height=size, width=size)
+    start, final = ["s0", "s1"], ["f0", "f1"]
+    columns = grid_columns("turbo", start, final, pipeline_dir=inputs["generator_dir"], prompts=["a red circle"] * 2,
+                           noise=noise, base_steps=3, shift=3.0)
+    assert list(columns) == ["teacher 3-step", "naive 2-step", "Turbo++", "Turbo++ + reward grad"]
+    assert columns["Turbo++"] is start and columns["Turbo++ + reward grad"] is final
+    teacher, naive = columns["teacher 3-step"], columns["naive 2-step"]
+    assert len(teacher) == len(naive) == 2 and teacher[0].size == (size, size)
+    assert teacher[0].tobytes() != naive[0].tobytes()  # a different number of steps from the same noise
+    assert grid_columns("base", start, final, pipeline_dir=inputs["generator_dir"], prompts=[], noise=noise,
+                        base_steps=8, shift=3.0) == {"base 8-step": start, "base + reward grad": final}

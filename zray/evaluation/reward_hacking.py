@@ -9,7 +9,10 @@ independent judge (`zray.evaluation.generator.judge_many`: the world's true alig
 
 is how far the student's alignment has run ahead of the truth since the first evaluation (t = 0: before any
 update). A widening gap is reward hacking: the generator found what the student over-rates. `widened` says when it
-passes a threshold. Numpy and matplotlib only (the images and scores come from the caller).
+passes a threshold. Whether the updates helped in truth is the GSB of each evaluation against the first one
+(`with_gsb`): prompt by prompt, on the judge's true alignment alone (the definition of `zray.evaluation.turbo.gsb`,
+as distill-generator's GSB against the teacher and naive 2-step). Numpy and matplotlib only (the images and scores
+come from the caller).
 """
 
 from __future__ import annotations
@@ -21,13 +24,15 @@ from typing import Any
 import numpy as np
 
 from zray.evaluation.generator import judge_many, summarise
+from zray.evaluation.turbo import gsb
 
 GAP_DIMENSION = "alignment"  # the one dimension the judge measures
 
 
 def evaluation_record(step: int, images: Sequence[Any], prompts: Sequence[str], mu_BD: np.ndarray,
                       dimensions: Sequence[str], weights: Sequence[float]) -> dict[str, Any]:
-    """One evaluation: the student's mean mu per dimension and mean R, the judge's summary, per-prompt alignments."""
+    """One evaluation: the student's mean mu per dimension and mean R, the judge's summary, per-prompt alignments
+    (student and judge) and the judge's per-prompt main-colour verdict."""
     mu_BD = np.asarray(mu_BD, dtype=np.float64)
     if mu_BD.shape != (len(prompts), len(dimensions)) or len(images) != len(prompts):
         raise ValueError(f"{len(images)} images, {len(prompts)} prompts and mu of shape {mu_BD.shape}: expected "
@@ -42,7 +47,18 @@ def evaluation_record(step: int, images: Sequence[Any], prompts: Sequence[str], 
             "student_reward": float((mu_BD @ np.asarray(weights, dtype=np.float64)).mean()),
             "judge": summarise(judged),
             "per_prompt": {"student_alignment": [float(v) for v in mu_BD[:, align]],
-                           "judge_alignment": [float(j["alignment"]) for j in judged]}}
+                           "judge_alignment": [float(j["alignment"]) for j in judged],
+                           "judge_main_colour": [float(j["main_colour"]) for j in judged]}}
+
+
+def judge_verdicts(record: dict[str, Any]) -> list[dict[str, float]] | None:
+    """The judge's per-prompt {alignment, main_colour} of an evaluation (for `save_variant_grid`), or None for a
+    record written before the main colour was kept per prompt."""
+    per_prompt = record["per_prompt"]
+    if "judge_main_colour" not in per_prompt:
+        return None
+    return [{"alignment": a, "main_colour": m} for a, m in zip(per_prompt["judge_alignment"],
+                                                               per_prompt["judge_main_colour"])]
 
 
 def gap(record: dict[str, Any], first: dict[str, Any]) -> float:
@@ -55,6 +71,21 @@ def gap(record: dict[str, Any], first: dict[str, Any]) -> float:
 def with_gaps(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """The records, each with its `gap` (relative to the first record)."""
     return [{**r, "gap": gap(r, records[0])} for r in records] if records else []
+
+
+def gsb_vs_first(record: dict[str, Any], first: dict[str, Any]) -> dict[str, float]:
+    """{good, same, bad, net} of `record` against `first` (`zray.evaluation.turbo.gsb`) on the judge's per-prompt
+    true alignment (`per_prompt.judge_alignment`: the same prompts from the same noise)."""
+    now, then = record["per_prompt"]["judge_alignment"], first["per_prompt"]["judge_alignment"]
+    if len(now) != len(then):
+        raise ValueError(f"step {record['step']} has {len(now)} judged prompts and step {first['step']} {len(then)}: "
+                         "expected the same held-out prompts at every evaluation")
+    return gsb(now, then)
+
+
+def with_gsb(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records, each with its `gsb_vs_start` (GSB against the first record; the first's is all Same)."""
+    return [{**r, "gsb_vs_start": gsb_vs_first(r, records[0])} for r in records] if records else []
 
 
 def widened(records: Sequence[dict[str, Any]], threshold: float) -> dict[str, Any] | None:

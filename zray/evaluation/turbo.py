@@ -92,8 +92,11 @@ def results_markdown(rows: dict[str, dict[str, float]], *, num_prompts: int, not
     return "\n".join(lines) + "\n"
 
 
-def save_variant_grid(path: Path, prompts: Sequence[str], images: dict[str, Sequence[Any]], num: int = 8) -> None:
-    """One row per prompt, one column per generator (same noise), each image with the judge's alignment."""
+def save_variant_grid(path: Path, prompts: Sequence[str], images: dict[str, Sequence[Any]], num: int = 8,
+                      verdicts: dict[str, Sequence[dict[str, float]]] | None = None) -> None:
+    """One row per prompt, one column per generator (same noise), each image with the judge's alignment. `verdicts`:
+    per column, the judge's per-prompt {alignment, main_colour} already computed for those images (judged here for
+    the columns without)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -101,7 +104,7 @@ def save_variant_grid(path: Path, prompts: Sequence[str], images: dict[str, Sequ
 
     from zray.evaluation.generator import judge_against
 
-    names = list(images)
+    names, given = list(images), verdicts or {}
     n = min(num, len(prompts))
     fig, axes = plt.subplots(n, len(names), figsize=(1.9 * len(names), 2.0 * n), squeeze=False)
     for i in range(n):
@@ -109,7 +112,7 @@ def save_variant_grid(path: Path, prompts: Sequence[str], images: dict[str, Sequ
             ax = axes[i, j]
             ax.set_axis_off()
             ax.imshow(images[name][i])
-            verdict = judge_against(images[name][i], prompts[i])
+            verdict = given[name][i] if name in given else judge_against(images[name][i], prompts[i])
             ax.set_title(f"{name}\nalign {verdict['alignment']:.1f}" if i == 0 else
                          f"align {verdict['alignment']:.1f}", fontsize=7,
                          color="green" if verdict["main_colour"] else "red")
