@@ -8,6 +8,8 @@
     zray config [--recipe NAME] [--set key=value ...]   print the resolved config as JSON
     zray evaluate --model DIR [--form auto|reasoning|direct] [--name NAME] [--recipe NAME] [--set ...]
                                                         HPA, Margin HPA, PLCC, SRCC of a reward model
+                                                        (train-teacher and evaluate: --set data.dir=IMPORT for
+                                                        your own data, README "Your own data")
     zray train-teacher --method gdso|grpo|sft|zero_shot|all [--resume] [--recipe NAME] [--set ...]
                                                         Z-Reward teacher (GDSO or a baseline), then evaluate
     zray train-student --method risd|opd|sft|all [--resume] [--recipe NAME] [--set ...]
@@ -156,19 +158,21 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "evaluate":
         from jobs.evaluate import run_evaluate
+        from zray.data.parquet import DataError
 
         try:
             run_evaluate(cfg, args.model, form=args.form, name=args.name)
-        except (ConfigError, FileNotFoundError) as err:
+        except (ConfigError, FileNotFoundError, DataError) as err:  # DataError: a bad table in data.dir
             print(f"zray: error: {err}", file=sys.stderr)
             return 2
         return 0
     if args.command == "train-teacher":
         from jobs.train_teacher import run_train_teacher
+        from zray.data.parquet import DataError
 
         try:
             run_train_teacher(cfg, method=args.method, resume=args.resume)
-        except (ConfigError, FileExistsError) as err:  # FileExistsError: a finished run and no --resume
+        except (ConfigError, FileExistsError, DataError) as err:  # FileExistsError: a finished run and no --resume
             print(f"zray: error: {err}", file=sys.stderr)
             return 2
         return 0

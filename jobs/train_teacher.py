@@ -6,8 +6,13 @@
 
 Every method starts from the same base VLM (`train_teacher.base_model`, default: the teacher of
 `zray pretrain-vlm` after its instruction phase, `<out_dir>/pretrain_vlm/teacher_instruct/final`, or after captioning,
-`<out_dir>/pretrain_vlm/teacher/final`, when `pretrain_vlm.instruct` is off) and trains on the same rows: the train split's
-same-prompt pairs (`zray.data.pair_examples`) of `train_teacher.dimensions`.
+`<out_dir>/pretrain_vlm/teacher/final`, when `pretrain_vlm.instruct` is off; any Hugging Face dir of a supported
+architecture, `zray.models.vlm.SUPPORTED_ARCHITECTURES`) and trains on the same rows: the train split's same-prompt
+pairs (`zray.data.pair_examples`) of `train_teacher.dimensions` (empty = every dimension of the rubric).
+
+Data: the Shapes world of the run, or with `data.dir` set your own (`zray data import --kind rated`): the import's
+pairs of the train split (a hash of prompt_id, `zray.data.imported`), scored with the import's rubric (its
+dimensions and anchors); the evaluation is on the import's test split. Worked example: README, "Your own data".
 
 - zero-shot: no training; the base model scores in the reasoning form.
 - SFT: `ScoreSFTTask` on the generic learner (Ray Train + DeepSpeed): CE on the label bin, no reasoning.
@@ -31,8 +36,9 @@ from typing import Any
 
 from zray.config import TEACHER_METHODS, ConfigError, RunConfig, to_dict
 from zray.data import ensure_world
+from zray.data.imported import data_rubric, imported_pairs, select_dimensions
 from zray.data.pair_examples import pair_examples
-from zray.evaluation.rewards import markdown_row, results_table
+from zray.evaluation.rewards import evaluation_rows, markdown_row, results_table
 from zray.training.runs import export_final, has_checkpoint, pretrained_vlm_dir
 
 METHOD_NAMES = {"zero_shot": "zero-shot", "sft": "SFT", "grpo": "GRPO", "gdso": "GDSO"}
@@ -49,7 +55,9 @@ def base_model_dir(cfg: RunConfig) -> Path:
         hint = "" if given else (f" (run `zray pretrain-vlm --recipe {cfg.name} --model teacher` first, or set "
                                  "train_teacher.base_model)")
         raise ConfigError(f"train_teacher.base_model={str(path)!r} is not allowed: no Hugging Face model there{hint}")
-    return path
+    from zray.models.vlm import check_vlm_architecture
+
+    return check_vlm_architecture(path, "train_teacher.base_model")
 
 
 def run_train_teacher(cfg: RunConfig, method: str | None = None, resume: bool = False) -> dict[str, Any]:
@@ -67,13 +75,18 @@ def run_train_teacher(cfg: RunConfig, method: str | None = None, resume: bool = 
         raise ConfigError(f"--method {method!r} is not allowed: expected one of {', '.join(TEACHER_METHODS)}, all")
     out = Path(cfg.out_dir).resolve()
     root = out / "train_teacher"
-    data_dir = ensure_world(cfg.world, out / "data")
     base = base_model_dir(cfg)
+    rubric = data_rubric(cfg.data)
+    dims = select_dimensions(cfg.train_teacher.dimensions, rubric, "train_teacher.dimensions")
+    # the same rows for every method; read (and checked) before any actor starts
+    pairs = (imported_pairs(cfg.data, "train", dims) if cfg.data.dir
+             else pair_examples(ensure_world(cfg.world, out / "data"), "train", dims))
+    eval_rows = evaluation_rows(cfg)
     lcfg = cfg.train_teacher.learner
     init_ray(lcfg.num_workers * lcfg.cpus_per_worker + cfg.vllm.num_engines * cfg.vllm.cpus_per_engine + 1)
     records = {}
     for name in methods:
-        tcfg = dataclasses.replace(cfg.train_teacher, method=name)
+        tcfg = dataclasses.replace(cfg.train_teacher, method=name, dimensions=dims)
         run_dir = root / name
         print(f"[train-teacher] {METHOD_NAMES[name]} from {base}")
         fitted, engines = None, []
@@ -81,11 +94,11 @@ def run_train_teacher(cfg: RunConfig, method: str | None = None, resume: bool = 
             if name == "zero_shot":
                 final_dir = base
             else:
-                train = ray.data.from_arrow(pair_examples(data_dir, "train", tcfg.dimensions))
+                train = ray.data.from_arrow(pairs)
                 engines = start_engines(base, cfg.vllm, seed=cfg.seed) if name in ("gdso", "grpo") else []
-                task = (ScoreSFTTask(model_dir=str(base)) if name == "sft"
+                task = (ScoreSFTTask(model_dir=str(base), rubric=rubric) if name == "sft"
                         else GDSOTask(model_dir=str(base), cfg=tcfg, rollouts=EnginePool(engines), seed=cfg.seed,
-                                      name=f"teacher_{name}"))
+                                      name=f"teacher_{name}", rubric=rubric))
                 fitted = fit(task, tcfg.learner, datasets={"train": train}, storage_path=root, name=name,
                              resume=resume and has_checkpoint(run_dir),  # --resume: the methods that started
                              time_budget_s=tcfg.time_budget_s)
@@ -100,7 +113,7 @@ def run_train_teacher(cfg: RunConfig, method: str | None = None, resume: bool = 
                 engines = start_engines(final_dir, cfg.vllm, seed=cfg.seed, num_engines=1)
             evaluation = evaluate_reward_model(cfg, final_dir, EnginePool(engines[:1]),
                                                form="auto" if name != "zero_shot" else "reasoning",
-                                               name=f"teacher_{name}")
+                                               name=f"teacher_{name}", rows=eval_rows)
         finally:
             if engines:
                 EnginePool(engines).shutdown()
@@ -150,14 +163,20 @@ def training_summary(history: list[dict[str, float]], final_step: int, wall_s: f
 def write_results(cfg: RunConfig, root: Path) -> str:
     """`root/results.md`: one row per method with an evaluation so far (zero-shot, SFT, GRPO, GDSO order), then the
     reference rows on the same candidates: the oracle (the world's true scores, the ceiling) and the independent
-    judge (alignment only, not learned). The judge's predictions are kept in `root/judge_predictions.json`."""
-    from zray.evaluation.rewards import evaluation_rows, judge_predictions, oracle_predictions, reference_record
+    judge (alignment only, not learned). The judge's predictions are kept in `root/judge_predictions.json`.
+    Imported data (`data.dir`) has neither true scores nor a Shapes scene to judge: no reference rows."""
+    from zray.evaluation.rewards import judge_predictions, oracle_predictions, reference_record
 
     rows = []
     for name in TEACHER_METHODS[::-1]:
         path = root / name / "metrics.json"
         if path.exists():
             rows.append((METHOD_NAMES[name], json.loads(path.read_text())["evaluation"]))
+    if cfg.data.dir:
+        table = results_table(rows)
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "results.md").write_text(table + "\n")
+        return table
     candidates = evaluation_rows(cfg)
     cache = root / "judge_predictions.json"
     ids = [r["candidate_id"] for r in candidates]

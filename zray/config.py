@@ -465,7 +465,8 @@ class TrainTeacherConfig:
     clip_eps: float = 0.2
     aggregation: Literal["sum", "mean"] = "sum"
     format_penalty: float = 0.5  # subtracted from the reward of a malformed output (no score prefix written)
-    dimensions: tuple[str, ...] = ("alignment", "realism", "aesthetics", "plausibility")
+    # the pairs trained on; empty = every dimension of the rubric (the four built-in ones, or data.dir's rubric)
+    dimensions: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _require(self.method in TEACHER_METHODS, "TrainTeacherConfig.method", self.method,
@@ -479,9 +480,8 @@ class TrainTeacherConfig:
             _require(getattr(self, name) >= 0, f"TrainTeacherConfig.{name}", getattr(self, name), "a float >= 0")
         _require(self.aggregation in ("sum", "mean"), "TrainTeacherConfig.aggregation", self.aggregation,
                  "'sum' or 'mean'")
-        allowed = ("alignment", "realism", "aesthetics", "plausibility")
-        _require(bool(self.dimensions) and all(d in allowed for d in self.dimensions),
-                 "TrainTeacherConfig.dimensions", self.dimensions, f"a non-empty subset of {allowed}")
+        _require(len(set(self.dimensions)) == len(self.dimensions), "TrainTeacherConfig.dimensions",
+                 self.dimensions, "distinct rubric dimensions (empty = all of them)")  # which ones: RunConfig
         _require(self.learner.checkpoint_every % self.updates_per_rollout == 0,
                  "TrainTeacherConfig.learner.checkpoint_every", self.learner.checkpoint_every,
                  f"a multiple of updates_per_rollout={self.updates_per_rollout} (checkpoints between rollouts)")
@@ -596,6 +596,30 @@ class RewardFinetuneConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where the reward-model stages (train-teacher, evaluate) read their data (docs/data-formats.md).
+
+    `dir` empty: the Shapes world of the run (`world.*`, its own train / heldout / test splits). Else a
+    `zray data import --kind rated` folder: its rubric (manifest) gives the dimensions and anchors, and its prompts
+    are split by a hash of `prompt_id` (`zray.data.imported.split_of`): test if u < test_frac, heldout if
+    u < test_frac + heldout_frac, else train, with u = the first 8 bytes of sha256(prompt_id) / 2**64. The split
+    depends on nothing but the id, so it is the same on every machine and run, and adding prompts moves none.
+    """
+
+    dir: str = ""  # an import folder (rated images + derived pairs); empty = the Shapes world of the run
+    test_frac: float = 0.2
+    heldout_frac: float = 0.1
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.test_frac, (int, float)) and 0 < self.test_frac < 1, "DataConfig.test_frac",
+                 self.test_frac, "a float in (0, 1)")
+        _require(isinstance(self.heldout_frac, (int, float)) and 0 <= self.heldout_frac < 1,
+                 "DataConfig.heldout_frac", self.heldout_frac, "a float in [0, 1)")
+        _require(self.test_frac + self.heldout_frac < 1, "DataConfig.heldout_frac", self.heldout_frac,
+                 f"a float < 1 - test_frac = {1 - self.test_frac:g} (the rest is the train split)")
+
+
+@dataclass(frozen=True, kw_only=True)
 class EvaluateConfig:
     """Reward-model evaluation on the Shapes test candidates (methods.md §4): HPA, Margin HPA, PLCC, SRCC."""
 
@@ -661,6 +685,7 @@ class RunConfig:
     out_dir: str = "runs/tiny_cpu"
     seed: int = 0
     world: WorldConfig = field(default_factory=WorldConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # the reward stages' data: the world, or an import
     teacher: VLMConfig = field(default_factory=VLMConfig)
     student: VLMConfig = field(default_factory=VLMConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
@@ -677,6 +702,11 @@ class RunConfig:
     def __post_init__(self) -> None:
         _require(self.size in ("tiny", "dev", "full"), "RunConfig.size", self.size, "'tiny', 'dev' or 'full'")
         _require(bool(self.out_dir), "RunConfig.out_dir", self.out_dir, "a non-empty path")
+        builtin = ("alignment", "realism", "aesthetics", "plausibility")
+        if not self.data.dir:  # with an import, its rubric's dimensions are checked where it is read
+            _require(all(d in builtin for d in self.train_teacher.dimensions), "train_teacher.dimensions",
+                     self.train_teacher.dimensions, f"a subset of {builtin} (the Shapes world's rubric; empty = all), "
+                     "or set data.dir to an import with other dimensions")
 
 
 # --------------------------------------------------------------------------------------------- overrides

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 DIMENSIONS: tuple[str, ...] = ("alignment", "realism", "aesthetics", "plausibility")
+DIMENSION_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")  # safe in column names (label_<d>) and file names
 
 # The score scale: nine half-point bins S = {1.0, 1.5, ..., 5.0}, each spelled by one dedicated token.
 SCORE_MIN = 1.0
@@ -90,15 +91,19 @@ SYSTEM_TEXT = "You rate images. Answer with a score from 1 to 5."
 @dataclass(frozen=True)
 class ScoreRequest:
     """One scoring query: a text-to-image prompt, the image (PIL, RGB), a rubric dimension, and for the
-    teacher form the reasoning to teacher-force before the score prefix (None: the student form)."""
+    teacher form the reasoning to teacher-force before the score prefix (None: the student form).
+
+    `anchors`: the dimension's five anchor texts when it comes from another rubric than the built-in one (an
+    import's, `Rubric.anchors_for`); None = a built-in dimension with its built-in anchors."""
 
     prompt: str
     image: Any
     dimension: str
     reasoning: str | None = None
+    anchors: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        check_dimension(self.dimension)
+        check_dimension(self.dimension, self.anchors)
         check_prompt(self.prompt)
 
 
@@ -108,9 +113,20 @@ def check_prompt(prompt: str) -> str:
     return prompt
 
 
-def check_dimension(dimension: str) -> str:
-    if dimension not in DIMENSIONS:
-        raise ValueError(f"dimension={dimension!r} is not allowed: expected one of {DIMENSIONS}")
+def check_dimension(dimension: str, anchors: tuple[str, ...] | None = None) -> str:
+    """A built-in dimension (anchors None), or any well-formed dimension name with its five anchors given."""
+    if anchors is None:
+        if dimension not in DIMENSIONS:
+            raise ValueError(f"dimension={dimension!r} is not allowed: expected one of {DIMENSIONS} (or pass the "
+                             "anchors of another rubric's dimension)")
+        return dimension
+    if not isinstance(dimension, str) or not DIMENSION_NAME.match(dimension):
+        raise ValueError(f"dimension={dimension!r} is not allowed: expected lower-case letters, digits and '_', "
+                         "starting with a letter, at most 32 characters")
+    if (not isinstance(anchors, tuple) or len(anchors) != 5
+            or not all(isinstance(t, str) and t.strip() for t in anchors)):
+        raise ValueError(f"dimension {dimension!r} anchors={anchors!r} are not allowed: expected a tuple of five "
+                         "non-empty strings (levels 1 to 5)")
     return dimension
 
 
@@ -125,32 +141,35 @@ def check_dimensions(dimensions: Any) -> tuple[str, ...]:
     return dims
 
 
-def rubric_text(dimension: str) -> str:
-    """The rubric of `dimension`, one anchor a line."""
-    anchors = RUBRICS[check_dimension(dimension)]
+def rubric_text(dimension: str, anchors: tuple[str, ...] | None = None) -> str:
+    """The rubric of `dimension`, one anchor a line (its built-in anchors unless `anchors` is given)."""
+    anchors = RUBRICS[check_dimension(dimension)] if anchors is None else anchors
+    check_dimension(dimension, anchors)
     lines = [f"Rubric for {dimension}:"] + [f"{level}: {text}" for level, text in enumerate(anchors, start=1)]
     return "\n".join(lines)
 
 
-def instruction_text(prompt: str, dimension: str, reasoning: bool) -> str:
+def instruction_text(prompt: str, dimension: str, reasoning: bool, anchors: tuple[str, ...] | None = None) -> str:
     """The user turn's text after the image."""
-    check_dimension(dimension)
+    check_dimension(dimension, anchors)
     ask = "Explain briefly, then give the score." if reasoning else "Give the score."
     return f"Prompt: {prompt}\nDimension: {dimension}\n{ask}"
 
 
-def build_messages(prompt: str, dimension: str, reasoning: bool) -> list[dict[str, Any]]:
+def build_messages(prompt: str, dimension: str, reasoning: bool, anchors: tuple[str, ...] | None = None
+                   ) -> list[dict[str, Any]]:
     """Qwen chat messages: system rubric, then the user turn with one image and the text.
 
     The image is a placeholder `{"type": "image"}`; the pixels go to the processor (transformers) or to
-    `multi_modal_data` (vLLM) alongside the rendered text.
+    `multi_modal_data` (vLLM) alongside the rendered text. `anchors`: those of another rubric's dimension.
     """
     check_prompt(prompt)
+    system = f"{SYSTEM_TEXT}\n{rubric_text(dimension, anchors)}"
     return [
-        {"role": "system", "content": [{"type": "text", "text": f"{SYSTEM_TEXT}\n{rubric_text(dimension)}"}]},
+        {"role": "system", "content": [{"type": "text", "text": system}]},
         {"role": "user", "content": [
             {"type": "image"},
-            {"type": "text", "text": instruction_text(prompt, dimension, reasoning)},
+            {"type": "text", "text": instruction_text(prompt, dimension, reasoning, anchors)},
         ]},
     ]
 
@@ -167,25 +186,25 @@ def answer_text(score_token: str, reasoning: str | None) -> str:
     return answer_prefix(reasoning) + score_token
 
 
-def render_generation_prompt(chat: Any, prompt: str, dimension: str, reasoning: bool) -> str:
+def render_generation_prompt(chat: Any, prompt: str, dimension: str, reasoning: bool,
+                             anchors: tuple[str, ...] | None = None) -> str:
     """The rendered chat up to the start of the assistant answer (where the teacher starts reasoning)."""
-    messages = build_messages(prompt, dimension, reasoning)
+    messages = build_messages(prompt, dimension, reasoning, anchors)
     return chat.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def render_score_context(chat: Any, prompt: str, dimension: str, reasoning: str | None = None) -> str:
+def render_score_context(chat: Any, prompt: str, dimension: str, reasoning: str | None = None,
+                         anchors: tuple[str, ...] | None = None) -> str:
     """The rendered text that ends right before the score token (teacher forcing of `reasoning`).
 
     `reasoning=None` is the student form (the score is the first answer token); a string is the teacher
     form (the reasoning, then the fixed score prefix).
     """
-    head = render_generation_prompt(chat, prompt, dimension, reasoning is not None)
+    head = render_generation_prompt(chat, prompt, dimension, reasoning is not None, anchors)
     return head + answer_prefix(reasoning)
 
 
 # ---- rubric files: dimensions and anchors from a config file (zray data import --rubric) ---------------------
-
-DIMENSION_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")  # safe in column names (label_<d>) and file names
 
 
 @dataclass(frozen=True)
@@ -218,6 +237,12 @@ class Rubric:
         if dimension not in self.dimensions:
             raise ValueError(f"dimension={dimension!r} is not allowed: expected one of {self.dimensions}")
         return self.anchors[self.dimensions.index(dimension)]
+
+    def anchors_for(self, dimension: str) -> tuple[str, ...] | None:
+        """What a `ScoreRequest` of `dimension` carries: None for a built-in dimension with its built-in anchors
+        (the built-in prompt), else this rubric's anchors."""
+        anchors = self.anchors_of(dimension)
+        return None if RUBRICS.get(dimension) == anchors else anchors
 
     def to_dict(self) -> dict[str, list[str]]:
         """{dimension: [five anchors]} in order: the rubric file format (and the import manifest's)."""

@@ -130,7 +130,8 @@ class TeacherEngine:
 
         self._require_verified()
         reqs = [r if isinstance(r, ScoreRequest) else ScoreRequest(*r) for r in requests]
-        texts = [render_generation_prompt(self.tokenizer, r.prompt, r.dimension, reasoning=True) for r in reqs]
+        texts = [render_generation_prompt(self.tokenizer, r.prompt, r.dimension, reasoning=True,
+                                          anchors=r.anchors) for r in reqs]
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, n=n, seed=seed,
                                 stop=[SCORE_PREFIX.strip()])
         outputs = self.llm.generate(self._inputs(texts, [r.image for r in reqs]), params, use_tqdm=False)
@@ -156,7 +157,7 @@ class TeacherEngine:
 
         self._require_verified()
         reqs = [r if isinstance(r, ScoreRequest) else ScoreRequest(*r) for r in requests]
-        texts = [render_score_context(self.tokenizer, r.prompt, r.dimension, r.reasoning) for r in reqs]
+        texts = [render_score_context(self.tokenizer, r.prompt, r.dimension, r.reasoning, r.anchors) for r in reqs]
         params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(self.score_ids))
         outputs = self.llm.generate(self._inputs(texts, [r.image for r in reqs]), params, use_tqdm=False)
         result = []

@@ -158,7 +158,8 @@ def generate_rollouts(llm: Any, requests: Sequence[ScoreRequest | tuple], *, sco
         return tokenizer.decode(ids, skip_special_tokens=True)
 
     # ---- call 1: reasoning samples (never a multimodal placeholder token: see `banned_token_bias`)
-    texts = [render_generation_prompt(tokenizer, r.prompt, r.dimension, reasoning=True) for r in reqs]
+    texts = [render_generation_prompt(tokenizer, r.prompt, r.dimension, reasoning=True, anchors=r.anchors)
+             for r in reqs]
     bias = banned_token_bias(llm.llm_engine.model_config.hf_config)
     params = [SamplingParams(n=group_size, max_tokens=max_reasoning_tokens, temperature=temperature,
                              seed=_sample_seed(seed, request_offset + i, group_size, 0), stop=[STOP_TEXT],

@@ -19,7 +19,7 @@ def test_cli_bad_form_is_one_line(tmp_path):
 def test_cli_bad_model_or_scoring_file_is_one_line(tmp_path, capsys):
     assert main(["evaluate", "--model", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
-    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))  # a supported architecture
     (tmp_path / SCORING_FILE).write_text(json.dumps({"form": "sideways"}))
     assert main(["evaluate", "--model", str(tmp_path), "--set", f"out_dir={tmp_path / 'run'}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -262,7 +262,7 @@ def import_data(source: str | Path, out_dir: str | Path, *, kind: str, rubric: R
         "import_version": IMPORT_VERSION, "kind": kind, "on_bad_row": on_bad_row,
         "source": {"path": str(source.resolve()), "format": fmt, "file": str(file.resolve()),
                    "sha256": sha256_file(file), "mapping": mapping},
-        "rubric": {"source": rubric.source, "dimensions": rubric.to_dict()},
+        "rubric": {"source": rubric.source, "dimensions": rubric.to_dict(), "order": list(rubric.dimensions)},
         "rows_read": rows_read, "rows_imported": len(table.rows), "bad_rows": len(errors),
         "ignored_columns": sorted(ignored), **extra,
     }
@@ -302,6 +302,17 @@ def read_imported(out_dir: str | Path, table: str) -> pa.Table:
     if f"{table}.parquet" not in manifest["files"]:
         raise DataError(f"file {str(out_dir / MANIFEST)!r}, row n/a, column n/a: table {table!r} is not in this "
                         f"import (it holds {sorted(manifest['files'])})")
-    rubric = parse_rubric({"dimensions": manifest["rubric"]["dimensions"]}, manifest["rubric"]["source"])
+    rubric = manifest_rubric(manifest)
     kind = {name: k for k, name in TABLES.items()}[table]
     return read_table(out_dir / f"{table}.parquet", schema_for(kind, rubric))
+
+
+def manifest_rubric(manifest: dict[str, Any]) -> Rubric:
+    """The rubric an import's manifest records, in its order (`rubric.order`: the manifest's keys are sorted)."""
+    info = manifest["rubric"]
+    dims = info["dimensions"]
+    order = info.get("order") or list(dims)  # imports of the first slice: sorted order
+    if sorted(order) != sorted(dims):
+        raise DataError(f"file 'manifest.json', row n/a, column rubric: order {order} does not name the rubric's "
+                        f"dimensions {sorted(dims)}")
+    return parse_rubric({"dimensions": {d: dims[d] for d in order}}, info["source"])

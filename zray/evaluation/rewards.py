@@ -1,9 +1,11 @@
 """Evaluating a reward model on the Shapes test pairs (methods.md §4): HPA, Margin HPA, PLCC and SRCC.
 
 `evaluate_reward_model(cfg, model_dir, scorer)` scores every candidate of `evaluate.split` (the first
-`num_prompts` prompts; 0 = all) in every dimension with `scorer` (anything with the engine verbs
-`generate_texts` and `score`: a `TeacherEngine`, or an `EnginePool` of engine actors; started and stopped by the
-caller) and writes, under `<out_dir>/evaluate/<name>/`, `metrics.json`, `table.md`, `distributions.png` (q per
+`num_prompts` prompts; 0 = all) in every dimension of the rubric with `scorer`. The candidates and the rubric are
+the Shapes world's, or with `data.dir` set an import's: its rated images of the split (`zray.data.imported`) and
+its rubric's dimensions, each scored with its own anchors. `scorer` is anything with the engine verbs
+`generate_texts` and `score` (a `TeacherEngine`, or an `EnginePool` of engine actors; started and stopped by the
+caller). It writes, under `<out_dir>/evaluate/<name>/`, `metrics.json`, `table.md`, `distributions.png` (q per
 dimension for `num_plot_images` candidates, human score marked) and `predictions.parquet` (one row per query,
 so any table can be recomputed).
 
@@ -21,6 +23,7 @@ tokens (the greedy text re-tokenised) + 1.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -34,10 +37,11 @@ import numpy as np
 
 from zray.config import ConfigError, RunConfig, to_dict
 from zray.data import ensure_world, read_table
+from zray.data.imported import data_rubric, imported_rows
 from zray.data.render import decode_png
 from zray.metrics import hpa_table, plcc, srcc
 from zray.models.vlm import SCORING_FILE
-from zray.rubric import DIMENSIONS, ScoreRequest
+from zray.rubric import BUILTIN_RUBRIC, DIMENSIONS, Rubric, ScoreRequest
 from zray.scores import SCORE_BINS
 
 FORMS = ("reasoning", "direct")
@@ -46,12 +50,15 @@ RESULTS_HEADER = ("| model | method | HPA | Margin HPA | PLCC | SRCC | output to
                   "|---|---|---|---|---|---|---|")
 
 
-def check_model_dir(model_dir: str | Path) -> Path:
+def check_model_dir(model_dir: str | Path, setting: str = "--model") -> Path:
+    """A Hugging Face model dir of a supported architecture (`zray.models.vlm.check_vlm_architecture`)."""
+    from zray.models.vlm import check_vlm_architecture
+
     path = Path(model_dir)
     if not (path / "config.json").is_file():
         what = "does not exist" if not path.exists() else "has no config.json"
-        raise FileNotFoundError(f"--model {str(path)!r} {what}: expected a Hugging Face format Qwen-VL dir")
-    return path
+        raise FileNotFoundError(f"{setting} {str(path)!r} {what}: expected a Hugging Face format Qwen-VL dir")
+    return check_vlm_architecture(path, setting)
 
 
 def resolve_form(model_dir: str | Path, form: str = "auto") -> tuple[str, str | None]:
@@ -93,13 +100,15 @@ def evaluate_reward_model(cfg: RunConfig, model_dir: str | Path, scorer: Any, *,
     ecfg = cfg.evaluate
     out = Path(cfg.out_dir).resolve()
     rows = evaluation_rows(cfg) if rows is None else rows
+    rubric = data_rubric(cfg.data)
     keep = {r["prompt_id"] for r in rows}
     run_dir = out / "evaluate" / name
     run_dir.mkdir(parents=True, exist_ok=True)
     scoring = time.perf_counter()
-    preds = score_candidates(scorer, rows, form, ecfg.max_reasoning_tokens, model_dir)
+    preds = score_candidates(scorer, rows, form, ecfg.max_reasoning_tokens, model_dir, rubric)
     score_s = time.perf_counter() - scoring
     record = {"name": name, "model_dir": str(model_dir), "form": form, "method": method, "split": ecfg.split,
+              "data": cfg.data.dir or "shapes world", "dimensions": list(rubric.dimensions),
               "num_prompts": len(keep), "num_candidates": len(rows), "num_queries": len(preds),
               "mean_output_tokens": float(np.mean([p["num_output_tokens"] for p in preds])),
               **compute_metrics(preds), "engine_start_s": engine_start_s, "score_s": score_s,
@@ -117,10 +126,14 @@ def evaluate_reward_model(cfg: RunConfig, model_dir: str | Path, scorer: Any, *,
 
 
 def evaluation_rows(cfg: RunConfig) -> list[dict[str, Any]]:
-    """The candidates of `evaluate.split` that are scored: those of its first `evaluate.num_prompts` prompts."""
+    """The candidates of `evaluate.split` that are scored: those of its first `evaluate.num_prompts` prompts (of the
+    Shapes world, or of the import in `data.dir`)."""
     ecfg = cfg.evaluate
-    rows = read_table(ensure_world(cfg.world, Path(cfg.out_dir).resolve() / "data")
-                      / f"candidates_{ecfg.split}.parquet", "candidates").to_pylist()
+    if cfg.data.dir:
+        rows = imported_rows(cfg.data, ecfg.split)
+    else:
+        rows = read_table(ensure_world(cfg.world, Path(cfg.out_dir).resolve() / "data")
+                          / f"candidates_{ecfg.split}.parquet", "candidates").to_pylist()
     prompt_ids = list(dict.fromkeys(r["prompt_id"] for r in rows))
     if ecfg.num_prompts > len(prompt_ids):
         raise ConfigError(f"evaluate.num_prompts={ecfg.num_prompts} is not allowed: the {ecfg.split} split has "
@@ -134,8 +147,9 @@ def evaluation_rows(cfg: RunConfig) -> list[dict[str, Any]]:
 
 
 def score_candidates(scorer: Any, rows: list[dict[str, Any]], form: str, max_reasoning_tokens: int,
-                     model_dir: Path) -> list[dict[str, Any]]:
-    """One prediction per (candidate, dimension), in that order: ids, mu, q, human, reasoning, output tokens."""
+                     model_dir: Path, rubric: Rubric = BUILTIN_RUBRIC) -> list[dict[str, Any]]:
+    """One prediction per (candidate, rubric dimension), in that order: ids, mu, q, human, reasoning, output
+    tokens. Each query carries its dimension's anchors from `rubric` (the scoring prompt of that rubric)."""
     import torch
     from tqdm import tqdm
 
@@ -147,16 +161,17 @@ def score_candidates(scorer: Any, rows: list[dict[str, Any]], form: str, max_rea
 
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     images = {r["candidate_id"]: decode_png(r["image"]) for r in rows}
-    queries = [(r, d) for r in rows for d in DIMENSIONS]
+    queries = [(r, d) for r in rows for d in rubric.dimensions]
     preds = []
     for start in tqdm(range(0, len(queries), CHUNK_SIZE), desc=f"evaluate ({form})", unit="chunk"):
         chunk = queries[start:start + CHUNK_SIZE]
-        reqs = [ScoreRequest(r["prompt"], images[r["candidate_id"]], d) for r, d in chunk]
+        reqs = [ScoreRequest(r["prompt"], images[r["candidate_id"]], d, anchors=rubric.anchors_for(d))
+                for r, d in chunk]
         reasonings: list[str | None] = [None] * len(reqs)
         if form == "reasoning":
             texts = scorer.generate_texts(reqs, max_tokens=max_reasoning_tokens, temperature=0.0, n=1)
             reasonings = [t[0] for t in texts]
-            reqs = [ScoreRequest(q.prompt, q.image, q.dimension, t) for q, t in zip(reqs, reasonings, strict=True)]
+            reqs = [dataclasses.replace(q, reasoning=t) for q, t in zip(reqs, reasonings, strict=True)]
         q_BK = torch.as_tensor(scorer.score(reqs), dtype=torch.float32)
         mu_B = expected_score(q_BK)
         for k, ((row, dim), reasoning) in enumerate(zip(chunk, reasonings, strict=True)):
@@ -207,7 +222,7 @@ def compute_metrics(preds: list[dict[str, Any]]) -> dict[str, Any]:
             human_a.append(a["human"])
             human_b.append(b["human"])
     pairs = hpa_table(pair_dims, pred_a, pred_b, human_a, human_b)
-    dims = [d for d in DIMENSIONS if any(p["dimension"] == d for p in preds)]
+    dims = list(dict.fromkeys(p["dimension"] for p in preds))  # the rubric's order (predictions come in it)
 
     def correlations(subset: list[dict[str, Any]]) -> dict[str, Any]:
         mu, human = [p["mu"] for p in subset], [p["human"] for p in subset]
@@ -281,14 +296,15 @@ def save_distributions(path: Path, rows: list[dict[str, Any]], preds: list[dict[
     import matplotlib.pyplot as plt
 
     by_key = {(p["candidate_id"], p["dimension"]): p for p in preds}
+    dims = list(dict.fromkeys(p["dimension"] for p in preds))
     reasoning = form == "reasoning"
-    fig, axes = plt.subplots(len(rows), 1 + len(DIMENSIONS), squeeze=False,
-                             figsize=(2.3 * (1 + len(DIMENSIONS)), (2.9 if reasoning else 2.0) * len(rows)))
+    fig, axes = plt.subplots(len(rows), 1 + len(dims), squeeze=False,
+                             figsize=(2.3 * (1 + len(dims)), (2.9 if reasoning else 2.0) * len(rows)))
     for i, row in enumerate(rows):
         axes[i, 0].imshow(decode_png(row["image"]))
         axes[i, 0].set_axis_off()
         axes[i, 0].set_title(textwrap.shorten(row["prompt"], 60), fontsize=6, wrap=True)
-        for j, dim in enumerate(DIMENSIONS, start=1):
+        for j, dim in enumerate(dims, start=1):
             ax, p = axes[i, j], by_key[(row["candidate_id"], dim)]
             ax.bar(SCORE_BINS, p["q"], width=0.4, color="C0")
             ax.axvline(p["human"], color="red", lw=1.2, label="human")

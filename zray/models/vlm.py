@@ -41,6 +41,34 @@ def load_vlm(path: str | Path, dtype: torch.dtype = torch.float32, device: str |
     return model, processor
 
 
+# ------------------------------------------------------------------ which base models work
+
+# model_type -> the transformers class of its checkpoints: the architectures zray builds, trains and serves (a
+# Hugging Face dir of either, any size: the tiny zoo or a real Qwen2.5-VL / Qwen3-VL checkpoint).
+SUPPORTED_ARCHITECTURES = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+                           "qwen3_vl": "Qwen3VLForConditionalGeneration"}
+
+
+def check_vlm_architecture(model_dir: str | Path, setting: str) -> Path:
+    """`model_dir` if its config.json names a supported architecture (`model_type`, else `architectures`); else a
+    one-line ConfigError naming `setting` (e.g. "train_teacher.base_model"), the dir, what it found and what works."""
+    from zray.config import ConfigError
+
+    path = Path(model_dir)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{setting}={str(path)!r} is not allowed: config.json does not read ({err}); expected a "
+                          "Hugging Face model dir") from None
+    config = config if isinstance(config, dict) else {}
+    model_type, archs = config.get("model_type"), config.get("architectures") or []
+    if model_type in SUPPORTED_ARCHITECTURES or any(a in SUPPORTED_ARCHITECTURES.values() for a in archs):
+        return path
+    supported = ", ".join(f"{t} ({c})" for t, c in SUPPORTED_ARCHITECTURES.items())
+    raise ConfigError(f"{setting}={str(path)!r} is not allowed: its architecture is model_type={model_type!r} "
+                      f"(architectures {archs}); expected a Hugging Face VLM of a supported architecture: {supported}")
+
+
 # ------------------------------------------------------------------ checkpoints of the learner tasks
 
 SCORING_FILE = "zray_scoring.json"  # {"form": "direct" | "reasoning", "method": ...}: how to evaluate a model
@@ -115,7 +143,7 @@ def load_vlm_weights(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
 def score_inputs(processor: Any, requests: Sequence[ScoreRequest]) -> Any:
     """Processor outputs (input_ids_BL, attention_mask_BL, pixel_values, image_grid_thw) for a batch, padded on the
     left (whatever the processor's default): the last position of every row is its score position."""
-    texts = [render_score_context(processor, r.prompt, r.dimension, r.reasoning) for r in requests]
+    texts = [render_score_context(processor, r.prompt, r.dimension, r.reasoning, r.anchors) for r in requests]
     images = [r.image for r in requests]
     return processor(text=texts, images=images, return_tensors="pt", padding=True, padding_side="left")
 

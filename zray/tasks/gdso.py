@@ -41,7 +41,7 @@ from zray.losses.gdso import gdso_loss, gdso_rewards, penalize_malformed, side_a
 from zray.models.teacher_forcing import PolicyModel, forced_logprobs, rollout_inputs
 from zray.models.vlm import (cached_processor, load_vlm_weights, save_vlm, served_dtype, trainable_vlm,
                             write_scoring_file)
-from zray.rubric import ScoreRequest
+from zray.rubric import BUILTIN_RUBRIC, Rubric, ScoreRequest
 from zray.scores import score_token_ids
 from zray.tasks.score_sft import pair_requests
 from zray.types import RolloutBatch, WeightVersionError
@@ -88,6 +88,7 @@ class GDSOTask:
     rollouts: RolloutSource
     seed: int = 0
     name: str = "teacher_gdso"
+    rubric: Rubric = BUILTIN_RUBRIC  # the dimensions' anchors in the scoring prompt (an import's rubric)
     fp32_keys: tuple[str, ...] = ("old_logp", "ref_logp", "advantages", "labels")
     policy: PolicyState | None = field(default=None, init=False, repr=False)  # set on the workers
 
@@ -152,7 +153,7 @@ class GDSOTask:
 
     def collate(self, rows: dict[str, Any]) -> dict[str, Any]:
         policy, c = self._policy(), self.cfg
-        requests, labels_P2 = pair_requests(rows)
+        requests, labels_P2 = pair_requests(rows, rubric=self.rubric)
         t0 = time.perf_counter()
         rank = dist.get_rank() if dist.is_initialized() else 0
         rollout = self.rollouts.generate(requests, group_size=c.group_size,

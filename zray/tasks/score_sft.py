@@ -18,18 +18,21 @@ from typing import Any
 import torch
 
 from zray.data.render import decode_png
-from zray.rubric import ScoreRequest
+from zray.rubric import BUILTIN_RUBRIC, Rubric, ScoreRequest
 from zray.models.vlm import (cached_processor, load_vlm_weights, save_vlm, score_inputs, trainable_vlm,
                             write_scoring_file)
 from zray.scores import label_index, score_bins, score_token_ids
 
-def pair_requests(rows: dict[str, Any], *, reasoning: str | None = None) -> tuple[list[ScoreRequest], torch.Tensor]:
-    """[winner, loser] ScoreRequests per pair row, and labels_P2 (float32)."""
+def pair_requests(rows: dict[str, Any], *, reasoning: str | None = None, rubric: Rubric = BUILTIN_RUBRIC
+                  ) -> tuple[list[ScoreRequest], torch.Tensor]:
+    """[winner, loser] ScoreRequests per pair row (each dimension with its anchors in `rubric`: an import's rubric
+    for imported data), and labels_P2 (float32)."""
     requests, labels = [], []
     for p in range(len(rows["prompt"])):
+        dim = str(rows["dimension"][p])
         for side in ("winner", "loser"):
             requests.append(ScoreRequest(str(rows["prompt"][p]), decode_png(bytes(rows[f"{side}_image"][p])),
-                                         str(rows["dimension"][p]), reasoning))
+                                         dim, reasoning, rubric.anchors_for(dim)))
         labels.append([float(rows["winner_label"][p]), float(rows["loser_label"][p])])
     return requests, torch.tensor(labels, dtype=torch.float32)
 
@@ -40,6 +43,7 @@ class ScoreSFTTask:
 
     model_dir: str
     name: str = "teacher_sft"
+    rubric: Rubric = BUILTIN_RUBRIC  # the dimensions' anchors in the scoring prompt (an import's rubric)
 
     @property
     def processor(self) -> Any:
@@ -49,7 +53,7 @@ class ScoreSFTTask:
         return trainable_vlm(self.model_dir)
 
     def collate(self, rows: dict[str, Any]) -> dict[str, torch.Tensor]:
-        requests, labels_P2 = pair_requests(rows)
+        requests, labels_P2 = pair_requests(rows, rubric=self.rubric)
         # left padding (score_inputs): the last position of every row is its score position
         batch = {k: v for k, v in score_inputs(self.processor, requests).items() if isinstance(v, torch.Tensor)}
         batch["label_index"] = torch.tensor([label_index(float(s)) for s in labels_P2.flatten()], dtype=torch.int64)
