@@ -85,17 +85,24 @@ def run_train_teacher(cfg: RunConfig, method: str | None = None, resume: bool = 
     lcfg = cfg.train_teacher.learner
     init_ray(lcfg.num_workers * lcfg.cpus_per_worker + cfg.vllm.num_engines * cfg.vllm.cpus_per_engine + 1)
     records = {}
-    for name in methods:
-        tcfg = dataclasses.replace(cfg.train_teacher, method=name, dimensions=dims)
-        run_dir = root / name
-        print(f"[train-teacher] {METHOD_NAMES[name]} from {base}")
-        fitted, engines = None, []
-        try:
+    # One engine set for the whole job, started on the base model when a method first needs it: the RL methods'
+    # rollouts (their weights are synced before every rollout) and every evaluation (the model to evaluate loaded
+    # and verified). An engine is an actor: an in-process vLLM engine in the driver would share (and on shutdown
+    # tear down) vLLM's process-global state with any other engine of the driver process.
+    engines: list[Any] = []
+    serving = {"dir": base, "version": 0}  # what the engines serve
+    try:
+        for name in methods:
+            tcfg = dataclasses.replace(cfg.train_teacher, method=name, dimensions=dims)
+            run_dir = root / name
+            print(f"[train-teacher] {METHOD_NAMES[name]} from {base}")
+            fitted = None
+            if name in ("gdso", "grpo") and not engines:
+                engines = start_engines(base, cfg.vllm, seed=cfg.seed)
             if name == "zero_shot":
                 final_dir = base
             else:
                 train = ray.data.from_arrow(pairs)
-                engines = start_engines(base, cfg.vllm, seed=cfg.seed) if name in ("gdso", "grpo") else []
                 task = (ScoreSFTTask(model_dir=str(base), rubric=rubric) if name == "sft"
                         else GDSOTask(model_dir=str(base), cfg=tcfg, rollouts=EnginePool(engines), seed=cfg.seed,
                                       name=f"teacher_{name}", rubric=rubric))
@@ -103,29 +110,39 @@ def run_train_teacher(cfg: RunConfig, method: str | None = None, resume: bool = 
                              resume=resume and has_checkpoint(run_dir),  # --resume: the methods that started
                              time_budget_s=tcfg.time_budget_s)
                 final_dir = export_final(fitted.hf_dir, run_dir)
-            # One engine evaluates (as a fresh one would): a rollout engine now serving the final weights, else a new
-            # one. It is an actor too: an in-process vLLM engine in the driver would share (and on shutdown tear
-            # down) vLLM's process-global state with any other engine of the driver process.
-            if engines and not serve_final_weights(EnginePool(engines[:1]), base, final_dir, fitted.final_step + 1):
-                EnginePool(engines).shutdown()
-                engines = []
+                if name in ("gdso", "grpo"):
+                    serving = {"dir": None, "version": fitted.final_step}  # the last rollout's weights
+            # The engines evaluate (as a fresh one on final_dir would): serving final_dir's weights, verified, or
+            # fresh ones when they cannot serve them as a fresh engine would (another dtype).
             if not engines:
-                engines = start_engines(final_dir, cfg.vllm, seed=cfg.seed, num_engines=1)
+                engines = start_engines(base, cfg.vllm, seed=cfg.seed)
+                serving = {"dir": base, "version": 0}
+            if serving["dir"] != final_dir:
+                version = serving["version"] + 1
+                if serve_final_weights(EnginePool(engines), base, final_dir, version):
+                    serving = {"dir": final_dir, "version": version}
+                else:
+                    EnginePool(engines).shutdown()
+                    engines = start_engines(final_dir, cfg.vllm, seed=cfg.seed)
+                    serving = {"dir": None, "version": 0}  # not the base's: reloaded before the next method
             evaluation = evaluate_reward_model(cfg, final_dir, EnginePool(engines[:1]),
                                                form="auto" if name != "zero_shot" else "reasoning",
                                                name=f"teacher_{name}", rows=eval_rows)
-        finally:
-            if engines:
+            if serving["dir"] is None and engines and name != methods[-1]:  # a dtype-changed engine: start anew
                 EnginePool(engines).shutdown()
-        record = {"method": name, "model_dir": str(final_dir), "evaluation": evaluation,
-                  "training": training_summary(fitted.history, fitted.final_step, fitted.wall_s) if fitted else None,
-                  "config": to_dict(tcfg)}
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "metrics.json").write_text(json.dumps(record, indent=2, default=str))
-        if fitted is not None:
-            save_training_curves(run_dir / "training.png", fitted.history, METHOD_NAMES[name])
-        records[name] = record
-        print(f"[train-teacher] {METHOD_NAMES[name]}: pooled HPA {evaluation['pooled']['hpa']:.4f} -> {run_dir}")
+                engines = []
+            summary = training_summary(fitted.history, fitted.final_step, fitted.wall_s) if fitted else None
+            record = {"method": name, "model_dir": str(final_dir), "evaluation": evaluation, "training": summary,
+                      "config": to_dict(tcfg)}
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "metrics.json").write_text(json.dumps(record, indent=2, default=str))
+            if fitted is not None:
+                save_training_curves(run_dir / "training.png", fitted.history, METHOD_NAMES[name])
+            records[name] = record
+            print(f"[train-teacher] {METHOD_NAMES[name]}: pooled HPA {evaluation['pooled']['hpa']:.4f} -> {run_dir}")
+    finally:
+        if engines:
+            EnginePool(engines).shutdown()
     table = write_results(cfg, root)
     print(table)
     return records
