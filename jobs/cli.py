@@ -8,8 +8,8 @@
     zray config [--recipe NAME] [--set key=value ...]   print the resolved config as JSON
     zray evaluate --model DIR [--form auto|reasoning|direct] [--name NAME] [--recipe NAME] [--set ...]
                                                         HPA, Margin HPA, PLCC, SRCC of a reward model
-                                                        (train-teacher and evaluate: --set data.dir=IMPORT for
-                                                        your own data, README "Your own data")
+                                                        (train-teacher, evaluate, train-student: --set
+                                                        data.dir=IMPORT for your own data, README "Your own data")
     zray train-teacher --method gdso|grpo|sft|zero_shot|all [--resume] [--recipe NAME] [--set ...]
                                                         Z-Reward teacher (GDSO or a baseline), then evaluate
     zray train-student --method risd|opd|sft|all [--resume] [--recipe NAME] [--set ...]
@@ -178,10 +178,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "train-student":
         from jobs.train_student import run_train_student
+        from zray.data.parquet import DataError
 
         try:
             run_train_student(cfg, method=args.method, resume=args.resume)
-        except (ConfigError, FileExistsError) as err:
+        except (ConfigError, FileExistsError, DataError) as err:  # DataError: a bad table in data.dir
             print(f"zray: error: {err}", file=sys.stderr)
             return 2
         return 0

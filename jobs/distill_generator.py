@@ -44,7 +44,9 @@ def teacher_pipeline_dir(cfg: RunConfig) -> Path:
     if not (path / "model_index.json").is_file():
         raise FileNotFoundError(f"no ZImagePipeline at {str(path)!r} (distill_generator.teacher_dir): run "
                                 "`zray pretrain-generator` first or set distill_generator.teacher_dir")
-    return path.resolve()
+    from zray.models.generator import check_generator_architecture
+
+    return check_generator_architecture(path, "distill_generator.teacher_dir").resolve()
 
 
 def run_distill_generator(cfg: RunConfig, resume: bool = False,

@@ -82,6 +82,13 @@ def input_dirs(cfg: RunConfig, generator: str, generator_dir: str | None,
             raise ConfigError(f"reward_finetune.{name}={str(path)!r} is not allowed: no {marker} there"
                               + ("" if given else f" (run `{job} --recipe {cfg.name}` first, or set it)"))
         found.append(path)
+    from zray.models.generator import check_generator_architecture
+    from zray.models.vlm import check_vlm_architecture
+
+    if generator == "base":  # a turbo student is zray's own TwoStepStudent layout (turbo_student.json)
+        check_generator_architecture(found[0], "reward_finetune.generator_dir")
+    check_generator_architecture(found[1], "reward_finetune.pipeline_dir")
+    check_vlm_architecture(found[2], "reward_finetune.reward_dir")
     scoring = found[2] / "zray_scoring.json"
     if scoring.is_file() and json.loads(scoring.read_text()).get("form") != "direct":
         raise ConfigError(f"reward_finetune.reward_dir={str(found[2])!r} is not allowed: {scoring} says form "

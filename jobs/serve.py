@@ -8,7 +8,10 @@ which shuts Serve down. `--detach` returns once the app is running: on a cluster
 up; with the local Ray this process started, it ends with the process.
 
 The model defaults to this run's trained student, `<out_dir>/train_student/risd/final` (`zray train-student`).
-Any Qwen-VL dir with the score tokens serves (e.g. the tiny zoo's student, for the machinery).
+Any Hugging Face dir of a supported architecture (Qwen2.5-VL, Qwen3-VL) with the score tokens serves (e.g. the tiny
+zoo's student, for the machinery); another architecture is a one-line error. The served dimensions are those of the
+rubric the checkpoint records (`zray_rubric.json`, written by `zray train-student`: an import's rubric with
+`data.dir`), else the four built-in ones.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ def resolve_model(cfg: RunConfig, model: str | None) -> Path:
         how = ("" if chosen else f"; train one with `zray train-student --recipe {cfg.name}`, or pass --model DIR "
                "(any Qwen-VL dir with the score tokens, e.g. the tiny zoo's student)")
         raise FileNotFoundError(f"no student checkpoint at {path} (no config.json){how}")
-    return path.resolve()
+    from zray.models.vlm import check_vlm_architecture
+
+    return check_vlm_architecture(path, "--model" if model else "serve.model").resolve()
 
 
 def run_serve(cfg: RunConfig, *, model: str | None = None, host: str | None = None, port: int | None = None,
@@ -50,7 +55,10 @@ def run_serve(cfg: RunConfig, *, model: str | None = None, host: str | None = No
     shown = "127.0.0.1" if serve_cfg.host in ("0.0.0.0", "::") else serve_cfg.host
     url = f"http://{shown}:{serve_cfg.port}"
     auth = f' -H "Authorization: Bearer ${serve_cfg.auth_token_env}"' if serve_cfg.auth_token_env else ""
-    print(f"reward service: {url} (model {model_dir}); OpenAPI docs at {url}/docs")
+    from zray.models.vlm import read_rubric_file
+
+    print(f"reward service: {url} (model {model_dir}, dimensions {', '.join(read_rubric_file(model_dir).dimensions)}); "
+          f"OpenAPI docs at {url}/docs")
     print(f'  curl -s {url}/v1/score{auth} -H "Content-Type: application/json" \\\n'
           f'    -d "{{\\"prompt\\": \\"a red circle\\", \\"image\\": \\"$(base64 -w0 image.png)\\"}}"')
     if detach:

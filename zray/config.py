@@ -500,7 +500,9 @@ class TrainStudentConfig:
     of `dimensions`. The teacher samples `teacher_samples` (n) reasoning traces per input through the engines and
     returns q_T after each; RISD fits the student's one-token q_S to them. OPD: the student (served by its own
     engines, weights synced before every rollout) samples `opd_samples` reasoning + score outputs per input, and the
-    teacher engines score the same tokens. SFT trains on the labelled train pairs.
+    teacher engines score the same tokens. SFT trains on the labelled train pairs. With `data.dir` set, the inputs,
+    the pairs and the rubric are the import's (`zray.data.imported.imported_distill_inputs`; num_distill_prompts
+    is then not used: every input of the import is).
     """
 
     method: StudentMethod = "risd"
@@ -514,7 +516,8 @@ class TrainStudentConfig:
     max_reasoning_tokens: int = 48
     temperature: float = 1.0  # sampling temperature of the reasoning (the teacher's for RISD, the student's for OPD)
     opd_samples: int = 1  # OPD: student samples per input per rollout
-    dimensions: tuple[str, ...] = ("alignment", "realism", "aesthetics", "plausibility")
+    # the dimensions distilled and trained on; empty = every dimension of the rubric (built-in, or data.dir's)
+    dimensions: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _require(self.method in STUDENT_METHODS, "TrainStudentConfig.method", self.method,
@@ -522,10 +525,8 @@ class TrainStudentConfig:
         _positive(self, "num_distill_prompts", "teacher_samples", "max_reasoning_tokens", "opd_samples")
         _require(self.temperature > 0, "TrainStudentConfig.temperature", self.temperature, "a float > 0")
         _require(self.time_budget_s >= 0, "TrainStudentConfig.time_budget_s", self.time_budget_s, "a float >= 0")
-        allowed = ("alignment", "realism", "aesthetics", "plausibility")
-        _require(bool(self.dimensions) and all(d in allowed for d in self.dimensions)
-                 and len(set(self.dimensions)) == len(self.dimensions),
-                 "TrainStudentConfig.dimensions", self.dimensions, f"a non-empty subset of {allowed}, no repeats")
+        _require(len(set(self.dimensions)) == len(self.dimensions), "TrainStudentConfig.dimensions",
+                 self.dimensions, "distinct rubric dimensions (empty = all of them)")  # which ones: RunConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -597,10 +598,11 @@ class RewardFinetuneConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    """Where the reward-model stages (train-teacher, evaluate) read their data (docs/data-formats.md).
+    """Where every stage reads its data (docs/data-formats.md, "What each stage needs").
 
     `dir` empty: the Shapes world of the run (`world.*`, its own train / heldout / test splits). Else a
-    `zray data import --kind rated` folder: its rubric (manifest) gives the dimensions and anchors, and its prompts
+    `zray data import` folder (train-teacher, evaluate: `--kind rated`; train-student: rated or scoring;
+    distill-generator, reward-finetune: prompts): its rubric (manifest) gives the dimensions and anchors, and its prompts
     are split by a hash of `prompt_id` (`zray.data.imported.split_of`): test if u < test_frac, heldout if
     u < test_frac + heldout_frac, else train, with u = the first 8 bytes of sha256(prompt_id) / 2**64. The split
     depends on nothing but the id, so it is the same on every machine and run, and adding prompts moves none.
@@ -704,9 +706,11 @@ class RunConfig:
         _require(bool(self.out_dir), "RunConfig.out_dir", self.out_dir, "a non-empty path")
         builtin = ("alignment", "realism", "aesthetics", "plausibility")
         if not self.data.dir:  # with an import, its rubric's dimensions are checked where it is read
-            _require(all(d in builtin for d in self.train_teacher.dimensions), "train_teacher.dimensions",
-                     self.train_teacher.dimensions, f"a subset of {builtin} (the Shapes world's rubric; empty = all), "
-                     "or set data.dir to an import with other dimensions")
+            for name in ("train_teacher", "train_student"):
+                dims = getattr(self, name).dimensions
+                _require(all(d in builtin for d in dims), f"{name}.dimensions", dims,
+                         f"a subset of {builtin} (the Shapes world's rubric; empty = all), "
+                         "or set data.dir to an import with other dimensions")
 
 
 # --------------------------------------------------------------------------------------------- overrides

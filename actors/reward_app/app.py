@@ -4,7 +4,7 @@ builder `serve deploy` / `serve run` call (import path `actors.reward_app.app:bu
     POST /v1/score        {prompt, image: base64 PNG/JPEG, dimensions?} -> per dimension q (9 bins), mu, std,
                           and the model version that scored it
     POST /v1/score/batch  {items: [...]} (at most max_batch_items) -> {results: [...]}, in order
-    GET  /v1/model        model dir, version, dimensions, score bins, limits, replica ids
+    GET  /v1/model        model dir, version, dimensions (the checkpoint's rubric), score bins, limits, replica ids
     GET  /healthz         200 {"status": "ok", ...} once a model is loaded, else 503 (no auth)
     GET  /docs            OpenAPI docs (no auth)
 
@@ -41,7 +41,7 @@ from actors.reward_app.validation import (ErrorResponse, RequestError, RequestLi
                                           ScoreBatchResponse, ScoreBody, ScoreResponse, check_dimensions,
                                           check_prompt_text, decode_image, validation_error)
 from zray.config import ConfigError, ServeConfig
-from zray.rubric import DIMENSIONS, SCORE_BINS
+from zray.rubric import BUILTIN_RUBRIC, SCORE_BINS, Rubric
 
 _ERRORS = {code: {"model": ErrorResponse} for code in (401, 403, 413, 422)}
 
@@ -76,12 +76,15 @@ class Ingress:
     """The ingress's logic, without Serve: auth, checks, decoding, and awaiting the scorer.
 
     `scorer` is anything with `score.remote(items)` and `info.remote()` returning awaitables (a DeploymentHandle
-    in the service; a stand-in in tests of `create_api(Ingress(...))`)."""
+    in the service; a stand-in in tests of `create_api(Ingress(...))`). `rubric`: the served checkpoint's (the
+    dimensions requests may name, their default, and `/v1/model`'s list)."""
 
-    def __init__(self, scorer: Any, cfg: ServeConfig, auth_token: str | None = None) -> None:
+    def __init__(self, scorer: Any, cfg: ServeConfig, auth_token: str | None = None,
+                 rubric: Rubric = BUILTIN_RUBRIC) -> None:
         ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated image must fail to decode (validation.decode_image)
         self.scorer = scorer
         self.cfg = cfg
+        self.dimensions = rubric.dimensions
         self.limits = RequestLimits(max_image_pixels=cfg.max_image_pixels, min_image_side=cfg.min_image_side,
                                     max_prompt_chars=cfg.max_prompt_chars)
         self.token = resolve_token(cfg.auth_token_env, auth_token)
@@ -107,7 +110,7 @@ class Ingress:
 
     def item(self, body: ScoreBody, prefix: str = "") -> ScoreItem:
         prompt = check_prompt_text(body.prompt, field=f"{prefix}prompt", limits=self.limits)
-        dims = check_dimensions(body.dimensions, field=f"{prefix}dimensions")
+        dims = check_dimensions(body.dimensions, field=f"{prefix}dimensions", allowed=self.dimensions)
         image = decode_image(body.image, field=f"{prefix}image", limits=self.limits)
         return ScoreItem(prompt=prompt, image=image, dimensions=dims)
 
@@ -130,7 +133,7 @@ class Ingress:
         info = await self.scorer.info.remote()
         return {"model_dir": info["model_dir"], "model_version": info["model_version"],
                 "load_error": info["load_error"],
-                "dimensions": list(DIMENSIONS), "score_bins": list(SCORE_BINS),
+                "dimensions": list(self.dimensions), "score_bins": list(SCORE_BINS),
                 "max_batch_size": info["max_batch_size"], "batch_wait_timeout_s": info["batch_wait_timeout_s"],
                 "max_batch_items": self.cfg.max_batch_items, "max_body_bytes": self.cfg.max_body_bytes,
                 "max_image_pixels": self.cfg.max_image_pixels, "min_image_side": self.cfg.min_image_side,
@@ -244,7 +247,11 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     here), plus an optional literal `auth_token` (local tests; prefer auth_token_env).
 
     `model` becomes the scorer's default user_config; a deployment-level `user_config` in a Serve config file
-    overrides it, and changing only that user_config later swaps the checkpoint in place (see scorer.py)."""
+    overrides it, and changing only that user_config later swaps the checkpoint in place (see scorer.py).
+    The served dimensions are the rubric `model` records (`zray_rubric.json`; the built-in four without one or
+    without `model`): a swapped-in checkpoint must record the same rubric."""
+    from zray.models.vlm import read_rubric_file
+
     args = dict(args or {})
     auth_token = args.pop("auth_token", None)
     cfg = serve_config_from_args(args)
@@ -254,5 +261,6 @@ def build_app(args: dict[str, Any]) -> serve.Application:
                                   health_check_period_s=cfg.health_check_period_s,
                                   ray_actor_options={"num_cpus": cfg.cpus_per_replica}, user_config=user_config)
     torch_threads = max(1, int(cfg.cpus_per_replica))  # one torch thread per CPU the replica holds
+    rubric = read_rubric_file(cfg.model) if cfg.model else BUILTIN_RUBRIC
     return RewardIngress.options(max_ongoing_requests=cfg.max_ongoing_requests).bind(
-        scorer.bind(torch_threads=torch_threads), cfg, auth_token)
+        scorer.bind(torch_threads=torch_threads, rubric=rubric), cfg, auth_token, rubric)

@@ -41,6 +41,7 @@ def deploy_config(cfg: ServeConfig, *, model: str, auth_token: str | None = None
     if not model:
         raise ValueError("model='' is not allowed: expected a student checkpoint dir")
     args = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _HTTP_FIELDS}
+    args["model"] = str(model)  # the builder reads its rubric (the served dimensions); roll_out changes user_config
     if auth_token:
         args["auth_token"] = auth_token
     return {

@@ -8,7 +8,8 @@ In-cluster callers use it through a `DeploymentHandle`, with typed objects and n
     results[0].model_version, results[0].scores["alignment"].expected_score
 
 - `ScoreItem` -> `ScoreResult` (`zray.client`'s result type: the HTTP client and the handle return the same; one
-  per item, in order): per dimension the nine-bin distribution q, the expected
+  per item, in order): per dimension (default: every dimension of the checkpoint's rubric, `zray_rubric.json`
+  written by `zray train-student`, else the four built-in ones) the nine-bin distribution q, the expected
   score mu and its standard deviation, and the version of the weights that scored the item. All dimensions of an
   item are scored by the same weights.
 - Batching: `@serve.batch` gathers concurrent items (from any number of callers) into one forward pass of at most
@@ -20,6 +21,8 @@ In-cluster callers use it through a `DeploymentHandle`, with typed objects and n
   dir is not reloaded: write each checkpoint to its own dir (a learner's checkpoint_<step>/hf/ or final/). A
   checkpoint that fails to load leaves the old one serving and is reported in `info()["load_error"]`
   (`deploy.roll_out` raises on it and re-deploys the previous config); at replica start it fails the replica.
+  A checkpoint of another rubric than the one the app was built with (`build_app`: the rubric of its `model`)
+  is such a failure: the ingress validates requests against that rubric, so a new rubric is a new deployment.
 - Version: the first 16 hex digits of `zray.checksum.weights_checksum` of the loaded state dict (what the learner
   computes), plus the checkpoint dir.
 """
@@ -41,7 +44,7 @@ from ray import serve
 from ray.util import metrics
 
 from zray.client import DimensionScore, ScoreResult
-from zray.rubric import DIMENSIONS, SCORE_BINS, ScoreRequest, check_dimensions, check_prompt
+from zray.rubric import DIMENSION_NAME, SCORE_BINS, Rubric, ScoreRequest, check_prompt
 
 VERSION_CHARS = 16
 logger = logging.getLogger("ray.serve")
@@ -49,15 +52,22 @@ logger = logging.getLogger("ray.serve")
 
 @dataclass(frozen=True)
 class ScoreItem:
-    """One item to score: a prompt, its image (PIL, RGB), and the rubric dimensions (default all four)."""
+    """One item to score: a prompt, its image (PIL, RGB), and the rubric dimensions (None, the default: every
+    dimension of the served checkpoint's rubric; names outside it fail when the item is scored)."""
 
     prompt: str
     image: Any
-    dimensions: tuple[str, ...] = DIMENSIONS
+    dimensions: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         check_prompt(self.prompt)
-        object.__setattr__(self, "dimensions", check_dimensions(self.dimensions))
+        if self.dimensions is not None:
+            dims = tuple(self.dimensions)
+            if (not dims or len(set(dims)) != len(dims)
+                    or not all(isinstance(d, str) and DIMENSION_NAME.match(d) for d in dims)):
+                raise ValueError(f"dimensions={self.dimensions!r} are not allowed: expected distinct dimension "
+                                 "names of the served rubric (or None for all)")
+            object.__setattr__(self, "dimensions", dims)
         if not hasattr(self.image, "size") or not hasattr(self.image, "convert"):
             raise ValueError(f"image={type(self.image).__name__} is not allowed: expected a PIL image")
 
@@ -70,6 +80,17 @@ class LoadedModel:
     processor: Any
     version: str
     model_dir: str
+    rubric: Rubric  # the dimensions it scores, with their anchors (`zray.models.vlm.read_rubric_file`)
+
+    def dimensions_of(self, item: ScoreItem) -> tuple[str, ...]:
+        """The item's dimensions (all of the rubric's for None); ValueError naming the unknown ones."""
+        if item.dimensions is None:
+            return self.rubric.dimensions
+        unknown = [d for d in item.dimensions if d not in self.rubric.dimensions]
+        if unknown:
+            raise ValueError(f"dimensions {unknown} are not allowed: the served model ({self.model_dir}) scores "
+                             f"{list(self.rubric.dimensions)}")
+        return item.dimensions
 
 
 def load_student(model_dir: str | Path) -> LoadedModel:
@@ -78,7 +99,7 @@ def load_student(model_dir: str | Path) -> LoadedModel:
     import torch
 
     from zray.checksum import weights_checksum
-    from zray.models.vlm import SCORING_FILE, load_vlm
+    from zray.models.vlm import SCORING_FILE, load_vlm, read_rubric_file
 
     path = Path(model_dir)
     if not (path / "config.json").is_file():
@@ -91,7 +112,15 @@ def load_student(model_dir: str | Path) -> LoadedModel:
     model, processor = load_vlm(path, dtype=torch.float32, device="cpu")
     with torch.no_grad():
         version = weights_checksum(model.state_dict())[:VERSION_CHARS]
-    return LoadedModel(model=model, processor=processor, version=version, model_dir=str(path.resolve()))
+    return LoadedModel(model=model, processor=processor, version=version, model_dir=str(path.resolve()),
+                       rubric=read_rubric_file(path))
+
+
+def check_same_rubric(current: Rubric, new: Rubric, model_dir: str) -> None:
+    """A checkpoint swapped in must score the rubric the app serves (its ingress validates against it)."""
+    if new.to_dict() != current.to_dict():
+        raise ValueError(f"model={model_dir!r} records another rubric ({list(new.dimensions)}) than the served one "
+                         f"({list(current.dimensions)}): deploy a new app for a new rubric")
 
 
 def score_items(loaded: LoadedModel, items: Sequence[ScoreItem]) -> list[ScoreResult]:
@@ -101,15 +130,17 @@ def score_items(loaded: LoadedModel, items: Sequence[ScoreItem]) -> list[ScoreRe
     from zray.models.vlm import score_distributions_hf
     from zray.scores import expected_score, score_bins
 
-    requests = [ScoreRequest(prompt=it.prompt, image=it.image, dimension=d) for it in items for d in it.dimensions]
+    dims = [loaded.dimensions_of(it) for it in items]
+    requests = [ScoreRequest(prompt=it.prompt, image=it.image, dimension=d, anchors=loaded.rubric.anchors_for(d))
+                for it, item_dims in zip(items, dims) for d in item_dims]
     with torch.inference_mode():
         q_BK = score_distributions_hf(loaded.model, loaded.processor, requests).double()
     mu_B = expected_score(q_BK)
     var_B = (q_BK * (score_bins(dtype=torch.float64)[None, :] - mu_B[:, None]) ** 2).sum(-1)
     out, row = [], 0
-    for it in items:
+    for item_dims in dims:
         scores = {}
-        for dim in it.dimensions:
+        for dim in item_dims:
             scores[dim] = DimensionScore(distribution=tuple(float(p) for p in q_BK[row]),
                                          expected_score=float(mu_B[row]), std=math.sqrt(max(float(var_B[row]), 0.0)))
             row += 1
@@ -141,9 +172,10 @@ def parse_user_config(config: dict[str, Any]) -> tuple[str, int, float]:
 class RewardScorer:
     """The student behind `@serve.batch`; verbs: `score` (typed items), `info`; `reconfigure` swaps checkpoints."""
 
-    def __init__(self, torch_threads: int = 1) -> None:
+    def __init__(self, torch_threads: int = 1, rubric: Rubric | None = None) -> None:
         import torch
 
+        self._rubric = rubric  # the app's (its ingress validates against it); None: whatever the checkpoint records
         torch.set_num_threads(torch_threads)
         self._loaded: LoadedModel | None = None
         self._max_batch_size = 8
@@ -168,6 +200,9 @@ class RewardScorer:
             return
         try:
             loaded = await asyncio.to_thread(self._load, model_dir)
+            served = self._rubric or (current.rubric if current is not None else None)
+            if served is not None:
+                check_same_rubric(served, loaded.rubric, model_dir)
         except Exception as err:
             if current is None:
                 raise  # nothing to serve: the replica fails to start, with this error
@@ -209,6 +244,7 @@ class RewardScorer:
         except Exception:  # outside a Serve replica (direct construction in tests)
             replica = ""
         return {"model_dir": loaded.model_dir if loaded else "", "model_version": loaded.version if loaded else "",
+                "dimensions": list(loaded.rubric.dimensions) if loaded else [],
                 "max_batch_size": self._max_batch_size, "batch_wait_timeout_s": self._batch_wait_timeout_s,
                 "load_error": self._load_error, "replica_id": replica, "pid": os.getpid()}
 

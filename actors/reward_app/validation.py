@@ -57,14 +57,16 @@ class RequestLimits:
 
 
 class ScoreBody(BaseModel):
-    """One scoring request: a prompt, its image, and the rubric dimensions to score (default: all four)."""
+    """One scoring request: a prompt, its image, and the rubric dimensions to score (default: all the served model's:
+    the four built-in ones, or those of the rubric its checkpoint records, `GET /v1/model`)."""
 
     model_config = ConfigDict(extra="forbid")
 
     prompt: StrictStr = Field(description="the text-to-image prompt the image was generated from")
     image: StrictStr = Field(description="the image, base64 PNG or JPEG (a data: URL prefix is accepted)")
     dimensions: list[StrictStr] | None = Field(
-        default=None, description=f"rubric dimensions to score, a subset of {list(DIMENSIONS)}; default all")
+        default=None, description=f"rubric dimensions to score, a subset of the served model's (GET /v1/model; "
+                                  f"{list(DIMENSIONS)} unless its checkpoint records another rubric); default all")
 
 
 class ScoreBatchBody(BaseModel):
@@ -109,18 +111,20 @@ def check_prompt_text(prompt: str, *, field: str, limits: RequestLimits) -> str:
     return prompt
 
 
-def check_dimensions(dimensions: list[str] | None, *, field: str) -> tuple[str, ...]:
-    """The requested dimensions (default all, in rubric order); unknown, repeated or none is a 422."""
+def check_dimensions(dimensions: list[str] | None, *, field: str,
+                     allowed: tuple[str, ...] = DIMENSIONS) -> tuple[str, ...]:
+    """The requested dimensions (default all of `allowed`, the served model's rubric, in its order); unknown,
+    repeated or none is a 422."""
     if dimensions is None:
-        return DIMENSIONS
+        return allowed
     if not dimensions:
         raise RequestError(422, field, "no_dimensions", f"{field}: the list is empty: expected a non-empty "
-                           f"subset of {list(DIMENSIONS)} (or leave it out for all)")
+                           f"subset of {list(allowed)} (or leave it out for all)")
     for i, dim in enumerate(dimensions):
-        if dim not in DIMENSIONS:
+        if dim not in allowed:
             raise RequestError(422, f"{field}[{i}]", "unknown_dimension",
-                               f"{field}[{i}]={dim[:40]!r} is not a rubric dimension: expected one of "
-                               f"{list(DIMENSIONS)}")
+                               f"{field}[{i}]={dim[:40]!r} is not a dimension of the served model's rubric: "
+                               f"expected one of {list(allowed)}")
     if len(set(dimensions)) != len(dimensions):
         raise RequestError(422, field, "repeated_dimension", f"{field}={dimensions} names a dimension twice")
     return tuple(dimensions)

@@ -190,6 +190,27 @@ def test_token_from_the_environment(monkeypatch):
         resolve_token("ZRAY_TEST_REWARD_TOKEN")
 
 
+def test_a_custom_rubric_is_what_the_ingress_serves(tmp_path):
+    """The checkpoint's rubric (zray_rubric.json, written by train-student on an import) sets the accepted
+    dimensions, their default and /v1/model's list; a built-in one it lacks is a 422 naming the field."""
+    from zray.models.vlm import read_rubric_file, write_rubric_file
+    from zray.rubric import RUBRICS, Rubric
+
+    rubric = Rubric(("alignment", "composition"), (RUBRICS["alignment"], tuple("abcde")), source="mine")
+    write_rubric_file(tmp_path, rubric)
+    assert read_rubric_file(tmp_path).to_dict() == rubric.to_dict()
+    assert read_rubric_file(tmp_path / "none").dimensions == DIMENSIONS  # no file: the built-in four
+    scorer = StandInScorer()
+    with TestClient(create_api(Ingress(scorer, CFG, rubric=read_rubric_file(tmp_path)))) as client:
+        assert client.get("/v1/model").json()["dimensions"] == ["alignment", "composition"]
+        r = client.post("/v1/score", json=good_body())
+        assert r.status_code == 200 and list(r.json()["scores"]) == ["alignment", "composition"]
+        r = client.post("/v1/score", json=good_body(dimensions=["composition", "realism"]))
+        assert r.status_code == 422 and r.json()["field"] == "dimensions[1]"
+        assert r.json()["reason"] == "unknown_dimension" and "'composition'" in r.json()["detail"]
+    assert build_app({"model": str(tmp_path)}) is not None  # the builder reads the same file
+
+
 def test_serve_yaml_is_a_valid_serve_config_for_build_app():
     from ray.serve.schema import ServeDeploySchema
 

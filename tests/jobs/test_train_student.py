@@ -11,6 +11,7 @@ import torch
 from jobs.cli import main
 from jobs.recipes import tiny_cpu
 from zray.config import ConfigError
+from zray.rubric import DIMENSIONS
 
 
 def _cfg(out_dir, student="", teacher=""):
@@ -45,7 +46,7 @@ def test_all_methods_end_to_end(tmp_path, tiny_zoo, sharp_teacher_dir, ray_sessi
     records = run_train_student(cfg, method="all")
     root = tmp_path / "run" / "train_student"
     scfg = cfg.train_student
-    num_inputs = scfg.num_distill_prompts * cfg.world.candidates_per_prompt * len(scfg.dimensions)
+    num_inputs = scfg.num_distill_prompts * cfg.world.candidates_per_prompt * len(DIMENSIONS)  # () = all four
     risd = json.loads((root / "risd" / "metrics.json").read_text())
     assert risd["targets"]["num_inputs"] == num_inputs
     assert risd["training"]["steps"] == scfg.learner.max_steps
@@ -54,6 +55,7 @@ def test_all_methods_end_to_end(tmp_path, tiny_zoo, sharp_teacher_dir, ray_sessi
     for name in ("risd", "sft"):
         final = root / name / "final"
         assert json.loads((final / "zray_scoring.json").read_text()) == {"form": "direct", "method": name}
+        assert list(json.loads((final / "zray_rubric.json").read_text())["dimensions"]) == list(DIMENSIONS)
         trained = load_file(str(final / "model.safetensors"))
         base = load_file(str(Path(tiny_zoo["student"]["path"]) / "model.safetensors"))
         assert any(not torch.equal(trained[k], base[k]) for k in base)

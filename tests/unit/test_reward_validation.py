@@ -91,6 +91,16 @@ def test_prompt_and_dimensions():
     assert rejected(check_dimensions, ["realism", "realism"], field="dimensions").reason == "repeated_dimension"
 
 
+
+def test_dimensions_of_a_served_custom_rubric():
+    served = ("alignment", "composition")  # the rubric the student checkpoint records (zray_rubric.json)
+    assert check_dimensions(None, field="dimensions", allowed=served) == served
+    assert check_dimensions(["composition"], field="dimensions", allowed=served) == ("composition",)
+    err = rejected(check_dimensions, ["realism"], field="items[1].dimensions", allowed=served)
+    assert (err.status, err.field, err.reason) == (422, "items[1].dimensions[0]", "unknown_dimension")
+    assert "'realism'" in err.message and "['alignment', 'composition']" in err.message
+
+
 def test_validation_errors_name_the_field():
     err = validation_error([{"type": "string_type", "loc": ("body", "items", 2, "prompt"), "msg": "Input should be a "
                              "valid string"}, {"type": "missing", "loc": ("body", "image"), "msg": "Field required"}])

@@ -1,10 +1,11 @@
-"""The reward-model stages on your own data: an import folder (`zray data import --kind rated`) in place of the
-Shapes world, split into train / heldout / test by prompt (docs/data-formats.md, "Training and evaluating on
-your own data").
+"""Every stage on your own data: an import folder (`zray data import`) in place of the Shapes world, split into
+train / heldout / test by prompt (docs/data-formats.md, "Training and evaluating on your own data").
 
     rubric = data_rubric(cfg.data)                            # the import's dimensions and anchors (or built-in)
     table = imported_pairs(cfg.data, "train", dims)           # pair_examples columns: what the teacher trains on
     rows = imported_rows(cfg.data, "test")                    # rated images as evaluation candidates
+    inputs = imported_distill_inputs(cfg.data, dims)          # distill_inputs columns: the student's RISD / OPD
+    prompts = imported_prompts(cfg.data, "train")             # a prompts import: the generator stages' prompts
 
 The split (`split_of`): u = the first 8 bytes of sha256(prompt_id) as an integer / 2**64; test if
 u < test_frac, heldout if u < test_frac + heldout_frac, else train. Every image and pair of a prompt lands in the
@@ -46,8 +47,23 @@ def _import_dir(data: DataConfig) -> Path:
     if not (path / "manifest.json").is_file():
         what = "does not exist" if not path.exists() else "has no manifest.json"
         raise ConfigError(f"data.dir={data.dir!r} is not allowed: it {what}; expected a folder written by "
-                          "`zray data import --kind rated` (or empty for the Shapes world)")
+                          "`zray data import` (or empty for the Shapes world)")
     return path
+
+
+def import_kind(data: DataConfig) -> str:
+    """The kind of the import in `data.dir` (rated, pairs, scoring, prompts; its manifest)."""
+    return str(verify_world(_import_dir(data))["kind"])
+
+
+def require_kind(data: DataConfig, kinds: Sequence[str], stage: str) -> str:
+    """The import's kind if it is one of `kinds`; else a ConfigError naming data.dir, its kind and what `stage`
+    reads."""
+    kind = import_kind(data)
+    if kind not in kinds:
+        raise ConfigError(f"data.dir={data.dir!r} is not allowed for {stage}: it is a {kind!r} import; expected a "
+                          f"`zray data import --kind {'|'.join(kinds)}` folder")
+    return kind
 
 
 def data_rubric(data: DataConfig) -> Rubric:
@@ -106,3 +122,43 @@ def imported_rows(data: DataConfig, split: str) -> list[dict[str, Any]]:
     rows = table.to_pylist()
     keep = _in_split(data, [r["prompt_id"] for r in rows], split, "rated images")
     return [{"candidate_id": r.pop("image_id"), **r} for r, k in zip(rows, keep, strict=True) if k]
+
+
+DISTILL_COLUMNS = ("input_id", "prompt_id", "prompt", "image", "dimension")  # zray.data.distill_inputs.SCHEMA
+
+
+def imported_distill_inputs(data: DataConfig, dimensions: Sequence[str]) -> pa.Table:
+    """Unlabelled student-distillation inputs (the columns of `zray.data.distill_inputs`) from the import:
+
+    - a `scoring` import: its scoring_inputs.parquet rows in `dimensions`, every prompt (they carry no labels, so
+      no split is held out of them);
+    - a `rated` import: its train-split images x `dimensions` (image-major, input_id "<image_id>-<dimension>"),
+      the labels dropped (the test split stays unseen for the evaluation)."""
+    kind = require_kind(data, ("scoring", "rated"), "train-student's distillation inputs")
+    dims = list(dimensions)
+    if kind == "scoring":
+        table = read_imported(_import_dir(data), "scoring_inputs")
+        table = table.filter(pa.array([d in dims for d in table.column("dimension").to_pylist()], pa.bool_()))
+        if not table.num_rows:
+            raise ConfigError(f"train_student.dimensions={tuple(dims)!r} leaves no input of data.dir={data.dir!r} "
+                              "(its scoring inputs are in other dimensions)")
+        return table.select(list(DISTILL_COLUMNS))
+    images = read_imported(_import_dir(data), "rated_images").select(["image_id", "prompt_id", "prompt", "image"])
+    keep = _in_split(data, images.column("prompt_id").to_pylist(), "train", "rated images")
+    rows: dict[str, list] = {name: [] for name in DISTILL_COLUMNS}
+    for r in images.filter(pa.array(keep, pa.bool_())).to_pylist():
+        for d in dims:
+            for name, value in (("input_id", f"{r['image_id']}-{d}"), ("prompt_id", r["prompt_id"]),
+                                ("prompt", r["prompt"]), ("image", r["image"]), ("dimension", d)):
+                rows[name].append(value)
+    return pa.table(rows, schema=pa.schema([(n, pa.binary() if n == "image" else pa.string())
+                                           for n in DISTILL_COLUMNS]))
+
+
+def imported_prompts(data: DataConfig, split: str) -> list[dict[str, str]]:
+    """The prompts of `split` of a `prompts` import ({prompt_id, prompt}, in source order): what the generator
+    stages train on (train) and sample for their held-out evaluation (test)."""
+    require_kind(data, ("prompts",), "the generator stages (distill-generator, reward-finetune)")
+    rows = read_imported(_import_dir(data), "prompts").to_pylist()
+    keep = _in_split(data, [r["prompt_id"] for r in rows], split, "prompts")
+    return [r for r, k in zip(rows, keep, strict=True) if k]

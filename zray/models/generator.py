@@ -30,6 +30,35 @@ from zray.sampling import flow_sigmas, sample
 DEFAULT_MAX_SEQUENCE_LENGTH = 64  # Shapes-world prompts are about 30 tokens after the chat template
 
 
+PIPELINE_CLASS = "ZImagePipeline"  # diffusers' model_index.json `_class_name` of the generators zray trains
+TRANSFORMER_CLASS = "ZImageTransformer2DModel"
+
+
+def check_generator_architecture(model_dir: str | Path, setting: str) -> Path:
+    """`model_dir` if it is a Z-Image pipeline (model_index.json `_class_name` ZImagePipeline) or a Z-Image
+    transformer (its config.json, or transformer/config.json, `_class_name` ZImageTransformer2DModel): any size, the
+    tiny zoo's or a real checkpoint. Else a one-line ConfigError naming `setting`, the dir and what it found."""
+    import json
+
+    from zray.config import ConfigError
+
+    path = Path(model_dir)
+    for name, expected in (("model_index.json", PIPELINE_CLASS), ("config.json", TRANSFORMER_CLASS),
+                           ("transformer/config.json", TRANSFORMER_CLASS)):
+        if not (path / name).is_file():
+            continue
+        try:
+            found = json.loads((path / name).read_text()).get("_class_name")
+        except (OSError, json.JSONDecodeError, AttributeError) as err:
+            raise ConfigError(f"{setting}={str(path)!r} is not allowed: {name} does not read ({err})") from None
+        if found == expected:
+            return path
+        raise ConfigError(f"{setting}={str(path)!r} is not allowed: its {name} names _class_name={found!r}; expected "
+                          f"a diffusers Z-Image dir ({PIPELINE_CLASS} pipeline or {TRANSFORMER_CLASS})")
+    raise ConfigError(f"{setting}={str(path)!r} is not allowed: no model_index.json or config.json there; expected a "
+                      f"diffusers Z-Image dir ({PIPELINE_CLASS} pipeline or {TRANSFORMER_CLASS})")
+
+
 def load_zimage(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Any:
     """A `diffusers.ZImagePipeline` from a dir written by `save_pretrained` (or a hub id)."""
     from diffusers import ZImagePipeline

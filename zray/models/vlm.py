@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from zray.rubric import ScoreRequest, render_score_context
+from zray.rubric import BUILTIN_RUBRIC, Rubric, ScoreRequest, parse_rubric, render_score_context
 from zray.scores import score_distribution, score_token_ids
 
 
@@ -77,6 +77,29 @@ SCORING_FILE = "zray_scoring.json"  # {"form": "direct" | "reasoning", "method":
 def write_scoring_file(out_dir: str | Path, *, form: str, method: str) -> None:
     """Record in a saved model dir how it scores (`form`) and what trained it, for `zray evaluate`."""
     Path(out_dir, SCORING_FILE).write_text(json.dumps({"form": form, "method": method}) + "\n")
+
+
+RUBRIC_FILE = "zray_rubric.json"  # the rubric file format ({"dimensions": {name: [five anchors]}}): what it scores
+
+
+def write_rubric_file(out_dir: str | Path, rubric: Rubric) -> None:
+    """Record in a saved model dir the rubric it was trained on (its dimensions, in order, and their anchors), so
+    the reward service serves those dimensions (`read_rubric_file`)."""
+    Path(out_dir, RUBRIC_FILE).write_text(json.dumps({"dimensions": rubric.to_dict()}, indent=1) + "\n")
+
+
+def read_rubric_file(model_dir: str | Path) -> Rubric:
+    """The rubric a model dir records (`write_rubric_file`), or the four built-in dimensions when it records none.
+    A malformed file raises ValueError naming it."""
+    path = Path(model_dir, RUBRIC_FILE)
+    if not path.is_file():
+        return BUILTIN_RUBRIC
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"rubric file {str(path)!r} does not read ({err}): expected JSON "
+                         '{"dimensions": {name: [five anchors]}}') from None
+    return parse_rubric(data, str(path))
 
 
 def checkpoint_dtype(model_dir: str | Path) -> str:

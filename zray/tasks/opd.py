@@ -33,6 +33,7 @@ from zray.losses.opd import opd_loss
 from zray.models.teacher_forcing import PolicyModel, forced_logprobs, rollout_inputs
 from zray.models.vlm import (cached_processor, load_vlm_weights, save_vlm, served_dtype, trainable_vlm,
                             write_scoring_file)
+from zray.rubric import BUILTIN_RUBRIC, Rubric
 from zray.scores import score_token_ids
 from zray.tasks.gdso import ROLLOUT_METRICS, RolloutSource, send_weights
 from zray.tasks.risd import input_requests
@@ -65,6 +66,7 @@ class OPDTask:
     teacher: TokenScorer  # the frozen teacher's engines
     seed: int = 0
     name: str = "student_opd"
+    rubric: Rubric = BUILTIN_RUBRIC  # the dimensions' anchors in the scoring prompt (an import's rubric)
     updates_per_rollout: int = 1
     fp32_keys: tuple[str, ...] = ("old_logp", "teacher_logp")
     state: StudentState | None = field(default=None, init=False, repr=False)
@@ -98,7 +100,7 @@ class OPDTask:
 
     def collate(self, rows: dict[str, Any]) -> dict[str, Any]:
         state, c = self._state(), self.cfg
-        requests = input_requests(rows)
+        requests = input_requests(rows, self.rubric)
         rank = dist.get_rank() if dist.is_initialized() else 0
         t0 = time.perf_counter()
         rollout = self.rollouts.generate(requests, group_size=c.opd_samples, max_reasoning_tokens=c.max_reasoning_tokens,

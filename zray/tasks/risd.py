@@ -33,7 +33,7 @@ import torch
 from zray.data.render import decode_png
 from zray.losses.risd import risd_loss
 from zray.models.vlm import cached_processor, load_vlm_weights, save_vlm, score_inputs, trainable_vlm, write_scoring_file
-from zray.rubric import NUM_BINS, ScoreRequest
+from zray.rubric import BUILTIN_RUBRIC, NUM_BINS, Rubric, ScoreRequest
 from zray.scores import score_token_ids
 from zray.types import RolloutBatch
 
@@ -48,9 +48,10 @@ class TeacherSource(Protocol):
                  temperature: float, seed: int | None) -> RolloutBatch: ...
 
 
-def input_requests(rows: dict[str, Any]) -> list[ScoreRequest]:
-    """Student-form ScoreRequests (no reasoning) of a batch of input rows (prompt, image PNG, dimension)."""
-    return [ScoreRequest(str(p), decode_png(bytes(im)), str(d))
+def input_requests(rows: dict[str, Any], rubric: Rubric = BUILTIN_RUBRIC) -> list[ScoreRequest]:
+    """Student-form ScoreRequests (no reasoning) of a batch of input rows (prompt, image PNG, dimension), each
+    dimension with its anchors in `rubric` (an import's rubric for imported data: custom dimensions)."""
+    return [ScoreRequest(str(p), decode_png(bytes(im)), str(d), anchors=rubric.anchors_for(str(d)))
             for p, im, d in zip(rows["prompt"], rows["image"], rows["dimension"], strict=True)]
 
 
@@ -70,12 +71,13 @@ def target_columns(rollout: RolloutBatch) -> dict[str, list]:
 def collect_teacher_targets(source: TeacherSource, inputs: pa.Table, *, out_dir: str | Path, teacher_samples: int,
                             max_reasoning_tokens: int, temperature: float, seed: int, chunk_size: int = 256,
                             identity: dict[str, Any] | None = None,
-                            progress: Callable[[int, int], None] | None = None) -> pa.Table:
+                            progress: Callable[[int, int], None] | None = None,
+                            rubric: Rubric = BUILTIN_RUBRIC) -> pa.Table:
     """`inputs` joined with the teacher's targets (TARGET_COLUMNS), collected chunk by chunk into `out_dir`.
 
     `identity` (e.g. the teacher dir and the input count) is written beside the chunks; collecting into a dir
     whose identity or settings differ raises ValueError rather than mixing targets of two teachers.
-    `progress(done, total)` is called after each chunk.
+    `progress(done, total)` is called after each chunk. `rubric`: the anchors of the inputs' dimensions.
     """
     if chunk_size < 1 or teacher_samples < 1:
         raise ValueError(f"chunk_size={chunk_size}, teacher_samples={teacher_samples}: expected integers >= 1")
@@ -95,7 +97,7 @@ def collect_teacher_targets(source: TeacherSource, inputs: pa.Table, *, out_dir:
         path = out / f"part-{c:05d}.parquet"
         if not path.exists():
             chunk = inputs.slice(start, chunk_size)
-            rollout = source.generate(input_requests(chunk.to_pydict()), group_size=teacher_samples,
+            rollout = source.generate(input_requests(chunk.to_pydict(), rubric), group_size=teacher_samples,
                                       max_reasoning_tokens=max_reasoning_tokens, temperature=temperature,
                                       seed=seed * 1_000_003 + start)
             table = chunk
@@ -116,6 +118,7 @@ class RISDTask:
 
     model_dir: str
     name: str = "student_risd"
+    rubric: Rubric = BUILTIN_RUBRIC  # the dimensions' anchors in the scoring prompt (an import's rubric)
     fp32_keys: tuple[str, ...] = ("q_teacher",)  # the learner never casts the targets to bf16
 
     @property
@@ -126,7 +129,7 @@ class RISDTask:
         return trainable_vlm(self.model_dir)
 
     def collate(self, rows: dict[str, Any]) -> dict[str, torch.Tensor]:
-        requests = input_requests(rows)
+        requests = input_requests(rows, self.rubric)
         batch = {k: v for k, v in score_inputs(self.processor, requests).items() if isinstance(v, torch.Tensor)}
         q = np.stack([np.asarray(v, dtype=np.float32) for v in rows["q_teacher"]])
         if q.shape[1] % NUM_BINS:
