@@ -16,6 +16,12 @@ checkpoints, `tensorboard/`, `final/` in `TwoStepStudent` layout, `phase.json`, 
 folder diffusers alone samples, with its two-step recipe in `pipeline/README.md`), `references.json`,
 `metrics.json`, `results.md` (the table: `zray.evaluation.turbo`), `samples.png` (teacher | naive 2-step |
 variants, same noise). Experiment records: docs/experiments.md.
+
+With `data.dir` (a `zray data import --kind prompts` folder) the prompts are the import's: the teacher samples come
+from its train split (`zray.data.imported.prompt_rows`), the held-out prompts from its test split. The judge cannot
+read them and there are no renders: the "renders" variant (and `turbo.real_data="renders"`) is refused, and the
+results keep the Frechet distance to the teacher's samples and its gap closed (`zray.evaluation.turbo`,
+`unjudged_metrics`), the grid has no judge labels.
 """
 
 from __future__ import annotations
@@ -27,10 +33,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from zray.config import RunConfig, to_dict, turbo_variant
+from zray.config import TURBO_VARIANTS, ConfigError, RunConfig, to_dict, turbo_variant
 from zray.data import ensure_world, head_rows, read_table
 from zray.data.render import decode_png
-from zray.evaluation.turbo import compare_to_references, judge_generator, results_markdown, save_variant_grid
+from zray.evaluation.turbo import (NO_JUDGE_NOTE, compare_to_references, gap_closed_to_teacher, judge_generator,
+                                   results_markdown, save_variant_grid, unjudged_metrics)
 from zray.models.generator import initial_noise, load_zimage, sample_images, to_pil
 from zray.models.turbo import TwoStepStudent, sample_two_step_images
 from zray.models.turbo_export import export_two_step_pipeline
@@ -49,6 +56,38 @@ def teacher_pipeline_dir(cfg: RunConfig) -> Path:
     return check_generator_architecture(path, "distill_generator.teacher_dir").resolve()
 
 
+def check_import_variants(cfg: RunConfig, variants: tuple[str, ...]) -> None:
+    """With `data.dir`, every variant's real data must be the teacher's (a prompt list has no renders)."""
+    if not cfg.data.dir:
+        return
+    turbo = cfg.distill_generator.turbo
+    if turbo.real_data == "renders":
+        raise ConfigError(f"distill_generator.turbo.real_data='renders' is not allowed with data.dir={cfg.data.dir!r}: "
+                          "a prompts import has no renders; expected 'teacher'")
+    if "renders" in variants:
+        raise ConfigError(f"distill_generator.variants={variants!r} is not allowed with data.dir={cfg.data.dir!r}: "
+                          "the 'renders' variant trains on the world's renders and a prompts import has none; expected "
+                          f"variants among {tuple(v for v in TURBO_VARIANTS if v != 'renders')}")
+
+
+def generator_rows(cfg: RunConfig, out: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train rows, held-out rows): the world's generator tables, or a prompts import's train / test splits."""
+    from zray.data.imported import prompt_rows
+
+    dcfg = cfg.distill_generator
+    num_train = 0 if dcfg.teacher_samples == "online" else dcfg.num_teacher_samples  # online: every train prompt
+    if cfg.data.dir:
+        return (prompt_rows(cfg.data, "train", num_train, "distill_generator.num_teacher_samples"),
+                prompt_rows(cfg.data, "test", dcfg.num_eval_prompts, "distill_generator.num_eval_prompts"))
+    data_dir = ensure_world(cfg.world, out / "data")
+    eval_rows = head_rows(data_dir / "generator_test.parquet", "generator", dcfg.num_eval_prompts,
+                          "distill_generator.num_eval_prompts")
+    train_path = data_dir / "generator_train.parquet"
+    train_rows = read_table(train_path, "generator").to_pylist() if not num_train else head_rows(
+        train_path, "generator", num_train, "distill_generator.num_teacher_samples")
+    return train_rows, eval_rows
+
+
 def run_distill_generator(cfg: RunConfig, resume: bool = False,
                           variants: tuple[str, ...] | None = None) -> dict[str, Any]:
     """Train and judge every variant; returns the metrics record (also written to metrics.json)."""
@@ -63,25 +102,23 @@ def run_distill_generator(cfg: RunConfig, resume: bool = False,
     variants = tuple(variants or dcfg.variants)
     for v in variants:
         turbo_variant(dcfg.turbo, v)  # a bad name fails before anything runs
+    check_import_variants(cfg, variants)
+    judged = not cfg.data.dir  # the judge reads Shapes-world prompts only
     out = Path(cfg.out_dir).resolve()
     root = out / "distill_generator"
     root.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    data_dir = ensure_world(cfg.world, out / "data")
     teacher_dir = teacher_pipeline_dir(cfg)
-    eval_rows = head_rows(data_dir / "generator_test.parquet", "generator", dcfg.num_eval_prompts,
-                          "distill_generator.num_eval_prompts")
-    if dcfg.teacher_samples == "online":  # every train prompt; the teacher samples inside each step
-        train_rows = read_table(data_dir / "generator_train.parquet", "generator").to_pylist()
-    else:
-        train_rows = head_rows(data_dir / "generator_train.parquet", "generator", dcfg.num_teacher_samples,
-                               "distill_generator.num_teacher_samples")
+    train_rows, eval_rows = generator_rows(cfg, out)
     print(f"[distill-generator] teacher {teacher_dir}; variants {', '.join(variants)}; {len(eval_rows)} held-out "
-          f"prompts; teacher samples: {dcfg.teacher_samples}")
+          f"prompts{'' if judged else ' of ' + cfg.data.dir}; teacher samples: {dcfg.teacher_samples}")
+    if not judged:
+        print(f"[distill-generator] note: {NO_JUDGE_NOTE}")
 
     # 1. The discriminator's real data: precomputed teacher samples (or world rows for online sampling).
     if dcfg.teacher_samples == "online":
-        train = ray.data.from_items([{k: r[k] for k in ("image_id", "prompt", "image")} for r in train_rows])
+        train = ray.data.from_items([{k: r[k] for k in ("image_id", "prompt", "image") if k in r}
+                                     for r in train_rows])
     else:
         with tqdm(total=dcfg.num_teacher_samples, desc="teacher samples", unit="sample") as bar:
             table = collect_teacher_samples(
@@ -93,7 +130,7 @@ def run_distill_generator(cfg: RunConfig, resume: bool = False,
     # 2. References: the teacher with 8 steps and naively with 2, same noise as every student.
     pipe = load_zimage(teacher_dir)
     prompts = [r["prompt"] for r in eval_rows]
-    renders = [decode_png(r["image"]) for r in eval_rows]
+    renders = [decode_png(r["image"]) for r in eval_rows] if judged else []
     noise = initial_noise(pipe, len(eval_rows), cfg.seed + 1, height=cfg.world.image_size,
                           width=cfg.world.image_size)
     images: dict[str, list[Any]] = {}
@@ -102,7 +139,8 @@ def run_distill_generator(cfg: RunConfig, resume: bool = False,
         images[key] = [im for i in range(0, len(prompts), 50) for im in to_pil(sample_images(
             pipe, prompts[i:i + 50], noise[i:i + 50], steps, dcfg.turbo.teacher_shift))]
     for key, steps in (("teacher", dcfg.turbo.teacher_steps), ("two_step", 2)):
-        metrics, alignment = judge_generator(images[key], prompts, renders=renders, teacher_images=images["teacher"])
+        metrics, alignment = judge_generator(images[key], prompts, renders=renders, teacher_images=images["teacher"]) \
+            if judged else (unjudged_metrics(images[key], images["teacher"]), None)
         references[key] = {"metrics": {**metrics, "steps": steps}, "alignment": alignment}
     (root / "references.json").write_text(json.dumps(references, indent=1))
 
@@ -121,6 +159,13 @@ def run_distill_generator(cfg: RunConfig, resume: bool = False,
             export_two_step_pipeline(phase["final_dir"], teacher_dir, export_dir, sigma_2=dcfg.turbo.sigma_2,
                                      renoise=dcfg.turbo.renoise)
         images[variant] = to_pil(sample_two_step_images(student, pipe, prompts, noise, sigma_2=dcfg.turbo.sigma_2))
+        if not judged:
+            metrics = unjudged_metrics(images[variant], images["teacher"])
+            rows[variant] = m = {**metrics, "steps": 2, **gap_closed_to_teacher(metrics, references),
+                                 "train_steps": phase["steps"], "train_s": phase["train_s"]}
+            print(f"[distill-generator] {variant}: {phase['steps']} steps ({phase['train_s'] / 60:.1f} min); Frechet "
+                  f"to teacher {m['frechet_to_teacher']:.3f}; gap closed {m['gap_closed_frechet_to_teacher']:.0%}")
+            continue
         metrics, alignment = judge_generator(images[variant], prompts, renders=renders,
                                              teacher_images=images["teacher"])
         rows[variant] = {**metrics, "steps": 2, **compare_to_references(metrics, alignment, references),
@@ -130,19 +175,21 @@ def run_distill_generator(cfg: RunConfig, resume: bool = False,
               f"{m['main_colour']:.1%}, Frechet to renders {m['frechet_to_renders']:.3f}; gap closed "
               f"{m['gap_closed_frechet_to_renders']:.0%} (Frechet) / {m['gap_closed_main_colour']:.0%} (main colour)")
 
-    record = {"teacher_dir": str(teacher_dir), "variants": list(variants), "rows": rows,
+    record = {"teacher_dir": str(teacher_dir), "variants": list(variants), "rows": rows, "judged": judged,
+              "data_dir": cfg.data.dir,
               "total_s": time.perf_counter() - started,
               "config": {"distill_generator": to_dict(dcfg), "world_image_size": cfg.world.image_size}}
     (root / "metrics.json").write_text(json.dumps(record, indent=2))
-    notes = [f"Teacher: `{teacher_dir}`; teacher samples: {dcfg.teacher_samples}"
+    notes = [f"Prompts: data.dir `{cfg.data.dir}` (its train split trains, its test split is held out)."] * (not judged)
+    notes += [f"Teacher: `{teacher_dir}`; teacher samples: {dcfg.teacher_samples}"
              + ("" if dcfg.teacher_samples == "online" else f" ({dcfg.num_teacher_samples} precomputed)")
              + f"; learner: {dcfg.learner.max_steps} steps max, micro batch {dcfg.learner.micro_batch_size}, "
              f"lr {dcfg.learner.lr}, budget {dcfg.time_budget_s:.0f} s per variant.",
              "Variants: " + "; ".join(f"{v} = {_diff(dcfg.turbo, v) or 'the recipe as configured'}" for v in variants)]
-    (root / "results.md").write_text(results_markdown(rows, num_prompts=len(prompts), notes=notes))
+    (root / "results.md").write_text(results_markdown(rows, num_prompts=len(prompts), notes=notes, judged=judged))
     grid = {"teacher 8-step": images["teacher"], "naive 2-step": images["two_step"],
             **{v: images[v] for v in variants}}
-    save_variant_grid(root / "samples.png", prompts, grid, NUM_GRID)
+    save_variant_grid(root / "samples.png", prompts, grid, NUM_GRID, judged=judged)
     print(f"[distill-generator] done in {record['total_s'] / 60:.1f} min -> {root / 'results.md'}")
     return record
 

@@ -33,6 +33,12 @@ Outputs under `<out_dir>/reward_finetune/<generator>/`: `train/` (the Ray Train 
 format, or the full network), `reward_vs_judge.json` and `.png` (every evaluation), `grid.png` (the grid above,
 each image with the judge's alignment), `metrics.json` (`evaluations`: every evaluation with its `gap` and
 `gsb_vs_start`; `gsb_vs_start`: the last one's), `summary.md` (the table with GSB against step 0, the verdict).
+
+With `data.dir` (a `zray data import --kind prompts` folder) the training prompts are the import's train split and
+the held-out prompts its test split (`zray.data.imported`). The judge cannot score them: no reward-hacking watch
+(`zray.evaluation.reward_hacking.judge_watch` refuses `on_gap="stop"`; set "warn"), no GSB, and each evaluation
+records the student's reward alone (`student_record`); the grid has no judge labels, and `fm_weight` (world renders)
+is refused. The reward's dimensions are its rubric's (`zray_rubric.json`; `zray.tasks.reward_grad.reward_dimensions`).
 """
 
 from __future__ import annotations
@@ -47,8 +53,8 @@ import torch
 
 from zray.config import ConfigError, RunConfig, to_dict
 from zray.data import ensure_world, head_rows, read_ray_dataset
-from zray.evaluation.reward_hacking import (evaluation_record, judge_verdicts, save_reward_vs_judge, widened,
-                                            with_gaps, with_gsb)
+from zray.evaluation.reward_hacking import (evaluation_record, judge_verdicts, judge_watch, save_reward_vs_judge,
+                                            student_record, widened, with_gaps, with_gsb)
 from zray.evaluation.turbo import save_variant_grid
 from zray.models.generator import load_zimage, sample_images, to_pil
 from zray.training.runs import export_final, has_checkpoint, latest_checkpoint, read_learner_state, trained_seconds
@@ -111,6 +117,12 @@ def run_reward_finetune(cfg: RunConfig, generator: str = "base", *, generator_di
             if getattr(rcfg, name) > 2:
                 raise ConfigError(f"reward_finetune.{name}={getattr(rcfg, name)} is not allowed with --generator "
                                   "turbo: the Turbo++ student samples in 2 steps; expected at most 2")
+    if cfg.data.dir:  # what an import's prompts cannot give, refused before any input is read
+        judge_watch(cfg.data.dir, rcfg.on_gap, ())
+        if rcfg.fm_weight > 0:
+            raise ConfigError(f"reward_finetune.fm_weight={rcfg.fm_weight} is not allowed with data.dir="
+                              f"{cfg.data.dir!r}: the flow-matching regulariser trains on the world's renders and a "
+                              "prompts import has none; expected 0")
     out = Path(cfg.out_dir).resolve()
     root = out / "reward_finetune" / generator
     run_dir = root / RUN_NAME
@@ -119,12 +131,22 @@ def run_reward_finetune(cfg: RunConfig, generator: str = "base", *, generator_di
         raise FileExistsError(f"{run_dir} holds checkpoints of an earlier run: pass --resume to continue it, or "
                               "remove it")
     started = time.perf_counter()
-    data_dir = ensure_world(cfg.world, out / "data")
-    prompts = [r["prompt"] for r in head_rows(data_dir / "generator_test.parquet", "generator",
-                                              rcfg.num_eval_prompts, "reward_finetune.num_eval_prompts")]
-    root.mkdir(parents=True, exist_ok=True)
     task = RewardGradTask(rcfg, kind=generator, generator_dir=gen_dir, pipeline_dir=pipeline_dir, reward_dir=rew_dir,
-                          image_size=cfg.world.image_size)
+                          image_size=cfg.world.image_size)  # the reward's rubric: dimensions and weights checked
+    watch = judge_watch(cfg.data.dir, rcfg.on_gap, task.dimensions)
+    if cfg.data.dir:
+        from zray.data.imported import imported_prompts, prompt_rows
+
+        eval_rows = prompt_rows(cfg.data, "test", rcfg.num_eval_prompts, "reward_finetune.num_eval_prompts")
+        train_prompts = [r["prompt"] for r in imported_prompts(cfg.data, "train")]
+        print("[reward-finetune] note: the judge scores Shapes-world prompts only: on data.dir's prompts no "
+              "reward-hacking watch and no GSB; the student's reward is recorded alone")
+    else:
+        data_dir = ensure_world(cfg.world, out / "data")
+        eval_rows = head_rows(data_dir / "generator_test.parquet", "generator", rcfg.num_eval_prompts,
+                              "reward_finetune.num_eval_prompts")
+    prompts = [r["prompt"] for r in eval_rows]
+    root.mkdir(parents=True, exist_ok=True)
     noise = torch.randn(task.latent_shape(len(prompts)), generator=torch.Generator().manual_seed(cfg.seed))
     title = f"reward-finetune {generator} ({rcfg.finetune}): held-out prompts, same noise"
 
@@ -145,9 +167,18 @@ def run_reward_finetune(cfg: RunConfig, generator: str = "base", *, generator_di
         kept[at_step] = pil[:NUM_GRID]
         for old in [s for s in kept if s not in (0, at_step)]:
             del kept[old]
+        if not watch:
+            return student_record(at_step, mu_BD, task.dimensions, task.weights)
         return evaluation_record(at_step, pil, prompts, mu_BD, task.dimensions, task.weights)
 
     def report(records: list[dict[str, Any]], history: list[dict[str, float]]) -> dict[str, Any] | None:
+        if not watch:
+            r = records[-1]
+            print(f"[reward-finetune] step {r['step']}: student reward {r['student_reward']:.3f} ("
+                  + ", ".join(f"{d} {v:.3f}" for d, v in r["student"].items()) + "); no judge on data.dir's prompts")
+            (root / RECORDS_FILE).write_text(json.dumps(records, indent=1))
+            save_reward_vs_judge(root / "reward_vs_judge.png", records, rcfg.gap_threshold, title, history)
+            return None
         r = with_gsb(with_gaps(records))[-1]
         g = r["gsb_vs_start"]
         print(f"[reward-finetune] step {r['step']}: student reward {r['student_reward']:.3f}, alignment student "
@@ -174,8 +205,13 @@ def run_reward_finetune(cfg: RunConfig, generator: str = "base", *, generator_di
         records.append(evaluate(step, latest / "hf" if latest is not None else None))
     hacked = report(records, history)
     init_ray(lcfg.num_workers * lcfg.cpus_per_worker + 1)
-    columns = ["prompt", "image_id", "image"] if rcfg.fm_weight > 0 else ["prompt"]
-    train = read_ray_dataset(data_dir / "generator_train.parquet", "generator").select_columns(columns)
+    if cfg.data.dir:
+        import ray.data
+
+        train = ray.data.from_items([{"prompt": p} for p in train_prompts])
+    else:
+        columns = ["prompt", "image_id", "image"] if rcfg.fm_weight > 0 else ["prompt"]
+        train = read_ray_dataset(data_dir / "generator_train.parquet", "generator").select_columns(columns)
     print(f"[reward-finetune] {generator} generator {gen_dir} ({rcfg.finetune}); reward {rew_dir}; "
           f"{len(prompts)} held-out prompts; from step {step} to {lcfg.max_steps}")
     fitted = None
@@ -196,15 +232,17 @@ def run_reward_finetune(cfg: RunConfig, generator: str = "base", *, generator_di
     final = kept[step] if step in kept else to_pil(images_of(hf_dir, NUM_GRID))
     columns = grid_columns(generator, start, final, pipeline_dir=pipeline_dir, prompts=prompts[:NUM_GRID],
                            noise=noise[:NUM_GRID], base_steps=rcfg.base_steps, shift=rcfg.shift)
-    verdicts = dict(zip(list(columns)[-2:], (judge_verdicts(records[0]), judge_verdicts(records[-1]))))
+    verdicts = dict(zip(list(columns)[-2:], (judge_verdicts(records[0]), judge_verdicts(records[-1])))) \
+        if watch else {}
     save_variant_grid(root / "grid.png", prompts, columns, NUM_GRID,  # labels of the evaluations, not judged again
-                      verdicts={name: v for name, v in verdicts.items() if v is not None})
-    evaluations = with_gsb(with_gaps(records))
+                      verdicts={name: v for name, v in verdicts.items() if v is not None}, judged=watch)
+    evaluations = with_gsb(with_gaps(records)) if watch else records
     record = {"generator": generator, "generator_dir": str(gen_dir), "pipeline_dir": str(pipeline_dir),
               "reward_dir": str(rew_dir), "final_dir": str(final_dir), "steps": step,
               "train_s": trained_seconds(history), "total_s": time.perf_counter() - started,
               "stopped_by_gap": hacked is not None and rcfg.on_gap == "stop" and step < lcfg.max_steps,
-              "hacking": hacked, "gsb_vs_start": evaluations[-1]["gsb_vs_start"], "grid": str(root / "grid.png"),
+              "hacking": hacked, "gsb_vs_start": evaluations[-1]["gsb_vs_start"] if watch else None,
+              "judge_watch": watch, "data_dir": cfg.data.dir, "grid": str(root / "grid.png"),
               "grid_columns": list(columns), "evaluations": evaluations, "history": history,
               "config": {"reward_finetune": to_dict(rcfg)}}
     (root / "metrics.json").write_text(json.dumps(record, indent=2))
@@ -231,8 +269,10 @@ def summary_markdown(record: dict[str, Any], threshold: float) -> str:
     cfg = record["config"]["reward_finetune"]
     lines = [f"# reward-finetune: {record['generator']} generator ({cfg['finetune']})", "",
              f"Generator `{record['generator_dir']}`, student reward `{record['reward_dir']}`; {record['steps']} "
-             f"steps ({record['train_s'] / 60:.1f} min of training). Weights: `{record['final_dir']}`.", "",
-             "| step | student reward R | student alignment | judge alignment | gap | judge main colour "
+             f"steps ({record['train_s'] / 60:.1f} min of training). Weights: `{record['final_dir']}`.", ""]
+    if not record.get("judge_watch", True):
+        return "\n".join(lines + _student_only_lines(record)) + "\n"
+    lines += ["| step | student reward R | student alignment | judge alignment | gap | judge main colour "
              "| GSB vs step 0 (G / S / B) | net |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in record["evaluations"]:
@@ -256,10 +296,32 @@ def summary_markdown(record: dict[str, Any], threshold: float) -> str:
                     else "the reward gradient raised the true alignment with no widening gap."))
     lines += ["", f"Grid (`grid.png`, first {NUM_GRID} held-out prompts, same noise, judge's alignment on each "
               f"image): {' | '.join(record['grid_columns'])}."]
-    load = {("base", "lora"): "`ZImagePipeline.from_pretrained(base).load_lora_weights(final_dir)`",
-            ("turbo", "lora"): "`lora_step1.safetensors` / `lora_step2.safetensors` onto the transformer of that step "
-                               "(`load_lora_weights(final_dir, weight_name=...)`)",
-            ("base", "full"): "`ZImageTransformer2DModel.from_pretrained(final_dir)` in place of the pipeline's",
-            ("turbo", "full"): "`zray.models.turbo.TwoStepStudent.from_pretrained(final_dir)`"}
-    lines += ["", f"Loading: {load[(record['generator'], cfg['finetune'])]}.", ""]
+    lines += ["", f"Loading: {LOADING[(record['generator'], cfg['finetune'])]}.", ""]
     return "\n".join(lines)
+
+
+def _student_only_lines(record: dict[str, Any]) -> list[str]:
+    """summary.md on an import's prompts: the student's reward per evaluation, why there is no judge, the grid."""
+    dims = list(record["evaluations"][0]["student"])
+    lines = ["| step | student reward R | " + " | ".join(f"student {d}" for d in dims) + " |",
+             "|---:|---:|" + "---:|" * len(dims)]
+    for r in record["evaluations"]:
+        lines.append(f"| {r['step']} | {r['student_reward']:.3f} | "
+                     + " | ".join(f"{r['student'][d]:.3f}" for d in dims) + " |")
+    first, last = record["evaluations"][0], record["evaluations"][-1]
+    cfg = record["config"]["reward_finetune"]
+    return lines + ["", f"Prompts: data.dir `{record['data_dir']}` (train split trained on, test split held out). "
+                    "The judge scores Shapes-world prompts only, so there is no reward-hacking watch (on_gap="
+                    f"{cfg['on_gap']!r}), no judge alignment and no GSB: the student's reward went from "
+                    f"{first['student_reward']:.3f} (step 0) to {last['student_reward']:.3f} (step {last['step']}), "
+                    "which says nothing about hacking on its own.", "",
+                    f"Grid (`grid.png`, first {NUM_GRID} held-out prompts, same noise, no judge labels): "
+                    f"{' | '.join(record['grid_columns'])}.", "",
+                    f"Loading: {LOADING[(record['generator'], cfg['finetune'])]}."]
+
+
+LOADING = {("base", "lora"): "`ZImagePipeline.from_pretrained(base).load_lora_weights(final_dir)`",
+           ("turbo", "lora"): "`lora_step1.safetensors` / `lora_step2.safetensors` onto the transformer of that step "
+                              "(`load_lora_weights(final_dir, weight_name=...)`)",
+           ("base", "full"): "`ZImageTransformer2DModel.from_pretrained(final_dir)` in place of the pipeline's",
+           ("turbo", "full"): "`zray.models.turbo.TwoStepStudent.from_pretrained(final_dir)`"}

@@ -538,7 +538,8 @@ class RewardFinetuneConfig:
     x0_hat (ReFL, extended), or through the last `draft_k` steps (DRaFT-K, when > 0). The job trains in segments of
     `eval_every` steps and after each one judges held-out prompts: the student's reward beside the judge's true
     alignment; when the gap (student alignment minus judge alignment, relative to the first evaluation) exceeds
-    `gap_threshold`, it stops (`on_gap="stop"`) or warns. A segment is one `fit` whose `max_steps` is the segment's
+    `gap_threshold`, it stops (`on_gap="stop"`) or warns. With `data.dir` (a prompts import) the judge cannot score
+    the prompts: no watch, and `on_gap` must be "warn" (the job says so). A segment is one `fit` whose `max_steps` is the segment's
     end, so the LR schedule must be "constant" (a cosine would decay within every segment).
     """
 
@@ -557,9 +558,10 @@ class RewardFinetuneConfig:
     k_min: int = 1  # ReFL: the step with gradient is drawn uniformly from k_min .. k_max (1-based)
     k_max: int = 0  # 0 = the sampler's last step (8 for the base, 2 for the student)
     draft_k: int = 0  # > 0: DRaFT-K, gradient through the last K steps instead (k_min / k_max unused)
+    # the dimensions of R: a subset of the reward's rubric (its zray_rubric.json, else the built-in four); empty = all
     dimensions: tuple[str, ...] = ("alignment", "realism", "aesthetics", "plausibility")
     weights: tuple[float, ...] = ()  # R = sum_d w_d mu_d; empty = equal weights 1 / D
-    fm_weight: float = 0.0  # the flow-matching regulariser on world renders; 0 = off
+    fm_weight: float = 0.0  # the flow-matching regulariser on world renders; 0 = off (refused with data.dir)
     eval_every: int = 2
     num_eval_prompts: int = 16  # held-out prompts (generator_test), the same noise at every evaluation
     gap_threshold: float = 0.5  # on the 1..5 scale
@@ -578,17 +580,15 @@ class RewardFinetuneConfig:
                  f"an integer in [1, base_steps={self.base_steps}]")
         _require(0 <= self.draft_k <= self.base_steps, "RewardFinetuneConfig.draft_k", self.draft_k,
                  f"an integer in [0, base_steps={self.base_steps}] (0 = ReFL)")
-        allowed = ("alignment", "realism", "aesthetics", "plausibility")
-        _require(bool(self.dimensions) and all(d in allowed for d in self.dimensions)
-                 and len(set(self.dimensions)) == len(self.dimensions), "RewardFinetuneConfig.dimensions",
-                 self.dimensions, f"a non-empty subset of {allowed}, no repeats")
-        _require("alignment" in self.dimensions, "RewardFinetuneConfig.dimensions", self.dimensions,
-                 "'alignment' among them (the reward-hacking watch compares it with the judge; weight it 0 to train "
-                 "on the others only)")
-        _require(len(self.weights) in (0, len(self.dimensions)) and all(-float("inf") < w < float("inf")
-                                                                        for w in self.weights),
+        # which dimensions: the reward's rubric (zray_rubric.json), checked where the reward is read
+        # (zray.tasks.reward_grad); 'alignment' among them for the judge's watch (zray.evaluation.reward_hacking)
+        _require(len(set(self.dimensions)) == len(self.dimensions), "RewardFinetuneConfig.dimensions",
+                 self.dimensions, "distinct rubric dimensions (empty = all of the reward's rubric)")
+        _require((not self.dimensions or len(self.weights) in (0, len(self.dimensions)))
+                 and all(-float("inf") < w < float("inf") for w in self.weights),
                  "RewardFinetuneConfig.weights", self.weights,
-                 f"{len(self.dimensions)} finite floats, one per dimension of {self.dimensions}, or none (equal)")
+                 f"{len(self.dimensions) or 'D'} finite floats, one per dimension of "
+                 f"{self.dimensions or 'the reward rubric'}, or none (equal)")
         _require(self.fm_weight >= 0, "RewardFinetuneConfig.fm_weight", self.fm_weight, "a float >= 0 (0 = off)")
         _require(self.gap_threshold > 0, "RewardFinetuneConfig.gap_threshold", self.gap_threshold, "a float > 0")
         _require(self.learner.lr_schedule == "constant", "RewardFinetuneConfig.learner.lr_schedule",

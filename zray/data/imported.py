@@ -6,6 +6,7 @@ train / heldout / test by prompt (docs/data-formats.md, "Training and evaluating
     rows = imported_rows(cfg.data, "test")                    # rated images as evaluation candidates
     inputs = imported_distill_inputs(cfg.data, dims)          # distill_inputs columns: the student's RISD / OPD
     prompts = imported_prompts(cfg.data, "train")             # a prompts import: the generator stages' prompts
+    rows = prompt_rows(cfg.data, "test", 16, "x.num_eval_prompts")  # the same as rows with a stable image_id
 
 The split (`split_of`): u = the first 8 bytes of sha256(prompt_id) as an integer / 2**64; test if
 u < test_frac, heldout if u < test_frac + heldout_frac, else train. Every image and pair of a prompt lands in the
@@ -162,3 +163,15 @@ def imported_prompts(data: DataConfig, split: str) -> list[dict[str, str]]:
     rows = read_imported(_import_dir(data), "prompts").to_pylist()
     keep = _in_split(data, [r["prompt_id"] for r in rows], split, "prompts")
     return [r for r, k in zip(rows, keep, strict=True) if k]
+
+
+def prompt_rows(data: DataConfig, split: str, num: int, setting: str) -> list[dict[str, Any]]:
+    """The first `num` (0 = all) prompts of `split` of a prompts import as generator rows: {image_id, prompt_id,
+    prompt}, image_id = "prompt-<prompt_id>" (a stable id for caches and teacher-sample manifests; no `image`: a
+    prompt list has no renders). More than the split holds is a ConfigError naming `setting`."""
+    rows = imported_prompts(data, split)
+    if num < 0 or num > len(rows):
+        raise ConfigError(f"{setting}={num} is not allowed: the {split} split of data.dir={data.dir!r} has "
+                          f"{len(rows)} prompts; expected 1 to {len(rows)} (or import more prompts, or change "
+                          "data.test_frac / data.heldout_frac)")
+    return [{"image_id": f"prompt-{r['prompt_id']}", **r} for r in rows[:num or len(rows)]]

@@ -1,10 +1,12 @@
 """Precomputed samples of the 8-step teacher generator, the real data of Turbo++ (methods.md §6), in Parquet.
 
 One row per (prompt, noise): the noise is `noise_from_seed(noise_seed, shape)` (a CPU generator, float32), so
-the student regenerates exactly the noise the teacher started from. Columns (all non-nullable):
+the student regenerates exactly the noise the teacher started from. Columns (all non-nullable but `render`):
 
-- sample_id (string), image_id (string: the world row the prompt came from), prompt (string),
-  render (binary: the world's reference render of that prompt, PNG), noise_seed (int64),
+- sample_id (string), image_id (string: the world row the prompt came from, or "prompt-<prompt_id>" for a prompt
+  list: `zray.data.imported.prompt_rows`), prompt (string),
+  render (binary: the world's reference render of that prompt, PNG; null for a prompt list, which has none),
+  noise_seed (int64),
 - latent_shape (list<int32>: C, H, W), teacher_mid (binary: float32 latent after `mid_steps` of the teacher's
   steps, C-order), teacher_x0 (binary: float32 final latent), teacher_image (binary: the decoded final latent, PNG).
 
@@ -31,7 +33,7 @@ import torch
 from zray.data.parquet import DataError
 
 MANIFEST = "manifest.json"
-SCHEMA = pa.schema([pa.field(name, dtype, nullable=False) for name, dtype in (
+SCHEMA = pa.schema([pa.field(name, dtype, nullable=name == "render") for name, dtype in (
     ("sample_id", pa.string()), ("image_id", pa.string()), ("prompt", pa.string()), ("render", pa.binary()),
     ("noise_seed", pa.int64()), ("latent_shape", pa.list_(pa.field("item", pa.int32(), nullable=False))),
     ("teacher_mid", pa.binary()), ("teacher_x0", pa.binary()), ("teacher_image", pa.binary()))])
@@ -67,7 +69,8 @@ def _png(image: Any) -> bytes:
 @torch.no_grad()
 def teacher_rows(pipe: Any, rows: list[dict[str, Any]], seeds: list[int], *, steps: int, shift: float,
                  mid_steps: int, latent_shape: tuple[int, int, int], id_prefix: str) -> list[dict[str, Any]]:
-    """The teacher's samples of `rows` (world generator rows: image_id, prompt, image) from the seeds' noise."""
+    """The teacher's samples of `rows` from the seeds' noise: world generator rows (image_id, prompt, image) or
+    prompt-list rows (image_id, prompt; no image: render null)."""
     from zray.models.generator import encode_prompts, to_pil, transformer_fn, vae_decode
     from zray.sampling import flow_sigmas, sample
 
@@ -77,7 +80,8 @@ def teacher_rows(pipe: Any, rows: list[dict[str, Any]], seeds: list[int], *, ste
                             return_trajectory=True)
     images = to_pil((vae_decode(pipe.vae, x0).float() * 0.5 + 0.5).clamp(0, 1))
     return [{"sample_id": f"{id_prefix}{seed}", "image_id": str(r["image_id"]), "prompt": str(r["prompt"]),
-             "render": bytes(r["image"]), "noise_seed": int(seed), "latent_shape": list(latent_shape),
+             "render": None if r.get("image") is None else bytes(r["image"]), "noise_seed": int(seed),
+             "latent_shape": list(latent_shape),
              "teacher_mid": latent_bytes(trajectory[mid_steps][i]), "teacher_x0": latent_bytes(x0[i]),
              "teacher_image": _png(images[i])} for i, (r, seed) in enumerate(zip(rows, seeds, strict=True))]
 
@@ -145,7 +149,7 @@ def read_teacher_samples(path: str | Path) -> pa.Table:
             raise DataError(f"file {str(f)!r}, row n/a, column {missing[0]}: missing (expected {SCHEMA.names})")
         table = table.select(SCHEMA.names)
         for name in SCHEMA.names:
-            if table.column(name).null_count:
+            if table.column(name).null_count and not SCHEMA.field(name).nullable:
                 raise DataError(f"file {str(f)!r}, row n/a, column {name}: null values")
         shapes, mids, x0s = (table.column(n).to_pylist() for n in ("latent_shape", "teacher_mid", "teacher_x0"))
         for i, (shape, mid, x0) in enumerate(zip(shapes, mids, x0s, strict=True)):
@@ -156,7 +160,7 @@ def read_teacher_samples(path: str | Path) -> pa.Table:
                                     f"{size} (float32 of latent_shape {shape})")
         for column in ("render", "teacher_image"):
             for i, value in enumerate(table.column(column).to_pylist()):
-                if not value.startswith(b"\x89PNG\r\n\x1a\n"):
+                if value is not None and not value.startswith(b"\x89PNG\r\n\x1a\n"):
                     raise DataError(f"file {str(f)!r}, row {i}, column {column}: not a PNG")
         tables.append(table.cast(SCHEMA))
     return pa.concat_tables(tables)

@@ -13,6 +13,10 @@ passes a threshold. Whether the updates helped in truth is the GSB of each evalu
 (`with_gsb`): prompt by prompt, on the judge's true alignment alone (the definition of `zray.evaluation.turbo.gsb`,
 as distill-generator's GSB against the teacher and naive 2-step). Numpy and matplotlib only (the images and scores
 come from the caller).
+
+On an import's prompts (`data.dir`) the judge cannot score (it recovers Shapes scenes only): `judge_watch` says the
+watch is off (and refuses `on_gap="stop"`, which would never fire), and each evaluation is `student_record` alone
+(the student's mean mu per dimension and R, and R per prompt); the plot shows the student's reward only.
 """
 
 from __future__ import annotations
@@ -23,10 +27,40 @@ from typing import Any
 
 import numpy as np
 
+from zray.config import ConfigError
 from zray.evaluation.generator import judge_many, summarise
 from zray.evaluation.turbo import gsb
 
 GAP_DIMENSION = "alignment"  # the one dimension the judge measures
+
+
+def judge_watch(data_dir: str, on_gap: str, dimensions: Sequence[str]) -> bool:
+    """Whether the judge watches the run for reward hacking: on the Shapes world (no `data_dir`) it does, and needs
+    'alignment' among the reward's dimensions; on an import it cannot, so `on_gap="stop"` is refused (ConfigError)."""
+    if data_dir:
+        if on_gap == "stop":
+            raise ConfigError(f"reward_finetune.on_gap='stop' is not allowed with data.dir={data_dir!r}: the judge "
+                              "scores Shapes-world prompts only, so no reward-hacking watch runs on an import and "
+                              "nothing could stop the run; expected on_gap='warn' (set --set reward_finetune.on_gap=warn;"
+                              " the student's reward is recorded alone)")
+        return False
+    if GAP_DIMENSION not in dimensions:
+        raise ConfigError(f"reward_finetune.dimensions={tuple(dimensions)!r} is not allowed on the Shapes world: "
+                          f"expected {GAP_DIMENSION!r} among them (the reward-hacking watch compares it with the "
+                          "judge; weight it 0 to train on the others only)")
+    return True
+
+
+def student_record(step: int, mu_BD: np.ndarray, dimensions: Sequence[str],
+                   weights: Sequence[float]) -> dict[str, Any]:
+    """One evaluation without the judge: the student's mean mu per dimension, mean R and R per prompt."""
+    mu_BD = np.asarray(mu_BD, dtype=np.float64)
+    if mu_BD.ndim != 2 or mu_BD.shape[1] != len(dimensions) or len(weights) != len(dimensions):
+        raise ValueError(f"mu of shape {mu_BD.shape} and {len(weights)} weights: expected (B, {len(dimensions)}) "
+                         f"and one weight per dimension of {tuple(dimensions)}")
+    reward_B = mu_BD @ np.asarray(weights, dtype=np.float64)
+    return {"step": int(step), "student": {d: float(mu_BD[:, j].mean()) for j, d in enumerate(dimensions)},
+            "student_reward": float(reward_B.mean()), "per_prompt": {"student_reward": [float(v) for v in reward_B]}}
 
 
 def evaluation_record(step: int, images: Sequence[Any], prompts: Sequence[str], mu_BD: np.ndarray,
@@ -104,12 +138,17 @@ def save_reward_vs_judge(path: Path, records: Sequence[dict[str, Any]], threshol
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = with_gaps(records)
+    judged = all("judge" in r for r in records)  # False: an import's prompts, the student's reward alone
+    records = with_gaps(records) if judged else list(records)
     steps = [r["step"] for r in records]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.4, 5.2), sharex=True, height_ratios=(2, 1))
+    if judged:
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.4, 5.2), sharex=True, height_ratios=(2, 1))
+    else:
+        fig, top = plt.subplots(1, 1, figsize=(6.4, 3.6))
     top.plot(steps, [r["student_reward"] for r in records], "o-", label="student reward R (trained on)")
-    top.plot(steps, [r["student"][GAP_DIMENSION] for r in records], "s--", label="student alignment mu")
-    top.plot(steps, [r["judge"]["alignment"] for r in records], "^-", label="judge alignment (true)")
+    if judged:
+        top.plot(steps, [r["student"][GAP_DIMENSION] for r in records], "s--", label="student alignment mu")
+        top.plot(steps, [r["judge"]["alignment"] for r in records], "^-", label="judge alignment (true)")
     trained = [h for h in history if "reward" in h]
     if trained:
         top.plot([h["step"] for h in trained], [h["reward"] for h in trained], color="gray", alpha=0.5, lw=1,
@@ -118,6 +157,12 @@ def save_reward_vs_judge(path: Path, records: Sequence[dict[str, Any]], threshol
     top.legend(fontsize=7)
     top.grid(alpha=0.3)
     top.set_title(title, fontsize=9)
+    if not judged:
+        top.set_xlabel("learner step")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return
     bottom.plot(steps, [r["gap"] for r in records], "o-", color="tab:red", label="gap (relative to step 0)")
     bottom.axhline(threshold, color="gray", linestyle=":", label=f"threshold {threshold:g}")
     bottom.set_xlabel("learner step")

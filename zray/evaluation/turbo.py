@@ -9,6 +9,11 @@ Every generator samples the same held-out prompts from the same noise; the indep
   sampled with 2 steps: 1 = as good as the teacher, 0 = no better than naive, negative = worse. It is the same
   formula for a metric where lower is better (Frechet distance). Undefined (nan) when teacher == naive.
 - Frechet distances: `zray.evaluation.generator.frechet_to` (fixed colour / layout features, no network).
+
+On prompts the judge cannot read (an import, `data.dir`: it recovers Shapes scenes only) and with no renders,
+`unjudged_metrics` keeps what needs neither: the Frechet distance to the 8-step teacher's samples, and its gap
+closed (the teacher's own distance is 0); `results_markdown(..., judged=False)` and
+`save_variant_grid(..., judged=False)` draw the table and the grid without the judge.
 """
 
 from __future__ import annotations
@@ -50,6 +55,18 @@ def judge_generator(images: Sequence[Any], prompts: Sequence[str], *, renders: S
     return metrics, [j["alignment"] for j in judged]
 
 
+def unjudged_metrics(images: Sequence[Any], teacher_images: Sequence[Any]) -> dict[str, float]:
+    """{num, frechet_to_teacher}: what is measured without the judge and without renders (module docstring)."""
+    return {"num": float(len(images)), "frechet_to_teacher": frechet_to(images, teacher_images)}
+
+
+def gap_closed_to_teacher(metrics: dict[str, float], references: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """{gap_closed_frechet_to_teacher}: `gap_closed` on the Frechet distance to the teacher's samples."""
+    return {"gap_closed_frechet_to_teacher": gap_closed(metrics["frechet_to_teacher"],
+                                                        references["two_step"]["metrics"]["frechet_to_teacher"],
+                                                        references["teacher"]["metrics"]["frechet_to_teacher"])}
+
+
 def compare_to_references(metrics: dict[str, float], alignment: Sequence[float],
                           references: dict[str, dict[str, Any]]) -> dict[str, float]:
     """GSB against the teacher and naive 2-step, and the gap closed on GAP_METRICS; `references` holds
@@ -70,8 +87,12 @@ def _fmt(value: float, pct: bool = False) -> str:
     return f"{value:.1%}" if pct else f"{value:.3f}"
 
 
-def results_markdown(rows: dict[str, dict[str, float]], *, num_prompts: int, notes: Sequence[str] = ()) -> str:
-    """The results table: one row per generator (teacher, naive 2-step, each Turbo++ variant)."""
+def results_markdown(rows: dict[str, dict[str, float]], *, num_prompts: int, notes: Sequence[str] = (),
+                     judged: bool = True) -> str:
+    """The results table: one row per generator (teacher, naive 2-step, each Turbo++ variant); `judged=False`:
+    the Frechet distance to the teacher and its gap closed only (`unjudged_metrics`)."""
+    if not judged:
+        return _unjudged_markdown(rows, num_prompts=num_prompts, notes=notes)
     head = ("| generator | steps | main colour | colours exact | alignment | Frechet to renders | Frechet to teacher "
             "| gap closed (Frechet / main colour) | GSB vs teacher (net) | GSB vs naive 2-step (net) | train min |")
     lines = [f"# Turbo++ two-step distillation: {num_prompts} held-out prompts, same noise, the independent judge", "",
@@ -92,11 +113,31 @@ def results_markdown(rows: dict[str, dict[str, float]], *, num_prompts: int, not
     return "\n".join(lines) + "\n"
 
 
+def _unjudged_markdown(rows: dict[str, dict[str, float]], *, num_prompts: int, notes: Sequence[str]) -> str:
+    head = "| generator | steps | Frechet to teacher | gap closed (Frechet to teacher) | train min |"
+    lines = [f"# Turbo++ two-step distillation: {num_prompts} held-out prompts of the import, same noise, no judge",
+             "", head, "|" + "---|" * (head.count("|") - 1)]
+    for name, m in rows.items():
+        gap = _fmt(m["gap_closed_frechet_to_teacher"], True) if "gap_closed_frechet_to_teacher" in m else "-"
+        train = f"{m['train_s'] / 60:.1f}" if "train_s" in m else "-"
+        lines.append(f"| {name} | {int(m['steps'])} | {_fmt(m['frechet_to_teacher'])} | {gap} | {train} |")
+    lines += ["", f"{NO_JUDGE_NOTE} Gap closed = (student - naive) / (teacher - naive) on the Frechet distance to the "
+              "teacher's samples (the teacher's own is 0)."]
+    if notes:
+        lines += [""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+NO_JUDGE_NOTE = ("The judge recovers Shapes-world scenes only, so on imported prompts (data.dir) main colour, "
+                 "alignment, GSB and the gap closed against renders are not measured (there are no renders either); "
+                 "what remains is the Frechet distance of each generator's samples to the 8-step teacher's.")
+
+
 def save_variant_grid(path: Path, prompts: Sequence[str], images: dict[str, Sequence[Any]], num: int = 8,
-                      verdicts: dict[str, Sequence[dict[str, float]]] | None = None) -> None:
+                      verdicts: dict[str, Sequence[dict[str, float]]] | None = None, judged: bool = True) -> None:
     """One row per prompt, one column per generator (same noise), each image with the judge's alignment. `verdicts`:
     per column, the judge's per-prompt {alignment, main_colour} already computed for those images (judged here for
-    the columns without)."""
+    the columns without). `judged=False`: no judge at all, the column names only (prompts the judge cannot read)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -112,6 +153,10 @@ def save_variant_grid(path: Path, prompts: Sequence[str], images: dict[str, Sequ
             ax = axes[i, j]
             ax.set_axis_off()
             ax.imshow(images[name][i])
+            if not judged:
+                if i == 0:
+                    ax.set_title(name, fontsize=7)
+                continue
             verdict = given[name][i] if name in given else judge_against(images[name][i], prompts[i])
             ax.set_title(f"{name}\nalign {verdict['alignment']:.1f}" if i == 0 else
                          f"align {verdict['alignment']:.1f}", fontsize=7,

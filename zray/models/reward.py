@@ -2,7 +2,8 @@
 gradients to the pixels.
 
 The frozen student scores in its one-token form (methods.md §1, `zray.rubric.render_score_context` with no
-reasoning): the first answer position is the score position, q_S = softmax(score-token logits) there, and
+reasoning), in the dimensions of its rubric (`zray_rubric.json`, `zray.models.vlm.read_rubric_file`; the built-in
+four when it records none), a custom dimension with its anchors in the scoring prompt: the first answer position is the score position, q_S = softmax(score-token logits) there, and
 mu_d = sum_s s q_S(s | p, I, d). `DifferentiableReward.reward` aggregates R = sum_d w_d mu_d.
 
 The text goes through the processor (token ids need no gradient). The pixels do not: a PIL round trip would
@@ -43,7 +44,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from zray.rubric import DIMENSIONS, check_dimensions, check_prompt, render_score_context
+from zray.rubric import Rubric, check_prompt, render_score_context
 from zray.scores import expected_score, score_distribution, score_token_ids
 
 _RESAMPLE_MODES = {2: "bilinear", 3: "bicubic"}  # PIL / transformers resample codes -> F.interpolate modes
@@ -158,18 +159,27 @@ class DifferentiableReward(torch.nn.Module):
         loss = -reward.reward(images, prompts).mean()
         loss.backward()                                              # grads reach the generator, not the student
 
-    `weights` (one per dimension, default equal weights 1 / D, so R stays on the 1..5 scale) aggregate
-    R = sum_d w_d mu_d in `reward`. The student runs once per dimension (the vision tower too). Keep the reward out
+    `dimensions`: a subset of the student's rubric (`rubric`, default its `zray_rubric.json`, else the built-in
+    four), None = all of them; a custom dimension's anchors go into its scoring prompt. `weights` (one per dimension,
+    default equal weights 1 / D, so R stays on the 1..5 scale) aggregate R = sum_d w_d mu_d in `reward`. The student runs once per dimension (the vision tower too). Keep the reward out
     of the generator's module tree (hold it beside, not inside), or the generator's state_dict carries the VLM.
     """
 
-    def __init__(self, model_dir: str | Path, dimensions: Sequence[str] = DIMENSIONS,
+    def __init__(self, model_dir: str | Path, dimensions: Sequence[str] | None = None,
                  weights: Sequence[float] | None = None, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", rubric: Rubric | None = None) -> None:
         super().__init__()
-        from zray.models.vlm import load_vlm
+        from zray.models.vlm import load_vlm, read_rubric_file
 
-        dims = check_dimensions(dimensions)
+        rubric = read_rubric_file(model_dir) if rubric is None else rubric
+        dims = rubric.dimensions if dimensions is None else tuple(dimensions)
+        for d in dims:
+            if d not in rubric.dimensions:
+                raise ValueError(f"dimension={d!r} is not allowed: expected one of the reward's rubric "
+                                 f"{rubric.dimensions} ({rubric.source})")
+        if not dims or len(set(dims)) != len(dims):
+            raise ValueError(f"dimensions={dims!r} is not allowed: expected a non-empty subset of the reward's rubric "
+                             f"{rubric.dimensions} without repeats")
         w = [1.0 / len(dims)] * len(dims) if weights is None else [float(v) for v in weights]
         if len(w) != len(dims) or not all(math.isfinite(v) for v in w):
             raise ValueError(f"weights={weights!r} is not allowed: expected {len(dims)} finite floats, one per "
@@ -178,6 +188,7 @@ class DifferentiableReward(torch.nn.Module):
         self.model = model.requires_grad_(False).eval()
         self.processor = processor
         self.dimensions = dims
+        self.anchors = {d: rubric.anchors_for(d) for d in dims}  # None: a built-in dimension, built-in anchors
         self.spec = PixelSpec.from_image_processor(processor.image_processor)
         self.register_buffer("weights_D", torch.tensor(w, dtype=torch.float32, device=device), persistent=False)
         self.register_buffer("score_ids_K", torch.tensor(score_token_ids(processor), device=device),
@@ -199,7 +210,8 @@ class DifferentiableReward(torch.nn.Module):
         image_token = self.processor.image_token
         texts = []
         for prompt in prompts:
-            text = render_score_context(self.processor, check_prompt(prompt), dimension, None)
+            text = render_score_context(self.processor, check_prompt(prompt), dimension, None,
+                                        self.anchors[dimension])
             if text.count(image_token) != 1:
                 raise ValueError(f"the scoring context has {text.count(image_token)} {image_token} placeholders: "
                                  "expected exactly one image")

@@ -1,8 +1,10 @@
 """Reward-gradient fine-tuning of a generator with the frozen differentiable student reward (`RewardGradTask`,
 methods.md §5; ReFL extended to earlier steps, DRaFT-K as a knob).
 
-Rows are prompts (the world's generator_train table: `prompt`, and `image_id` / `image` when the flow-matching
-regulariser is on). One update, per micro batch:
+Rows are prompts (the world's generator_train table, or a prompts import's train split: `prompt`, and `image_id` /
+`image` when the flow-matching regulariser is on). The reward's dimensions are its rubric's (`zray_rubric.json`,
+`zray.models.vlm.read_rubric_file`; the built-in four when it records none): `reward_finetune.dimensions` (empty =
+all) and `weights` are checked against it (`reward_dimensions`), custom dimensions scored with their anchors. One update, per micro batch:
 
 1. noise eps [B, C, h, w] from the worker's (seeded, checkpointed) RNG; the gradient window (first, last) of the
    sampler: ReFL's step k ~ U{k_min .. k_max} over the whole schedule, or DRaFT-K's last K steps
@@ -31,13 +33,31 @@ from typing import Any
 
 import torch
 
-from zray.config import RewardFinetuneConfig
+from zray.config import ConfigError, RewardFinetuneConfig
 from zray.losses.refl import check_weights, grad_window, refl_loss
 from zray.models.generator import (DEFAULT_MAX_SEQUENCE_LENGTH, decode_images, encode_prompts, pad_embeddings,
                                    unwrap_module, vae_decode, vae_encode)
 from zray.models.reward_generator import RewardGenerator
-from zray.rubric import check_dimensions
+from zray.rubric import Rubric
 from zray.sampling import sample_train_sigmas
+
+
+def reward_dimensions(cfg: RewardFinetuneConfig, rubric: Rubric) -> tuple[tuple[str, ...], list[float]]:
+    """(dimensions, weights) of R: `cfg.dimensions` checked against the reward's rubric (empty = all of its
+    dimensions), `cfg.weights` one per dimension (empty = equal); ConfigError naming the field, the value and what
+    the rubric allows."""
+    unknown = [d for d in cfg.dimensions if d not in rubric.dimensions]
+    if unknown:
+        raise ConfigError(f"reward_finetune.dimensions={cfg.dimensions!r} is not allowed: {unknown} not in the "
+                          f"reward's rubric ({rubric.source}); expected a subset of {rubric.dimensions} (empty = all)")
+    dims = tuple(cfg.dimensions) or rubric.dimensions
+    try:
+        weights = check_weights(cfg.weights, len(dims))
+    except ValueError:
+        raise ConfigError(f"reward_finetune.weights={cfg.weights!r} is not allowed: expected {len(dims)} finite "
+                          f"floats, one per dimension of {dims} (the reward's rubric, {rubric.source}), or none "
+                          "(equal weights)") from None
+    return dims, weights
 
 
 class RewardGradTask:
@@ -54,8 +74,10 @@ class RewardGradTask:
         self.generator_dir, self.pipeline_dir, self.reward_dir = str(generator_dir), str(pipeline_dir), str(reward_dir)
         self.image_size = image_size
         self.max_sequence_length = max_sequence_length
-        self.dimensions = check_dimensions(cfg.dimensions)
-        self.weights = check_weights(cfg.weights, len(self.dimensions))
+        from zray.models.vlm import read_rubric_file
+
+        self.rubric = read_rubric_file(reward_dir)  # the reward's dimensions and anchors
+        self.dimensions, self.weights = reward_dimensions(cfg, self.rubric)
         self._frozen: dict[str, Any] | None = None  # per process, never pickled
         self._scorers: dict[str, Any] = {}  # device -> (VAE, reward) on that device
         self._cache: dict[str, torch.Tensor] = {}  # prompt -> embedding [L, D]; "image:<id>" -> latent [C, h, w]
@@ -86,7 +108,8 @@ class RewardGradTask:
 
             vae = self.frozen_parts()["vae"]
             vae = vae if device.type == "cpu" else copy.deepcopy(vae).to(device)
-            reward = DifferentiableReward(self.reward_dir, self.dimensions, weights=self.weights, device=device)
+            reward = DifferentiableReward(self.reward_dir, self.dimensions, weights=self.weights, device=device,
+                                          rubric=self.rubric)
             self._scorers[key] = (vae, reward)
         return self._scorers[key]
 

@@ -15,7 +15,8 @@ step (one micro batch):
    the learner's backward and step.
 
 Real data (`TurboConfig.real_data`): "teacher": the teacher's outputs for the same prompts, from the same noise
-when precomputed; "renders": the world's reference renders of the prompts, VAE-encoded. Teacher samples
+when precomputed; "renders": the world's reference renders of the prompts, VAE-encoded (rows of a prompt list,
+`zray.data.imported.prompt_rows`, have none: refused). Teacher samples
 (`teacher_samples`): "online" runs the 8-step teacher in `collate` from fresh noise each step; "latents" reads
 rows of `zray.data.teacher_samples` (the student starts from the stored noise seed); "images" reads the same rows
 but encodes the stored teacher images with the VAE as the real data.
@@ -165,7 +166,11 @@ class TurboTask:
             teacher_x0 = latents_from_bytes(rows["teacher_x0"], shape)
         if self.turbo.real_data == "renders":
             ids = [str(i) for i in rows["image_id"]]
-            real = self._encoded(ids, rows["render" if "render" in rows else "image"])
+            renders = rows.get("render" if "render" in rows else "image")
+            if renders is None or any(r is None for r in renders):
+                raise ValueError("turbo.real_data='renders' is not allowed for these rows: they carry no world render "
+                                 "(a prompt list, data.dir); expected real_data='teacher'")
+            real = self._encoded(ids, renders)
         elif self.teacher_samples == "images":
             real = self._encoded([str(i) for i in rows["sample_id"]], rows["teacher_image"])
         else:
