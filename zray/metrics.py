@@ -273,3 +273,34 @@ def frechet_distance(feats_a, feats_b, eps: float = 1e-6) -> float:
     diff = mu_a - mu_b
     value = float(diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2.0 * np.trace(root.real))
     return max(value, 0.0)
+
+
+def frechet_bootstrap(feats: dict[str, Sequence], reference, *, num_samples: int = 200,
+                      seed: int = 0) -> dict[str, np.ndarray]:
+    """Frechet distances to `reference` over paired bootstrap resamples of the items: {name: [num_samples]}.
+
+    Row i of every feature set and of `reference` belongs to item i (the same prompt and noise: generators sampled
+    from the same noise, and the prompt's render), so each sample draws one set of item indices, with replacement,
+    for all of them at once. The spread of any function of the distances (a gap closed, a difference between two
+    generators) over the samples is its sampling error; `percentile_interval` turns it into an interval.
+    """
+    ref = _features("reference", reference)
+    sets = {name: _features(name, f) for name, f in feats.items()}
+    for name, f in sets.items():
+        if f.shape != ref.shape:
+            raise ValueError(f"{name} has shape {f.shape}, reference {ref.shape}: expected one row per item in both")
+    if num_samples < 1:
+        raise ValueError(f"num_samples={num_samples} is not allowed: expected an integer >= 1")
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(len(ref), size=(num_samples, len(ref)))
+    return {name: np.array([frechet_distance(f[idx], ref[idx]) for idx in draws]) for name, f in sets.items()}
+
+
+def percentile_interval(samples, level: float = 0.95) -> tuple[float, float]:
+    """(lo, hi): the central percentile interval of bootstrap samples at `level` (nan samples ignored)."""
+    values = _vector("samples", np.asarray(samples, dtype=float)[~np.isnan(np.asarray(samples, dtype=float))])
+    if not 0.0 < level < 1.0 or not len(values):
+        raise ValueError(f"level={level}, {len(values)} finite samples: expected 0 < level < 1 and at least one")
+    tail = (1.0 - level) / 2.0
+    lo, hi = np.quantile(values, [tail, 1.0 - tail])
+    return float(lo), float(hi)

@@ -218,3 +218,18 @@ def test_bootstrap_rejects_bad_input():
         paired_bootstrap([1, 0], [0, 0], [0])
     with pytest.raises(ValueError, match="level=1.5"):
         paired_bootstrap([1], [0], [0], level=1.5)
+
+
+def test_frechet_bootstrap_resamples_every_set_with_the_same_items():
+    from zray.metrics import frechet_bootstrap, percentile_interval
+
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(60, 3))
+    shifted = ref + np.array([1.0, 0.0, 0.0])  # the same items moved by 1 along one axis: distance exactly 1
+    samples = frechet_bootstrap({"same": ref, "shifted": shifted}, ref, num_samples=50, seed=1)
+    assert samples["same"] == pytest.approx(np.zeros(50), abs=1e-9)  # paired: a set equal to the reference
+    assert samples["shifted"] == pytest.approx(np.ones(50), abs=1e-6)
+    lo, hi = percentile_interval(np.arange(101.0), level=0.9)
+    assert (lo, hi) == pytest.approx((5.0, 95.0))
+    with pytest.raises(ValueError, match="one row per item"):
+        frechet_bootstrap({"short": ref[:10]}, ref)
