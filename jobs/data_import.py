@@ -36,8 +36,9 @@ def run_data_import(source: str, out: str, *, kind: str, fmt: str = "auto", maps
     if len(report.errors) > MAX_PRINTED:
         print(f"... and {len(report.errors) - MAX_PRINTED} more skipped rows (all in {out}/bad_rows.jsonl)",
               file=sys.stderr)
-    print(f"imported {manifest['rows_imported']} of {manifest['rows_read']} rows ({manifest['bad_rows']} bad, "
-          f"skipped) from {source} ({manifest['source']['format']}) as {kind!r} into {out}")
+    bad = f"{manifest['bad_rows']} bad rows skipped" if manifest["bad_rows"] else "no bad rows"
+    print(f"imported {manifest['rows_imported']} of {manifest['rows_read']} rows ({bad}) from {source} "
+          f"({manifest['source']['format']}) as {kind!r} into {out}")
     for name, rows in sorted(manifest["counts"].items()):
         print(f"  {name:28s} {rows:7d} rows")
     if manifest["ignored_columns"]:

@@ -36,8 +36,9 @@ from typing import Any
 from zray.config import TURBO_VARIANTS, ConfigError, RunConfig, to_dict, turbo_variant
 from zray.data import ensure_world, head_rows, read_table
 from zray.data.render import decode_png
-from zray.evaluation.turbo import (NO_JUDGE_NOTE, compare_to_references, gap_closed_to_teacher, judge_generator,
-                                   results_markdown, save_variant_grid, unjudged_metrics)
+from zray.evaluation.turbo import (NO_JUDGE_NOTE, compare_to_references, frechet_intervals, gap_closed_to_teacher,
+                                   interval_notes, judge_generator, results_markdown, save_variant_grid,
+                                   unjudged_metrics)
 from zray.models.generator import initial_noise, load_zimage, sample_images, to_pil
 from zray.models.turbo import TwoStepStudent, sample_two_step_images
 from zray.models.turbo_export import export_two_step_pipeline
@@ -179,6 +180,12 @@ def run_distill_generator(cfg: RunConfig, resume: bool = False,
               "data_dir": cfg.data.dir,
               "total_s": time.perf_counter() - started,
               "config": {"distill_generator": to_dict(dcfg), "world_image_size": cfg.world.image_size}}
+    intervals = {}
+    if judged and dcfg.bootstrap_samples:
+        baseline = "turbo" if "turbo" in variants else None
+        intervals = frechet_intervals({k: images[k] for k in ("teacher", "two_step", *variants)}, renders,
+                                      baseline=baseline, num_samples=dcfg.bootstrap_samples, seed=cfg.seed)
+        record["frechet_intervals"] = intervals
     (root / "metrics.json").write_text(json.dumps(record, indent=2))
     notes = [f"Prompts: data.dir `{cfg.data.dir}` (its train split trains, its test split is held out)."] * (not judged)
     notes += [f"Teacher: `{teacher_dir}`; teacher samples: {dcfg.teacher_samples}"
@@ -186,6 +193,7 @@ def run_distill_generator(cfg: RunConfig, resume: bool = False,
              + f"; learner: {dcfg.learner.max_steps} steps max, micro batch {dcfg.learner.micro_batch_size}, "
              f"lr {dcfg.learner.lr}, budget {dcfg.time_budget_s:.0f} s per variant.",
              "Variants: " + "; ".join(f"{v} = {_diff(dcfg.turbo, v) or 'the recipe as configured'}" for v in variants)]
+    notes += interval_notes(intervals, baseline="turbo", num_prompts=len(prompts), num_samples=dcfg.bootstrap_samples)
     (root / "results.md").write_text(results_markdown(rows, num_prompts=len(prompts), notes=notes, judged=judged))
     grid = {"teacher 8-step": images["teacher"], "naive 2-step": images["two_step"],
             **{v: images[v] for v in variants}}

@@ -65,7 +65,7 @@ def tiny_cpu() -> RunConfig:
             turbo=TurboConfig(lora_rank=2, disc_head_hidden=8),
             learner=LearnerConfig(max_steps=2, micro_batch_size=4, lr=1e-4, checkpoint_every=1, keep_checkpoints=2,
                                   log_every=1),
-            num_teacher_samples=8, num_eval_prompts=4,
+            num_teacher_samples=8, num_eval_prompts=4, bootstrap_samples=10,
         ),
         # Two updates, evaluated after each: the plumbing end to end (tests), not a fine-tuned generator.
         reward_finetune=RewardFinetuneConfig(

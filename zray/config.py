@@ -411,9 +411,14 @@ class DistillGeneratorConfig:
     variants: tuple[str, ...] = ("turbo",)
     num_eval_prompts: int = 16  # held-out prompts (generator_test) judged for every variant
     disc_grad_clip: float = 1.0  # the discriminator heads' gradient-norm clip (0 = off)
+    # Paired bootstrap samples over the held-out prompts for the Frechet intervals of results.md (gap closed, and
+    # each variant minus Turbo++); 0 = none.
+    bootstrap_samples: int = 200
 
     def __post_init__(self) -> None:
         _positive(self, "num_teacher_samples", "num_eval_prompts")
+        _require(self.bootstrap_samples >= 0, "DistillGeneratorConfig.bootstrap_samples", self.bootstrap_samples,
+                 "an integer >= 0 (0 = no intervals)")
         _require(self.time_budget_s >= 0, "DistillGeneratorConfig.time_budget_s", self.time_budget_s, "a float >= 0")
         _require(self.disc_grad_clip >= 0, "DistillGeneratorConfig.disc_grad_clip", self.disc_grad_clip,
                  "a float >= 0 (0 = off)")

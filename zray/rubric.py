@@ -120,14 +120,21 @@ def check_dimension(dimension: str, anchors: tuple[str, ...] | None = None) -> s
             raise ValueError(f"dimension={dimension!r} is not allowed: expected one of {DIMENSIONS} (or pass the "
                              "anchors of another rubric's dimension)")
         return dimension
+    check_named_anchors(dimension, anchors)
+    return dimension
+
+
+def check_named_anchors(dimension: Any, anchors: Any, where: str = "") -> None:
+    """A well-formed dimension name (safe in column and file names) with a tuple of five non-empty anchors; the
+    ValueError starts with `where` when given (e.g. the rubric file)."""
+    prefix = f"{where}: " if where else ""
     if not isinstance(dimension, str) or not DIMENSION_NAME.match(dimension):
-        raise ValueError(f"dimension={dimension!r} is not allowed: expected lower-case letters, digits and '_', "
-                         "starting with a letter, at most 32 characters")
+        raise ValueError(f"{prefix}dimension name {dimension!r} is not allowed: expected lower-case letters, digits "
+                         "and '_', starting with a letter, at most 32 characters")
     if (not isinstance(anchors, tuple) or len(anchors) != 5
             or not all(isinstance(t, str) and t.strip() for t in anchors)):
-        raise ValueError(f"dimension {dimension!r} anchors={anchors!r} are not allowed: expected a tuple of five "
+        raise ValueError(f"{prefix}dimension {dimension!r} anchors={anchors!r} are not allowed: expected five "
                          "non-empty strings (levels 1 to 5)")
-    return dimension
 
 
 def check_dimensions(dimensions: Any) -> tuple[str, ...]:
@@ -222,13 +229,7 @@ class Rubric:
             raise ValueError(f"{where}: {len(self.dimensions)} dimensions and {len(self.anchors)} anchor lists are "
                              "not allowed: expected one or more dimensions, each with five anchors")
         for name, texts in zip(self.dimensions, self.anchors):
-            if not isinstance(name, str) or not DIMENSION_NAME.match(name):
-                raise ValueError(f"{where}: dimension name {name!r} is not allowed: expected lower-case letters, "
-                                 "digits and '_', starting with a letter, at most 32 characters")
-            if (not isinstance(texts, tuple) or len(texts) != 5
-                    or not all(isinstance(t, str) and t.strip() for t in texts)):
-                raise ValueError(f"{where}: dimension {name!r} anchors={texts!r} are not allowed: expected five "
-                                 "non-empty strings (levels 1 to 5)")
+            check_named_anchors(name, texts, where)
         repeats = sorted({d for d in self.dimensions if self.dimensions.count(d) > 1})
         if repeats:
             raise ValueError(f"{where}: dimensions {repeats} repeat: expected distinct names")

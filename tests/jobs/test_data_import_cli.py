@@ -32,7 +32,7 @@ def test_reject_then_skip(tmp_path, capsys):
     assert "import rejected: 1 bad rows of 3" in err and not (tmp_path / "out").exists()
     assert main(args + ["--out", str(tmp_path / "out"), "--on-bad-row", "skip"]) == 0
     captured = capsys.readouterr()
-    assert "skipped bad row: file" in captured.err and "imported 2 of 3 rows (1 bad, skipped)" in captured.out
+    assert "skipped bad row: file" in captured.err and "imported 2 of 3 rows (1 bad rows skipped)" in captured.out
     pairs = read_imported(tmp_path / "out", "pairs").to_pylist()
     assert [(p["winner_id"], p["loser_id"], p["winner_label"]) for p in pairs] == [("img000001", "img000002", 4.0)]
 

@@ -64,6 +64,8 @@ def test_a_variant_end_to_end_and_resume(tmp_path, ray_session):
     assert -1.0 <= m["gsb_vs_teacher_net"] <= 1.0 and m["frechet_to_renders"] >= 0.0
     table = (root / "results.md").read_text()
     assert "| detached | 2 |" in table and "| teacher 8-step | 8 |" in table and "detach_steps=True" in table
+    ci = record["frechet_intervals"]["detached"]  # the paired bootstrap over the prompts
+    assert ci["gap_closed_lo"] <= ci["gap_closed_hi"] and "95% intervals, paired bootstrap" in table
     # --resume keeps a finished variant (and the collected teacher samples) as it is: same student, same figures
     again = run_distill_generator(cfg, resume=True, variants=("detached",))
     assert json.dumps(again["rows"], sort_keys=True) == json.dumps(rows, sort_keys=True)  # nan-safe
