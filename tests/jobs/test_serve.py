@@ -24,15 +24,20 @@ def test_model_resolution(tmp_path):
 
     default = tmp_path / "train_student" / "risd" / "final"
     default.mkdir(parents=True)
-    (default / "config.json").write_text("{}")
+    (default / "config.json").write_text('{"model_type": "qwen3_vl"}')
     other = tmp_path / "other"
     other.mkdir()
-    (other / "config.json").write_text("{}")
+    (other / "config.json").write_text('{"architectures": ["Qwen2_5_VLForConditionalGeneration"]}')
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    (wrong / "config.json").write_text('{"model_type": "llama"}')
     cfg = resolve_config("tiny_cpu", [f"out_dir={tmp_path}"])
     assert resolve_model(cfg, None) == default.resolve()
     assert resolve_model(cfg, str(other)) == other.resolve()
     assert resolve_model(resolve_config("tiny_cpu", [f"out_dir={tmp_path}", f"serve.model={other}"]), None) == \
         other.resolve()
+    with pytest.raises(ConfigError, match="model_type='llama'.*expected a Hugging Face VLM of a supported"):
+        resolve_model(cfg, str(wrong))
 
 
 def test_serve_config_keys(capsys):
