@@ -10,17 +10,32 @@ the actor). Requests are cut into contiguous chunks assigned round-robin to the 
 its offset in the batch, so seeds, and therefore samples, do not depend on how many engines there are. The
 chunks' RolloutBatches are concatenated in request order; engines serving different weight versions make
 that a `WeightVersionError`.
+
+Fault tolerance: Ray restarts a dead engine actor (`VLLMConfig.max_engine_restarts` times in its life) by running
+its `__init__` again, so it comes back serving the base weights of its model dir (version 0). The pool remembers
+the weights it last loaded and verified (a reference to the caller's state dict, its version and checksum). When a
+chunk is lost to a dead engine (Ray 2.60 raises `ActorUnavailableError` for a call in flight when the actor dies
+and for a call made while it restarts, `ActorDiedError` once Ray will not restart it), or an engine serves an
+older version than the pool's (it restarted between calls), the pool waits for the engine to come back (at most
+`restart_timeout_s`), loads the remembered weights into it with the same version and checksum (the engine verifies
+them by readback; one line is printed), and runs that engine's chunks once more: the result is what a healthy pool
+returns (chunks carry their offsets and seeds). One restore per engine per call: an engine that fails again in the
+same call raises `EngineRestartError`, as does a dead engine that is not restarted or not back in time. A pool
+restores only weights it loaded itself (a pickled copy, e.g. in a learner worker, starts with none).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import ray
 import torch
+from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
 
 from actors.teacher_engine import TeacherEngine
 from zray.config import VLLMConfig
@@ -28,16 +43,20 @@ from zray.rubric import ScoreRequest
 from zray.types import ForcedSequence, RolloutBatch, WeightSyncReport, WeightVersionError, concat_rollouts
 
 TeacherEngineActor = ray.remote(TeacherEngine)
+RESTART_POLL_S = 0.5  # how often a pool asks a restarting engine whether it is back
 
 
 def start_engines(model_dir: str | Path, cfg: VLLMConfig, *, seed: int = 0, dtype: str | None = None,
                   num_engines: int | None = None) -> list[Any]:
     """`cfg.num_engines` (or `num_engines`) TeacherEngine actors with `cfg.cpus_per_engine` / `gpus_per_engine`
-    Ray resources each; returns once every engine is up (raises if one failed to start)."""
+    Ray resources each, restarted by Ray up to `cfg.max_engine_restarts` times; returns once every engine is up
+    (raises if one failed to start). No `max_task_retries`: Ray would rerun a lost call on the restarted engine's
+    base weights; the EnginePool retries it after restoring the current ones."""
     count = cfg.num_engines if num_engines is None else num_engines
     if not isinstance(count, int) or count < 1:
         raise ValueError(f"num_engines={count!r} is not allowed: expected an integer >= 1")
-    engines = [TeacherEngineActor.options(num_cpus=cfg.cpus_per_engine, num_gpus=cfg.gpus_per_engine)
+    engines = [TeacherEngineActor.options(num_cpus=cfg.cpus_per_engine, num_gpus=cfg.gpus_per_engine,
+                                          max_restarts=cfg.max_engine_restarts)
                .remote(str(model_dir), cfg, seed=seed + i, dtype=dtype) for i in range(count)]
     ray.get([e.version.remote() for e in engines])
     return engines
@@ -53,24 +72,49 @@ def chunk_bounds(num_requests: int, num_engines: int, chunk_size: int | None = N
     return [(s, min(s + size, num_requests)) for s in range(0, num_requests, size)]
 
 
-class EnginePool:
-    """Several engine actors behind the engine's own verbs; results come back in request order."""
+class EngineRestartError(RuntimeError):
+    """An engine died and could not be brought back to the pool's weights within one call."""
 
-    def __init__(self, engines: Sequence[Any], *, chunk_size: int | None = None) -> None:
+
+@dataclass(frozen=True)
+class LoadedWeights:
+    """What the pool last loaded into every engine and saw verified; `weights` is the caller's object (no copy)."""
+
+    weights: Mapping[str, torch.Tensor] | bytes
+    version: int
+    checksum: str
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+class EnginePool:
+    """Several engine actors behind the engine's own verbs; results come back in request order.
+
+    `restart_timeout_s`: how long a call waits for a dead engine to come back before it raises (an engine start,
+    seconds for the tiny CPU models, minutes for large ones on GPUs). `restarts` lists the restores this pool did.
+    """
+
+    def __init__(self, engines: Sequence[Any], *, chunk_size: int | None = None,
+                 restart_timeout_s: float = 600.0) -> None:
         if not engines:
             raise ValueError("engines is empty: expected at least one engine actor")
+        if not isinstance(restart_timeout_s, (int, float)) or restart_timeout_s <= 0:
+            raise ValueError(f"restart_timeout_s={restart_timeout_s!r} is not allowed: expected a number > 0")
         self.engines = list(engines)
         self.chunk_size = chunk_size
+        self.restart_timeout_s = float(restart_timeout_s)
+        self.loaded: LoadedWeights | None = None  # set by load_weights once every engine verified
+        self._base_version: int | None = None  # without `loaded`: the version the engines served at first use
+        self.restarts: list[dict[str, Any]] = []
 
-    def _spread(self, method: str, requests: Sequence[Any], **kwargs: Any) -> list[Any]:
-        bounds = chunk_bounds(len(requests), len(self.engines), self.chunk_size)
-        refs = []
-        for c, (start, stop) in enumerate(bounds):
-            engine = self.engines[c % len(self.engines)]
-            extra = {"request_offset": start} if method == "generate" else {}
-            refs.append(getattr(engine, method).remote(list(requests[start:stop]), **kwargs, **extra))
-        return ray.get(refs)
+    def __getstate__(self) -> dict[str, Any]:
+        # a copy (e.g. shipped to a learner worker) carries the engines, not the weights: no silent state-dict copy
+        return {**self.__dict__, "loaded": None, "_base_version": None, "restarts": []}
 
+    # ------------------------------------------------------------------------------------------ verbs
     def generate(self, requests: Sequence[ScoreRequest | tuple], *, group_size: int, max_reasoning_tokens: int,
                  temperature: float = 1.0, seed: int | None = None) -> RolloutBatch:
         """G rollouts per request from all engines, as one validated RolloutBatch in request order."""
@@ -95,9 +139,26 @@ class EnginePool:
 
     def load_weights(self, weights: Mapping[str, torch.Tensor] | bytes, *, version: int,
                      checksum: str) -> list[WeightSyncReport]:
-        """Send one copy of the weights to the object store; every engine reloads and verifies it."""
+        """Send one copy of the weights to the object store; every engine reloads and verifies it. An engine that
+        dies meanwhile is waited for and loaded once more; the pool then remembers `weights` (by reference)."""
         ref = ray.put(weights)
-        reports = ray.get([e.load_weights.remote(ref, version=version, checksum=checksum) for e in self.engines])
+        refs = [e.load_weights.remote(ref, version=version, checksum=checksum) for e in self.engines]
+        reports: list[Any] = [None] * len(refs)
+        lost = {}
+        for i, r in enumerate(refs):
+            try:
+                reports[i] = ray.get(r)
+            except RayActorError as err:  # WeightVersionError (a failed verification) propagates as it is
+                lost[i] = err
+        for i, err in lost.items():
+            waited = self._await_engine(i, "load_weights", err)
+            try:
+                reports[i] = ray.get(self.engines[i].load_weights.remote(ref, version=version, checksum=checksum))
+            except RayActorError as again:
+                raise EngineRestartError(f"engine {i} died again in the same load_weights call (version {version}) "
+                                         f"after it was restarted: {_first_line(again)}") from again
+            self._record(i, "load_weights", err, waited, reports[i], checksum)
+        self.loaded = LoadedWeights(weights, version, checksum)
         return reports
 
     def versions(self) -> list[int]:
@@ -111,8 +172,159 @@ class EnginePool:
         return versions[0]
 
     def shutdown(self) -> None:
-        """Stop every engine and its actor."""
-        ray.get([e.shutdown.remote() for e in self.engines])
+        """Stop every engine and its actor (an engine that is already dead is only killed)."""
+        for ref in [e.shutdown.remote() for e in self.engines]:
+            try:
+                ray.get(ref)
+            except RayActorError:
+                pass
         for e in self.engines:
             ray.kill(e)
         self.engines = []
+
+    # ------------------------------------------------------------------------------------------ spreading
+    def _submit(self, method: str, engine: int, requests: Sequence[Any], bounds: tuple[int, int],
+                kwargs: dict[str, Any]) -> Any:
+        start, stop = bounds
+        extra = {"request_offset": start} if method == "generate" else {}  # seeds follow the request index
+        return getattr(self.engines[engine], method).remote(list(requests[start:stop]), **kwargs, **extra)
+
+    def _spread(self, method: str, requests: Sequence[Any], **kwargs: Any) -> list[Any]:
+        bounds = chunk_bounds(len(requests), len(self.engines), self.chunk_size)
+        owner = [c % len(self.engines) for c in range(len(bounds))]
+        expected = self._expected_version()
+        results: list[Any] = [None] * len(bounds)
+        restored: set[int] = set()
+        pending = list(range(len(bounds)))
+        while pending:
+            refs = {c: self._submit(method, owner[c], requests, bounds[c], kwargs) for c in pending}
+            lost: dict[int, Any] = {}  # engine index -> why its chunks are run again (an error or a version)
+            for c, ref in refs.items():
+                try:
+                    results[c] = ray.get(ref)
+                except RayActorError as err:
+                    lost.setdefault(owner[c], err)
+                    continue
+                served = getattr(results[c], "weights_version", None)
+                if expected is not None and served is not None and served < expected:
+                    lost.setdefault(owner[c], served)
+            lost.update(self._behind(sorted({owner[c] for c in pending} - set(lost)), expected))
+            again = sorted(set(lost) & restored)
+            if again:
+                i = again[0]
+                why = _first_line(lost[i]) if isinstance(lost[i], BaseException) else f"it serves version {lost[i]}"
+                raise EngineRestartError(f"engine {i} failed again in the same {method} call after it was restarted "
+                                         f"and restored ({why}): not retrying again")
+            for i, why in lost.items():
+                self._restore(i, method, why, expected)
+                restored.add(i)
+            pending = [c for c in pending if owner[c] in lost]
+        return results
+
+    # ------------------------------------------------------------------------------------------ recovery
+    def _expected_version(self) -> int | None:
+        """The version every engine should serve: the one this pool loaded, else what they served at first use
+        (None if they disagreed then: the pool cannot tell, and concat_rollouts / version() complain)."""
+        if self.loaded is not None:
+            return self.loaded.version
+        if self._base_version is None:
+            versions = set()
+            for ref in [e.version.remote() for e in self.engines]:
+                try:
+                    versions.add(ray.get(ref))
+                except RayActorError:  # dead or restarting now: the call itself finds out
+                    pass
+            self._base_version = versions.pop() if len(versions) == 1 else None
+        return self._base_version
+
+    def _behind(self, engines: Sequence[int], expected: int | None) -> dict[int, Any]:
+        """{engine: what it serves, or the error that says it died} for the `engines` that no longer serve the pool's
+        weights (restarted since: older version, or no checksum). Nothing to check at version 0 without weights
+        loaded here: a restarted engine serves that version (its model dir) again."""
+        if not engines or expected is None or (self.loaded is None and expected == 0):
+            return {}
+        refs = {i: (self.engines[i].version.remote(),
+                    self.engines[i].checksum.remote() if self.loaded is not None else None) for i in engines}
+        behind: dict[int, Any] = {}
+        for i, (version_ref, checksum_ref) in refs.items():
+            try:
+                version = ray.get(version_ref)
+                checksum = ray.get(checksum_ref) if checksum_ref is not None else None
+            except RayActorError as err:
+                behind[i] = err
+                continue
+            if version < expected or (self.loaded is not None and checksum != self.loaded.checksum):
+                behind[i] = version
+        return behind
+
+    def _await_engine(self, i: int, method: str, why: Any) -> float:
+        """Wait until engine `i` answers again; returns the seconds waited. EngineRestartError if Ray will not
+        restart it, or it is not back within `restart_timeout_s`."""
+        start = time.perf_counter()
+        cause = _first_line(why) if isinstance(why, BaseException) else f"it serves version {why}"
+        while True:
+            left = self.restart_timeout_s - (time.perf_counter() - start)
+            try:
+                ray.get(self.engines[i].version.remote(), timeout=max(left, 0.01))
+                return time.perf_counter() - start
+            except ActorDiedError as err:
+                raise EngineRestartError(
+                    f"engine {i} of {len(self.engines)} died during {method} and Ray will not restart it (started "
+                    f"with VLLMConfig.max_engine_restarts=0, or its restarts are used up); waited "
+                    f"{time.perf_counter() - start:.1f} s: {_first_line(err)}") from err
+            except (RayActorError, GetTimeoutError) as err:  # ActorUnavailableError: restarting
+                waited = time.perf_counter() - start
+                if waited >= self.restart_timeout_s:
+                    raise EngineRestartError(
+                        f"engine {i} of {len(self.engines)} is not back {waited:.1f} s after it failed during {method} "
+                        f"({cause}; restart_timeout_s={self.restart_timeout_s:g}): {_first_line(err)}") from err
+                time.sleep(min(RESTART_POLL_S, max(self.restart_timeout_s - waited, 0.0)))
+
+    def _restore(self, i: int, method: str, why: Any, expected: int | None) -> None:
+        """Bring engine `i` back to the pool's weights: wait for it, load the remembered weights (same version and
+        checksum; the engine verifies them by readback), print one line."""
+        waited = self._await_engine(i, method, why)
+        engine = self.engines[i]
+        if self.loaded is None:
+            if expected:
+                raise EngineRestartError(
+                    f"engine {i} was restarted during {method} and serves the base weights of its model dir, but this "
+                    f"pool did not load the version {expected} it served: nothing to restore (a pool restores only "
+                    "weights loaded through it)")
+            self._record(i, method, why, waited, None, None)
+            return
+        loaded = self.loaded
+        try:
+            served = ray.get(engine.version.remote()), ray.get(engine.checksum.remote())
+            if served == (loaded.version, loaded.checksum):  # unreachable for a while, not restarted
+                self._record(i, method, why, waited, None, loaded.checksum)
+                return
+            report = ray.get(engine.load_weights.remote(ray.put(loaded.weights), version=loaded.version,
+                                                        checksum=loaded.checksum))
+        except RayActorError as err:
+            raise EngineRestartError(f"engine {i} died again while its weights (version {loaded.version}) were "
+                                     f"restored during {method}: {_first_line(err)}") from err
+        except WeightVersionError as err:
+            print(f"[engine-pool] engine {i} restarted: restoring weights version {loaded.version} failed "
+                  f"verification: {_first_line(err)}", flush=True)
+            raise EngineRestartError(f"engine {i} was restarted during {method} but the restored weights (version "
+                                     f"{loaded.version}) failed verification: {_first_line(err)}") from err
+        self._record(i, method, why, waited, report, loaded.checksum)
+
+    def _record(self, i: int, method: str, why: Any, waited: float, report: WeightSyncReport | None,
+                checksum: str | None) -> None:
+        """Note a restart in `restarts` and print its one line."""
+        cause = type(why).__name__ if isinstance(why, BaseException) else f"served version {why}"
+        verified = report is not None and report.checksum == checksum
+        entry = {"engine": i, "method": method, "cause": cause, "waited_s": round(waited, 3),
+                 "version": report.version if report is not None else None, "checksum": checksum,
+                 "verified": verified}
+        self.restarts.append(entry)
+        if report is None:
+            what = (f"still serves weights version {self.loaded.version} (not restarted): nothing reloaded"
+                    if checksum is not None else "serves the base weights of its model dir: nothing to restore")
+        else:
+            loaded = "loaded" if method == "load_weights" else "restored"
+            what = (f"{loaded} weights version {report.version}, verify {'ok' if verified else 'FAILED'} "
+                    f"(checksum {report.checksum}, readback {report.verify_s:.2f} s)")
+        print(f"[engine-pool] engine {i} back after {waited:.1f} s ({cause} during {method}): {what}", flush=True)

@@ -1,5 +1,8 @@
 """The `zray` command line.
 
+    zray run    [--recipe NAME] [--set key=value ...] [--stages S,...] [--fresh]
+                                                        the whole system, stage by stage, into one run dir with a
+                                                        report (finished stages with the same config are skipped)
     zray demo   [--recipe NAME] [--set key=value ...]   build data + tiny zoo, load every model, write a grid
     zray data   [--recipe NAME] [--set key=value ...]   build the Shapes world as Parquet
     zray data import SOURCE --out DIR --kind rated|pairs|scoring|prompts [--format auto|jsonl|csv|folder|parquet]
@@ -67,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default: the four built-in dimensions)")
     imp.add_argument("--on-bad-row", choices=("reject", "skip"), default="reject",
                      help="reject: write nothing and exit 1 (default); skip: drop bad rows, count and report them")
+    run = sub.add_parser("run", parents=[parent], help="the whole pipeline: data, base models, teacher, student, "
+                         "reward service, Turbo++, reward gradient, report (resumable)")
+    run.add_argument("--stages", default=None, metavar="S,...",
+                     help="run only these stages (and check their inputs exist); default: every stage in order")
+    run.add_argument("--fresh", action="store_true", help="set aside every earlier stage output of this run dir "
+                     "(moved to <out_dir>/superseded/) and start over")
     demo = sub.add_parser("demo", parents=[parent], help="data + tiny model zoo + load through every stack")
     demo.add_argument("--skip-vllm", action="store_true", help="do not start a vLLM engine (it is started by default)")
     vlm = sub.add_parser("pretrain-vlm", parents=[parent], help="pre-train the tiny teacher/student VLM (captioning)")
@@ -140,6 +149,16 @@ def main(argv: list[str] | None = None) -> int:
         from jobs.build_data import run_build_data
 
         run_build_data(cfg, out=args.out)
+        return 0
+    if args.command == "run":
+        from jobs.run import run_pipeline
+        from zray.data.parquet import DataError
+
+        try:
+            run_pipeline(cfg, stages=args.stages, fresh=args.fresh)
+        except (ConfigError, FileNotFoundError, FileExistsError, DataError) as err:
+            print(f"zray: error: {err}", file=sys.stderr)
+            return 2
         return 0
     if args.command == "demo":
         from jobs.demo import run_demo

@@ -28,6 +28,7 @@ from zray.models.tiny import build_zoo
 from zray.models.vlm import load_vlm, score_distributions_hf
 from zray.rubric import DIMENSIONS, ScoreRequest
 from zray.scores import expected_score
+from zray.training.runs import write_text_atomic
 
 NUM_SAMPLES = 8
 DEMO_REASONING = "I see the objects and the background; I compare them with the prompt."
@@ -115,7 +116,7 @@ def run_demo(cfg: RunConfig, use_vllm: bool = True) -> dict:
         "grid": str(grid_path),
         "config": to_dict(cfg),
     }
-    (demo_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_text_atomic(demo_dir / "summary.json", json.dumps(summary, indent=2))
     print_summary(summary)
     return summary
 

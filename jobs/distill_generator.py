@@ -42,6 +42,7 @@ from zray.evaluation.turbo import (NO_JUDGE_NOTE, compare_to_references, frechet
 from zray.models.generator import initial_noise, load_zimage, sample_images, to_pil
 from zray.models.turbo import TwoStepStudent, sample_two_step_images
 from zray.models.turbo_export import export_two_step_pipeline
+from zray.training.runs import write_text_atomic
 
 NUM_GRID = 8
 
@@ -143,7 +144,7 @@ def run_distill_generator(cfg: RunConfig, resume: bool = False,
         metrics, alignment = judge_generator(images[key], prompts, renders=renders, teacher_images=images["teacher"]) \
             if judged else (unjudged_metrics(images[key], images["teacher"]), None)
         references[key] = {"metrics": {**metrics, "steps": steps}, "alignment": alignment}
-    (root / "references.json").write_text(json.dumps(references, indent=1))
+    write_text_atomic(root / "references.json", json.dumps(references, indent=1))
 
     # 3. Each variant: train (resumable), then judge from the same noise.
     init_ray(dcfg.learner.num_workers * dcfg.learner.cpus_per_worker + 1)
@@ -186,7 +187,7 @@ def run_distill_generator(cfg: RunConfig, resume: bool = False,
         intervals = frechet_intervals({k: images[k] for k in ("teacher", "two_step", *variants)}, renders,
                                       baseline=baseline, num_samples=dcfg.bootstrap_samples, seed=cfg.seed)
         record["frechet_intervals"] = intervals
-    (root / "metrics.json").write_text(json.dumps(record, indent=2))
+    write_text_atomic(root / "metrics.json", json.dumps(record, indent=2))
     notes = [f"Prompts: data.dir `{cfg.data.dir}` (its train split trains, its test split is held out)."] * (not judged)
     notes += [f"Teacher: `{teacher_dir}`; teacher samples: {dcfg.teacher_samples}"
              + ("" if dcfg.teacher_samples == "online" else f" ({dcfg.num_teacher_samples} precomputed)")
@@ -194,7 +195,7 @@ def run_distill_generator(cfg: RunConfig, resume: bool = False,
              f"lr {dcfg.learner.lr}, budget {dcfg.time_budget_s:.0f} s per variant.",
              "Variants: " + "; ".join(f"{v} = {_diff(dcfg.turbo, v) or 'the recipe as configured'}" for v in variants)]
     notes += interval_notes(intervals, baseline="turbo", num_prompts=len(prompts), num_samples=dcfg.bootstrap_samples)
-    (root / "results.md").write_text(results_markdown(rows, num_prompts=len(prompts), notes=notes, judged=judged))
+    write_text_atomic(root / "results.md", results_markdown(rows, num_prompts=len(prompts), notes=notes, judged=judged))
     grid = {"teacher 8-step": images["teacher"], "naive 2-step": images["two_step"],
             **{v: images[v] for v in variants}}
     save_variant_grid(root / "samples.png", prompts, grid, NUM_GRID, judged=judged)

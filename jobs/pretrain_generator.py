@@ -41,6 +41,7 @@ from zray.models.generator import decode_images, initial_noise, load_zimage, pil
 from zray.models.tiny import build_once, build_tiny_zimage, count_parameters
 from zray.tasks.flow import FlowTask
 from zray.tasks.vae import VAETask
+from zray.training.runs import write_text_atomic
 
 NUM_GRID = 12
 NUM_LATENT_STAT_IMAGES = 512
@@ -103,8 +104,8 @@ def run_pretrain_generator(cfg: RunConfig, resume: bool = False) -> dict[str, An
         "samples": samples["metrics"], "renders": samples["renders"], "total_s": time.perf_counter() - started,
         "config": {"pretrain_generator": to_dict(pcfg), "generator": dataclasses.asdict(cfg.generator)},
     }
-    (root / "metrics.json").write_text(json.dumps(record, indent=2))
-    (root / "summary.md").write_text(summary_markdown(record))
+    write_text_atomic(root / "metrics.json", json.dumps(record, indent=2))
+    write_text_atomic(root / "summary.md", summary_markdown(record))
     s = samples["metrics"]
     print(f"[pretrain-generator] {pcfg.sample_steps}-step samples: background {s['teacher']['background']:.1%}, main "
           f"colour {s['teacher']['main_colour']:.1%}, alignment {s['teacher']['alignment']:.2f}, Frechet "

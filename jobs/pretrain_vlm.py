@@ -44,7 +44,7 @@ from zray.models.vlm import load_vlm
 from zray.rubric import DIMENSIONS
 from zray.tasks.caption import CaptionTask
 from zray.training.runs import (checkpoints, elapsed_by_step, export_final, latest_checkpoint, read_learner_state,
-                                remaining_budget, trained_seconds)
+                                remaining_budget, trained_seconds, write_text_atomic)
 
 ROLES = ("teacher", "student")
 NUM_GRID_IMAGES = 12
@@ -125,7 +125,7 @@ def run_pretrain_vlm(cfg: RunConfig, model: str = "both", resume: bool = False) 
                   "samples": [{"image_id": r["image_id"], "prediction": p, "truth": _styled(r, pcfg.caption_style)}
                               for r, p in zip(eval_rows[:NUM_GRID_IMAGES], predictions, strict=False)],
                   "config": to_dict(cfg.pretrain_vlm), "vlm": dataclasses.asdict(vlm_cfg)}
-        (run_dir / "metrics.json").write_text(json.dumps(record, indent=2))
+        write_text_atomic(run_dir / "metrics.json", json.dumps(record, indent=2))
         save_description_grid(run_dir / "descriptions.png", eval_rows[:NUM_GRID_IMAGES], predictions,
                               pcfg.caption_style, title=f"{role}: held-out images after {fitted.final_step} steps")
         save_learning_curve(run_dir / "learning_curve.png", fitted.history, curve, title=f"{role} captioning")
@@ -133,14 +133,14 @@ def run_pretrain_vlm(cfg: RunConfig, model: str = "both", resume: bool = False) 
               + f" on {len(eval_rows)} held-out images after {fitted.final_step} steps -> {run_dir}")
         if pcfg.instruct and role in pcfg.instruct_roles:
             record["instruct"] = instruct_phase(final_dir, cfg, root, role, resume)
-            (run_dir / "metrics.json").write_text(json.dumps(record, indent=2))
-        (run_dir / "summary.md").write_text(summary_markdown({role: record}))
+            write_text_atomic(run_dir / "metrics.json", json.dumps(record, indent=2))
+        write_text_atomic(run_dir / "summary.md", summary_markdown({role: record}))
         results[role] = record
 
     everything = json.loads((root / "metrics.json").read_text()) if (root / "metrics.json").exists() else {}
     everything.update(results)
-    (root / "metrics.json").write_text(json.dumps(everything, indent=2))
-    (root / "summary.md").write_text(summary_markdown(everything))
+    write_text_atomic(root / "metrics.json", json.dumps(everything, indent=2))
+    write_text_atomic(root / "summary.md", summary_markdown(everything))
     return results
 
 
@@ -214,7 +214,7 @@ def instruct_phase(caption_dir: Path, cfg: RunConfig, root: Path, role: str, res
     record = {"model_dir": str(final_dir), "steps": int(state["step"]), "train_s": trained_seconds(state["history"]),
               "num_train_examples": pcfg.num_instruct_prompts * cfg.world.candidates_per_prompt * len(DIMENSIONS),
               "eval": metrics, "eval_s": time.perf_counter() - clock, "samples": answers[:8]}
-    (run_dir / "metrics.json").write_text(json.dumps(record, indent=2))
+    write_text_atomic(run_dir / "metrics.json", json.dumps(record, indent=2))
     dims = metrics["dimensions"]
     print(f"[pretrain-vlm] {role}: instruction phase {record['steps']} steps; zero-shot sampling format failures "
           f"{metrics['format_fail_sampled']:.1%}, greedy rationales exact {metrics['exact']:.1%}, alignment drawn "

@@ -189,9 +189,27 @@ def full() -> RunConfig:
         generator=GeneratorConfig(checkpoint="Tongyi-MAI/Z-Image-Turbo", dim=3840, num_layers=30,
                                   num_refiner_layers=2, num_heads=30, vae_block_channels=(128, 256, 512, 512),
                                   text_hidden_size=2560, text_num_layers=36),
+        # Four engines of one GPU each (no tensor parallelism yet: the 32B teacher in bf16 needs an 80 GB card).
         vllm=VLLMConfig(kv_cache_gib=40, enforce_eager=False, in_process=False, max_model_len=8192,
-                        gpu_memory_utilization=0.85),
+                        gpu_memory_utilization=0.85, num_engines=4, gpus_per_engine=1.0),
+        # Every learner: 8 GPU workers (one node of cluster/cluster.yaml); with the engines, the teacher stage
+        # holds 12 GPUs and the student stage (teacher and student engine sets) 16: two nodes, as in
+        # cluster/kuberay/rayjob-train-teacher.yaml / rayjob-train-student.yaml.
+        pretrain_vlm=PretrainVLMConfig(learner=_gpu_learner(max_steps=20000, checkpoint_every=1000),
+                                       vision=_gpu_learner(max_steps=2000, checkpoint_every=500),
+                                       instruct_learner=_gpu_learner(max_steps=5000, checkpoint_every=500)),
+        pretrain_generator=PretrainGeneratorConfig(vae=_gpu_learner(max_steps=4000, checkpoint_every=500),
+                                                   flow=_gpu_learner(max_steps=8000, checkpoint_every=1000)),
+        train_teacher=TrainTeacherConfig(learner=_gpu_learner(max_steps=3000, checkpoint_every=100)),
+        train_student=TrainStudentConfig(learner=_gpu_learner(max_steps=3000, checkpoint_every=100)),
+        distill_generator=DistillGeneratorConfig(learner=_gpu_learner(max_steps=3000, checkpoint_every=100)),
+        reward_finetune=RewardFinetuneConfig(learner=_gpu_learner(max_steps=1000, checkpoint_every=100)),
     )
+
+
+def _gpu_learner(**kwargs) -> LearnerConfig:
+    """A learner of the `full` recipe: 8 GPU workers, DeepSpeed ZeRO-2, bf16."""
+    return LearnerConfig(num_workers=8, use_gpu=True, precision="bf16", **kwargs)
 
 
 RECIPES: dict[str, Callable[[], RunConfig]] = {"tiny_cpu": tiny_cpu, "dev": dev, "full": full}

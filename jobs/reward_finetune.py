@@ -57,7 +57,8 @@ from zray.evaluation.reward_hacking import (evaluation_record, judge_verdicts, j
                                             student_record, widened, with_gaps, with_gsb)
 from zray.evaluation.turbo import save_variant_grid
 from zray.models.generator import load_zimage, sample_images, to_pil
-from zray.training.runs import export_final, has_checkpoint, latest_checkpoint, read_learner_state, trained_seconds
+from zray.training.runs import (export_final, has_checkpoint, latest_checkpoint, read_learner_state, trained_seconds,
+                                write_text_atomic)
 
 GENERATORS = ("base", "turbo")
 RUN_NAME = "train"
@@ -176,7 +177,7 @@ def run_reward_finetune(cfg: RunConfig, generator: str = "base", *, generator_di
             r = records[-1]
             print(f"[reward-finetune] step {r['step']}: student reward {r['student_reward']:.3f} ("
                   + ", ".join(f"{d} {v:.3f}" for d, v in r["student"].items()) + "); no judge on data.dir's prompts")
-            (root / RECORDS_FILE).write_text(json.dumps(records, indent=1))
+            write_text_atomic(root / RECORDS_FILE, json.dumps(records, indent=1))
             save_reward_vs_judge(root / "reward_vs_judge.png", records, rcfg.gap_threshold, title, history)
             return None
         r = with_gsb(with_gaps(records))[-1]
@@ -184,7 +185,7 @@ def run_reward_finetune(cfg: RunConfig, generator: str = "base", *, generator_di
         print(f"[reward-finetune] step {r['step']}: student reward {r['student_reward']:.3f}, alignment student "
               f"{r['student']['alignment']:.3f} / judge {r['judge']['alignment']:.3f}, gap {r['gap']:+.3f}; GSB vs "
               f"step 0 (judge) {g['good']:.0%}/{g['same']:.0%}/{g['bad']:.0%}, net {g['net']:+.3f}")
-        (root / RECORDS_FILE).write_text(json.dumps(with_gsb(with_gaps(records)), indent=1))
+        write_text_atomic(root / RECORDS_FILE, json.dumps(with_gsb(with_gaps(records)), indent=1))
         save_reward_vs_judge(root / "reward_vs_judge.png", records, rcfg.gap_threshold, title, history)
         hacked = widened(records, rcfg.gap_threshold)
         if hacked is not None:
@@ -245,8 +246,8 @@ def run_reward_finetune(cfg: RunConfig, generator: str = "base", *, generator_di
               "judge_watch": watch, "data_dir": cfg.data.dir, "grid": str(root / "grid.png"),
               "grid_columns": list(columns), "evaluations": evaluations, "history": history,
               "config": {"reward_finetune": to_dict(rcfg)}}
-    (root / "metrics.json").write_text(json.dumps(record, indent=2))
-    (root / "summary.md").write_text(summary_markdown(record, rcfg.gap_threshold))
+    write_text_atomic(root / "metrics.json", json.dumps(record, indent=2))
+    write_text_atomic(root / "summary.md", summary_markdown(record, rcfg.gap_threshold))
     print(f"[reward-finetune] done at step {step} in {record['total_s'] / 60:.1f} min -> {final_dir}")
     return record
 

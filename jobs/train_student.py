@@ -48,7 +48,7 @@ from zray.config import STUDENT_METHODS, ConfigError, RunConfig, to_dict
 from zray.data import ensure_world
 from zray.data.imported import data_rubric, import_kind, imported_distill_inputs, imported_pairs, select_dimensions
 from zray.rubric import Rubric
-from zray.training.runs import export_final, has_checkpoint, pretrained_vlm_dir
+from zray.training.runs import export_final, has_checkpoint, pretrained_vlm_dir, write_text_atomic
 
 METHOD_NAMES = {"sft": "SFT", "opd": "OPD", "risd": "RISD", "teacher": "teacher", "oracle": "oracle"}
 
@@ -218,7 +218,7 @@ def train_method(cfg: RunConfig, name: str, base: Path, teacher: Path, engines: 
               "training": {"steps": fitted.final_step, "fit_wall_s": fitted.wall_s,
                            "last": fitted.history[-1] if fitted.history else None},
               "config": to_dict(dataclasses.replace(scfg, method=name))}
-    (run_dir / "metrics.json").write_text(json.dumps(record, indent=2, default=str))
+    write_text_atomic(run_dir / "metrics.json", json.dumps(record, indent=2, default=str))
     score = "no evaluation" if evaluation is None else f"pooled HPA {evaluation['pooled']['hpa']:.4f}"
     print(f"[train-student] {METHOD_NAMES[name]}: {score} -> {run_dir}")
     return record
@@ -293,7 +293,7 @@ def teacher_record(cfg: RunConfig, teacher: Path, record_dir: Path, engines: Job
     record = {"key": key, "method": "teacher", "model_dir": str(teacher),
               "evaluation": evaluate_on(cfg, teacher, "student_teacher", pool, engines.start_s.get("teacher"), rows)}
     record_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2, default=str))
+    write_text_atomic(path, json.dumps(record, indent=2, default=str))
     return record
 
 
@@ -321,5 +321,5 @@ def write_results(cfg: RunConfig, root: Path) -> str:
     table = "\n".join(lines) + "\n\nScoring throughput on the test queries (queries/s, `vllm.num_engines` engines each): " \
         + (", ".join(speeds) or "none (no evaluation: data.dir holds no rated images)") + "\n"
     root.mkdir(parents=True, exist_ok=True)
-    (root / "results.md").write_text(table)
+    write_text_atomic(root / "results.md", table)
     return table

@@ -39,7 +39,7 @@ from zray.data import ensure_world
 from zray.data.imported import data_rubric, imported_pairs, select_dimensions
 from zray.data.pair_examples import pair_examples
 from zray.evaluation.rewards import evaluation_rows, markdown_row, results_table
-from zray.training.runs import export_final, has_checkpoint, pretrained_vlm_dir
+from zray.training.runs import export_final, has_checkpoint, pretrained_vlm_dir, write_text_atomic
 
 METHOD_NAMES = {"zero_shot": "zero-shot", "sft": "SFT", "grpo": "GRPO", "gdso": "GDSO"}
 CURVES = ("loss", "reward_mean", "kl", "ce_loss", "pw_loss", "format_fail_frac", "pair_acc", "step_time_s")
@@ -135,7 +135,7 @@ def run_train_teacher(cfg: RunConfig, method: str | None = None, resume: bool = 
             record = {"method": name, "model_dir": str(final_dir), "evaluation": evaluation, "training": summary,
                       "config": to_dict(tcfg)}
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "metrics.json").write_text(json.dumps(record, indent=2, default=str))
+            write_text_atomic(run_dir / "metrics.json", json.dumps(record, indent=2, default=str))
             if fitted is not None:
                 save_training_curves(run_dir / "training.png", fitted.history, METHOD_NAMES[name])
             records[name] = record
@@ -189,10 +189,11 @@ def write_results(cfg: RunConfig, root: Path) -> str:
         path = root / name / "metrics.json"
         if path.exists():
             rows.append((METHOD_NAMES[name], json.loads(path.read_text())["evaluation"]))
+    ordering = ordering_lines(root.parent, [n for n in TEACHER_METHODS[::-1] if (root / n / "metrics.json").exists()])
     if cfg.data.dir:
-        table = results_table(rows)
+        table = results_table(rows) + ordering
         root.mkdir(parents=True, exist_ok=True)
-        (root / "results.md").write_text(table + "\n")
+        write_text_atomic(root / "results.md", table + "\n")
         return table
     candidates = evaluation_rows(cfg)
     cache = root / "judge_predictions.json"
@@ -200,13 +201,28 @@ def write_results(cfg: RunConfig, root: Path) -> str:
     cached = json.loads(cache.read_text()) if cache.exists() else None
     judged = cached["predictions"] if cached and cached.get("candidate_ids") == ids else judge_predictions(candidates)
     root.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps({"candidate_ids": ids, "predictions": judged}))
+    write_text_atomic(cache, json.dumps({"candidate_ids": ids, "predictions": judged}))
     table = results_table(rows) + "\n".join([
         markdown_row("oracle (true scores)", reference_record("oracle", oracle_predictions(candidates), candidates),
                      model="-"),
-        markdown_row("judge (alignment only)", reference_record("judge", judged, candidates), model="-")]) + "\n"
-    (root / "results.md").write_text(table + "\n")
+        markdown_row("judge (alignment only)", reference_record("judge", judged, candidates), model="-")]) + "\n" \
+        + ordering
+    write_text_atomic(root / "results.md", table + "\n")
     return table
+
+
+def ordering_lines(out: Path, methods: list[str]) -> str:
+    """The paired bootstrap of each adjacent pooled-HPA difference, in the order the methods are expected to rank
+    (zero-shot < SFT < GRPO < GDSO), from the evaluations' saved predictions; empty with fewer than two."""
+    from zray.data.parquet import read_parquet_file
+    from zray.evaluation.rewards import ordering_intervals, ordering_markdown
+
+    paths = [(m, out / "evaluate" / f"teacher_{m}" / "predictions.parquet") for m in methods]
+    found = [(METHOD_NAMES[m], read_parquet_file(p).to_pylist()) for m, p in paths if p.exists()]
+    if len(found) < 2:
+        return ""
+    return ("\nPooled HPA differences in the expected order, paired bootstrap over test prompts (95%, 2,000 "
+            "samples):\n\n" + ordering_markdown(ordering_intervals(found)) + "\n")
 
 
 def save_training_curves(path: Path, history: list[dict[str, float]], title: str) -> None:

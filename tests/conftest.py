@@ -22,7 +22,7 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 import pytest  # noqa: E402
 
-SLOW_FIXTURES = ("ray_session", "teacher_engine")  # a test that uses one of these is `slow`
+SLOW_FIXTURES = ("ray_session", "teacher_engine", "readme_pipeline")  # a test that uses one of these is `slow`
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m filters the items
@@ -44,6 +44,32 @@ def ray_session():
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env=ray_runtime_env())
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def readme_pipeline():
+    """The README's first command (its first ```bash block: the install check, then `zray run --recipe tiny_cpu`),
+    run as written, once per session: every stage for real into the tiny_cpu recipe's out_dir, `runs/tiny_cpu`.
+    The end-to-end tests of the stages' jobs read its outputs. That folder belongs to the tests: it is removed first,
+    so that every stage runs the code as it is now (a finished run would be skipped stage by stage).
+    Returns {"command", "run_dir", "stdout", "started"}."""
+    import re
+    import shutil
+    import subprocess
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    match = re.search(r"```bash\n(.*?)\n```", (root / "README.md").read_text(), flags=re.S)
+    assert match, "README.md has no ```bash block"
+    command = match.group(1).strip()
+    run_dir = root / "runs" / "tiny_cpu"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    started = time.time()
+    out = subprocess.run(["bash", "-c", command], cwd=root, capture_output=True, text=True, timeout=1500,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return {"command": command, "run_dir": run_dir, "stdout": out.stdout, "started": started}
 
 
 @pytest.fixture(scope="session")

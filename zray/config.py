@@ -161,8 +161,17 @@ class VLLMConfig:
     num_engines: int = 1
     cpus_per_engine: float = 1.0
     gpus_per_engine: float = 0.0
+    # Ray restarts a dead engine actor (on the base weights of its model dir) up to this many times in its life;
+    # the EnginePool then restores the weights it last loaded and retries the lost chunk once. 0 = a dead engine
+    # fails the call. 3: a restart costs an engine start plus one verified weight sync (seconds here, minutes for a
+    # 7B engine on a GPU), so a few absorb the rare OOM kill, crash or preempted node of a long run, while an
+    # engine that keeps dying (a deterministic crash) fails the job after 3 tries instead of looping forever.
+    max_engine_restarts: int = 3
 
     def __post_init__(self) -> None:
+        _require(isinstance(self.max_engine_restarts, int) and not isinstance(self.max_engine_restarts, bool)
+                 and self.max_engine_restarts >= 0, "VLLMConfig.max_engine_restarts", self.max_engine_restarts,
+                 "an integer >= 0 (0: a dead engine is not restarted; Ray's -1, restart forever, is not allowed)")
         _positive(self, "kv_cache_gib", "max_model_len", "num_engines")
         _require(0.0 < self.gpu_memory_utilization <= 1.0, "VLLMConfig.gpu_memory_utilization",
                  self.gpu_memory_utilization, "in (0, 1]")
@@ -194,6 +203,13 @@ class LearnerConfig:
     max_steps: int = 100
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
+    # Worker failures (a worker process that raises or dies: OOM kill, lost node, a segfault) that Ray Train recovers
+    # from within one `fit`: it restarts the worker group, which continues from the run's latest registered checkpoint
+    # with the exact state (weights, optimizer, data position, RNG). 2 rather than Ray's 0: a long run should survive
+    # a stray death without losing its progress or a person's attention; bounded, so a failure that recurs (a bug)
+    # still ends the fit after 3 attempts instead of looping. Node preemptions are counted apart (Ray: unlimited).
+    # 0 = the first failure ends the fit (it can then be continued with fit(..., resume=True)).
+    max_failures: int = 2
     log_every: int = 10
     seed: int = 0
     # A fresh seeded permutation of each worker's shard every epoch (False: dataset order every epoch).
@@ -211,6 +227,9 @@ class LearnerConfig:
     def __post_init__(self) -> None:
         _require(self.length_window >= 0, "LearnerConfig.length_window", self.length_window,
                  "an integer >= 0 (0 = off)")
+        _require(isinstance(self.max_failures, int) and not isinstance(self.max_failures, bool)
+                 and self.max_failures >= 0, "LearnerConfig.max_failures", self.max_failures,
+                 "an integer >= 0 (worker failures recovered from within one fit; 0 = none)")
         _positive(self, "num_workers", "cpus_per_worker", "micro_batch_size", "grad_accum_steps", "max_steps",
                   "checkpoint_every", "keep_checkpoints", "log_every")
         _require(self.lr_schedule in ("constant", "cosine"), "LearnerConfig.lr_schedule", self.lr_schedule,

@@ -11,6 +11,7 @@ Layout of a run (`storage_path/name/`, written by Ray Train and rank 0):
                          metrics history, config)
     tensorboard/         event files with every logged metric (rank 0)
     checkpoint_manager_snapshot.json   Ray Train's list of checkpoints (what `resume=True` continues from)
+    attempts.jsonl       one line per attempt (fit id, the step and checkpoint it started from; rank 0)
 
 Determinism. The driver splits "train" into `num_workers` equal, materialised, contiguous shards
 (`Dataset.split(equal=True)`: deterministic, unlike the `streaming_split` Ray Train uses by default), handed to
@@ -27,6 +28,13 @@ Metrics go to TensorBoard, the progress bar and the history every `log_every` st
 previous one, which it polls every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default), so reporting every few
 steps would throttle a fast loop.
 
+Fault tolerance. A worker that fails (raises, or its process dies: OOM kill, lost node) fails the attempt; Ray Train
+then restarts the whole worker group, up to `LearnerConfig.max_failures` times per `fit` (`FailureConfig`), and the
+new workers continue from the latest checkpoint Ray Train registered for the run (`ray.train.get_checkpoint()`;
+never a half-written one) with the state a resume restores, so the run ends with the parameters of an
+uninterrupted one (tests/actors/test_learner_failure.py checks it). The steps since that checkpoint are done again;
+`LearnerResult.restarts` counts the restarts. Past `max_failures`, `fit` raises and the run can be continued later.
+
 `resume=True` restarts the run `storage_path/name` from its latest checkpoint (Ray Train V2 restores a run from
 its snapshot when it is started again with the same name and storage path); `resume=False` refuses a run
 directory that already holds checkpoints, so nothing is continued or overwritten by accident.
@@ -38,6 +46,7 @@ import json
 import math
 import os
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,9 +55,10 @@ from typing import Any
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from actors.learner.worker_loop import train_loop_per_worker
+from actors.learner.worker_loop import ATTEMPTS_FILE, train_loop_per_worker
 from zray.config import LearnerConfig
-from zray.training.runs import SNAPSHOT_FILE, export_final, has_checkpoint, read_learner_state, trained_seconds
+from zray.training.runs import (SNAPSHOT_FILE, export_final, has_checkpoint, read_learner_state, trained_seconds,
+                                write_json_atomic)
 from zray.training.task import LearnerTask, LengthGrouped
 
 @dataclass(frozen=True)
@@ -60,6 +70,7 @@ class LearnerResult:
     run_dir: Path
     wall_s: float                     # this call's wall time (sharding the data, Ray Train start to finish)
     final_step: int
+    restarts: int = 0                 # worker-group restarts after failures in this call (<= cfg.max_failures)
 
 
 class _PresplitDataConfig(DataConfig):
@@ -151,9 +162,18 @@ def fit(task: LearnerTask, cfg: LearnerConfig, *, datasets: dict[str, Any], stor
 
     `storage_path` is a local (or shared, on a multi-node cluster) directory; the run lives in
     `storage_path/name`. `time_budget_s > 0` stops after that many seconds of training (all workers agree on the
-    step) and still writes a final checkpoint. `extra_config` keys: "deepspeed" (a dict merged into the DeepSpeed
-    config, e.g. ZeRO offload), "_fail_after_step" (tests: every worker raises right after checkpointing that
-    step, as a crash would). Raises if training fails (Ray Train's `TrainingFailedError`).
+    step) and still writes a final checkpoint; a restart after a failure continues this call's budget clock.
+
+    A worker failure (an exception, or a worker process that dies) restarts the worker group from the run's latest
+    registered checkpoint, up to `cfg.max_failures` times in this call; the result then equals an uninterrupted
+    run's, and `LearnerResult.restarts` says how many restarts it took. One more failure ends the call: it raises
+    Ray Train's `TrainingFailedError` (with a note naming max_failures and the checkpoint that `resume=True`
+    continues from).
+
+    `extra_config` keys: "deepspeed" (a dict merged into the DeepSpeed config, e.g. ZeRO offload), and for tests
+    "_fail_after_step" (every worker raises right after checkpointing that step, as a crash would) and
+    "_exit_after_step" ({"step": N, "rank": R, "marker": path}: worker R's process exits abruptly once checkpoint N
+    is registered, once: only while `marker` does not exist, which it creates).
     """
     if not isinstance(task, LearnerTask):
         raise TypeError(f"task={task!r} does not implement zray.training.task.LearnerTask")
@@ -162,9 +182,15 @@ def fit(task: LearnerTask, cfg: LearnerConfig, *, datasets: dict[str, Any], stor
     if time_budget_s < 0:
         raise ValueError(f"time_budget_s={time_budget_s!r} is not allowed: expected a float >= 0 (0 = no limit)")
     extra = dict(extra_config or {})
-    unknown = sorted(set(extra) - {"deepspeed", "_fail_after_step"})
+    unknown = sorted(set(extra) - {"deepspeed", "_fail_after_step", "_exit_after_step"})
     if unknown:
-        raise ValueError(f"extra_config has unknown keys {unknown}; allowed: 'deepspeed', '_fail_after_step'")
+        raise ValueError(f"extra_config has unknown keys {unknown}; allowed: 'deepspeed', '_fail_after_step', "
+                         "'_exit_after_step'")
+    exit_spec = extra.get("_exit_after_step")
+    if exit_spec is not None and (not isinstance(exit_spec, dict) or set(exit_spec) != {"step", "rank", "marker"}
+                                  or not 0 <= exit_spec["rank"] < cfg.num_workers):
+        raise ValueError(f"extra_config['_exit_after_step']={exit_spec!r} is not allowed: expected "
+                         f"{{'step': int, 'rank': 0..{cfg.num_workers - 1}, 'marker': path}}")
     if cfg.length_window and not isinstance(task, LengthGrouped):
         raise ValueError(f"LearnerConfig.length_window={cfg.length_window} is not allowed for task {task.name!r}: it "
                          "has no row_lengths (zray.training.task.LengthGrouped); use 0")
@@ -185,9 +211,11 @@ def fit(task: LearnerTask, cfg: LearnerConfig, *, datasets: dict[str, Any], stor
 
     start = time.perf_counter()
     shards, batches_per_epoch = _shard_train_split(datasets["train"], cfg)
-    loop_config = {"task": task, "cfg": cfg, "run_dir": str(run_dir), "resume": resume,
+    fit_id = uuid.uuid4().hex  # tells a restart within this call (same id) from a new call on the same run
+    loop_config = {"task": task, "cfg": cfg, "run_dir": str(run_dir), "resume": resume, "fit_id": fit_id,
                    "time_budget_s": float(time_budget_s), "batches_per_epoch": batches_per_epoch,
-                   "deepspeed": extra.get("deepspeed"), "fail_after_step": extra.get("_fail_after_step")}
+                   "deepspeed": extra.get("deepspeed"), "fail_after_step": extra.get("_fail_after_step"),
+                   "exit_after_step": exit_spec}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -195,11 +223,19 @@ def fit(task: LearnerTask, cfg: LearnerConfig, *, datasets: dict[str, Any], stor
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=str(storage),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-                             failure_config=FailureConfig(max_failures=0)),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures)),
         datasets=datasets,
         dataset_config=_PresplitDataConfig({"train": shards}),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as err:
+        latest = _registered_latest(run_dir)
+        err.add_note(f"[zray learner] the run {run_dir} failed after {_restarts(run_dir, fit_id)} restart(s) "
+                     f"(LearnerConfig.max_failures={cfg.max_failures}); "
+                     + (f"fit(..., resume=True) continues it from {latest}" if latest else
+                        "it has no checkpoint to resume"))
+        raise
     wall_s = time.perf_counter() - start
     if result.error is not None:  # fit() raises in Ray 2.60; kept for versions that return the error
         raise result.error
@@ -209,7 +245,27 @@ def fit(task: LearnerTask, cfg: LearnerConfig, *, datasets: dict[str, Any], stor
     state = read_learner_state(final)
     kept = sorted({Path(ckpt.path) for ckpt, _ in (result.best_checkpoints or [])} | {final})
     return LearnerResult(history=state["history"], hf_dir=final / "hf", final_checkpoint=final, checkpoints=kept,
-                         run_dir=run_dir, wall_s=wall_s, final_step=int(state["step"]))
+                         run_dir=run_dir, wall_s=wall_s, final_step=int(state["step"]),
+                         restarts=_restarts(run_dir, fit_id))
+
+
+def _registered_latest(run_dir: Path) -> str | None:
+    """The directory name of the latest checkpoint Ray Train registered for the run (what a restart or `resume=True`
+    continues from), from its snapshot; None without one. A newer directory on disk may be a half-written one."""
+    path = run_dir / SNAPSHOT_FILE
+    if not path.is_file():
+        return None
+    latest = json.loads(path.read_text()).get("latest_checkpoint_result") or {}
+    return latest.get("checkpoint_dir_name")
+
+
+def _restarts(run_dir: Path, fit_id: str) -> int:
+    """How many times the fit `fit_id` restarted its workers: its attempts in run_dir/ATTEMPTS_FILE, less one."""
+    path = run_dir / ATTEMPTS_FILE
+    if not path.is_file():
+        return 0
+    attempts = sum(json.loads(line)["fit"] == fit_id for line in path.read_text().splitlines() if line.strip())
+    return max(0, attempts - 1)
 
 
 def fit_phase(task: Any, learner_cfg: Any, dataset: Any, root: Path, name: str, resume: bool,
@@ -230,5 +286,5 @@ def fit_phase(task: Any, learner_cfg: Any, dataset: Any, root: Path, name: str, 
     final_dir = export_final(fitted.hf_dir, run_dir)
     record = {"steps": fitted.final_step, "train_s": trained_seconds(fitted.history), "wall_s": fitted.wall_s,
               "history": fitted.history}
-    done.write_text(json.dumps(record))
+    write_json_atomic(done, record)
     return {**record, "final_dir": final_dir}

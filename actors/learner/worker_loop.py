@@ -10,12 +10,21 @@ export and learner.json) and calls `ray.train.report` with it and the last metri
 steps); Ray Train merges the parts into `run_dir/checkpoint_<step>`. With a time budget, one MAX all-reduce of the
 elapsed time per step serves both the stop (all workers stop after the same step, and checkpoint it) and the
 budget schedule.
+
+Every attempt starts from `ray.train.get_checkpoint()`: nothing on a fresh run, the run's latest checkpoint on
+`fit(..., resume=True)`, and, when Ray Train restarts the worker group after a worker failure
+(`LearnerConfig.max_failures`), the latest checkpoint this run registered. Only registered checkpoints are restored:
+a `checkpoint_<step>` directory a dead attempt was still writing is never read (the restarted attempt writes it
+again). A restart within one fit also carries the fit's time-budget clock (the training seconds that led to the
+checkpoint: work lost with the failed attempt is not counted). Rank 0 appends one line per attempt to
+`run_dir/attempts.jsonl` (fit id, the step and checkpoint it started from), from which `fit` counts its restarts.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 import shutil
 import tempfile
@@ -36,8 +45,29 @@ from zray.training.shards import ShardBatches
 from zray.training.task import LearnerTask, LengthGrouped, OnlineTask, StatefulTask
 
 
+ATTEMPTS_FILE = "attempts.jsonl"  # in run_dir: one line per attempt that reached the loop (rank 0 writes it)
+
+
 class InjectedFailure(RuntimeError):
     """Raised by `extra_config={"_fail_after_step": N}`: a crash right after checkpoint N (tests)."""
+
+
+def _exit_once_for_test(spec: dict[str, Any] | None, *, rank: int, step: int) -> None:
+    """`extra_config={"_exit_after_step": {"step": N, "rank": R, "marker": path}}` (tests): worker R's process dies
+    abruptly (`os._exit(1)`, no exception, no clean-up) once Ray Train has registered checkpoint N, unless `marker`
+    exists; it creates `marker` first, so the restarted attempt (which starts from checkpoint N) does not die again."""
+    if spec is None or rank != spec["rank"] or step != spec["step"]:
+        return
+    try:
+        fd = os.open(spec["marker"], os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    # report() returns once this worker's part is queued; wait until the controller has registered the checkpoint,
+    # so that the restart deterministically continues from it.
+    ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+    os.write(fd, f"rank {rank} exits after checkpoint {step}\n".encode())
+    os.close(fd)
+    os._exit(1)
 
 
 # ---------------------------------------------------------------------------------------------- RNG and data
@@ -127,7 +157,7 @@ class _Display:
 
 
 def _save_checkpoint(engine: TrainEngine, task: LearnerTask, cfg: LearnerConfig, *, step: int, consumed: int,
-                     history: list[dict[str, float]]) -> Path:
+                     history: list[dict[str, float]], fit_clock: dict[str, Any]) -> Path:
     """This worker's part of a checkpoint in a fresh scratch dir (every worker calls it)."""
     rank = engine.rank
     scratch = Path(tempfile.mkdtemp(prefix=f"zray_ckpt_rank{rank}_"))
@@ -139,7 +169,7 @@ def _save_checkpoint(engine: TrainEngine, task: LearnerTask, cfg: LearnerConfig,
     if rank == 0:
         state = {"step": step, "consumed_micro_batches": consumed, "world_size": engine.world_size,
                  "backend": engine.backend, "precision": engine.precision, "task": task.name,
-                 "config": dataclasses.asdict(cfg), "history": history}
+                 "config": dataclasses.asdict(cfg), "history": history, "fit": fit_clock}
         (scratch / LEARNER_STATE_FILE).write_text(json.dumps(state, indent=1))
         if isinstance(task, StatefulTask):
             from safetensors.torch import save_file
@@ -152,8 +182,9 @@ def _save_checkpoint(engine: TrainEngine, task: LearnerTask, cfg: LearnerConfig,
 
 
 def _restore(engine: TrainEngine, task: LearnerTask, ckpt_dir: Path,
-             cfg: LearnerConfig) -> tuple[int, int, list[dict[str, float]]]:
-    """Load engine state, the task's state, this rank's RNG and data position; returns (step, consumed, history)."""
+             cfg: LearnerConfig) -> tuple[int, int, list[dict[str, float]], dict[str, Any]]:
+    """Load engine state, the task's state, this rank's RNG and data position; returns (step, consumed, history,
+    the fit clock of the attempt that wrote the checkpoint: {"id", "first_step", "elapsed_s"}, {} before it existed)."""
     state = read_learner_state(ckpt_dir)
     if state["world_size"] != engine.world_size or state["backend"] != engine.backend:
         raise ValueError(f"checkpoint {ckpt_dir} was written by {state['world_size']} {state['backend']} workers; "
@@ -171,7 +202,17 @@ def _restore(engine: TrainEngine, task: LearnerTask, ckpt_dir: Path,
         task.load_task_state(load_file(str(ckpt_dir / TASK_STATE_FILE)))
     worker = torch.load(ckpt_dir / f"worker_{engine.rank}.pt", weights_only=False)
     _set_rng_state(worker["rng"])
-    return int(state["step"]), int(worker["consumed"]), list(state["history"])
+    return int(state["step"]), int(worker["consumed"]), list(state["history"]), dict(state.get("fit") or {})
+
+
+def _record_attempt(run_dir: Path, fit_id: str, *, step: int, checkpoint: str | None, restart: bool) -> None:
+    """Rank 0: one line in run_dir/ATTEMPTS_FILE for this attempt, and a line on the driver's log for a restart."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ATTEMPTS_FILE, "a") as f:
+        f.write(json.dumps({"fit": fit_id, "step": step, "checkpoint": checkpoint, "time": time.time()}) + "\n")
+    if restart:
+        print(f"[learner] worker group restarted after a failure: continuing {run_dir.name} from {checkpoint} "
+              f"(step {step})", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -203,11 +244,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     engine = TrainEngine(model, cfg, device=device, deepspeed_overrides=config.get("deepspeed"))
     _seed_all(cfg.seed + 7919 * (rank + 1))  # per-rank streams (dropout, noise) from here on
 
-    step, consumed, history = 0, 0, []
+    # The latest checkpoint Ray Train registered for this run (None on a fresh run): after `resume=True`, and after a
+    # restart of the worker group within this fit (a worker failure, LearnerConfig.max_failures). Never a directory
+    # found on disk: one a failed attempt was writing is incomplete and unregistered.
+    step, consumed, history, clock = 0, 0, [], {}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
-            step, consumed, history = _restore(engine, task, Path(ckpt_dir), cfg)
+            step, consumed, history, clock = _restore(engine, task, Path(ckpt_dir), cfg)
+    # A restart within this fit continues the fit's budget clock and schedule origin from the checkpoint; a new fit
+    # (fresh or resume=True) starts both here.
+    fit_id = config["fit_id"]
+    restart_of_this_fit = clock.get("id") == fit_id
+    first_step = int(clock["first_step"]) if restart_of_this_fit else step
+    spent_s = float(clock["elapsed_s"]) if restart_of_this_fit else 0.0
+    if rank == 0:
+        _record_attempt(run_dir, fit_id, step=step, checkpoint=Path(checkpoint.path).name if checkpoint else None,
+                        restart=restart_of_this_fit)
     if step >= cfg.max_steps:
         return  # finished before: the latest checkpoint is the result
     lengths_of = task.row_lengths if isinstance(task, LengthGrouped) else None
@@ -217,7 +270,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                            f"{config['batches_per_epoch']} (shards must be equal)")
     display = _Display(task.name, cfg, run_dir, step) if rank == 0 else None
     global_batch = cfg.micro_batch_size * cfg.grad_accum_steps * engine.world_size
-    window, logged_step, first_step, started = _Window(), step, step, time.perf_counter()
+    window, logged_step, started = _Window(), step, time.perf_counter() - spent_s
     fit_schedule = cfg.budget_schedule and budget_s > 0
     # Online tasks (zray.training.task.OnlineTask) make their batches from the current policy (rollouts): a new
     # rollout every `updates_per_rollout` steps, announced by `before_rollout` on every rank, reused in between.
@@ -272,12 +325,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 display.log(step, step - logged_step, metrics)
             logged_step, window = step, _Window()
             if ckpt_now:
-                scratch = _save_checkpoint(engine, task, cfg, step=step, consumed=consumed, history=history)
+                fit_clock = {"id": fit_id, "first_step": first_step,
+                             "elapsed_s": elapsed if budget_s > 0 else time.perf_counter() - started}
+                scratch = _save_checkpoint(engine, task, cfg, step=step, consumed=consumed, history=history,
+                                           fit_clock=fit_clock)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(scratch)),
                                  checkpoint_dir_name=f"checkpoint_{step:06d}")
                 shutil.rmtree(scratch, ignore_errors=True)
                 if fail_after is not None and step == fail_after:
                     raise InjectedFailure(f"injected failure after checkpointing step {step} (rank {rank})")
+                _exit_once_for_test(config.get("exit_after_step"), rank=rank, step=step)
             if stop:
                 break
     finally:

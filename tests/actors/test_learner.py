@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -102,8 +102,8 @@ def test_crash_and_resume_reaches_the_uninterrupted_state(dataset, uninterrupted
     # per worker per epoch (96 rows each), 2 per step: the crash and the resume fall in the middle of the first
     # epoch, and the run goes on into the second one.
     with pytest.raises(Exception, match="injected failure after checkpointing step 3"):
-        fit(task, ZERO2, datasets={"train": dataset}, storage_path=tmp_path, name="crashy",
-            extra_config={"_fail_after_step": 3})
+        fit(task, replace(ZERO2, max_failures=0), datasets={"train": dataset}, storage_path=tmp_path, name="crashy",
+            extra_config={"_fail_after_step": 3})  # max_failures=0: the crash reaches the caller
     crashed = read_learner_state(tmp_path / "crashy" / "checkpoint_000003")
     assert crashed["step"] == 3 and crashed["consumed_micro_batches"] == 6
 
@@ -345,8 +345,8 @@ def test_stateful_task_resumes_with_the_state_it_checkpointed(dataset, tmp_path)
     task = StatefulMLP(log_dir=str(logs))
     assert isinstance(task, StatefulTask)
     with pytest.raises(Exception, match="injected failure after checkpointing step 3"):
-        fit(task, STATEFUL, datasets={"train": dataset}, storage_path=tmp_path, name="stateful",
-            extra_config={"_fail_after_step": 3})
+        fit(task, replace(STATEFUL, max_failures=0), datasets={"train": dataset}, storage_path=tmp_path,
+            name="stateful", extra_config={"_fail_after_step": 3})  # max_failures=0: the crash reaches the caller
     assert not (logs / "loaded.pt").exists()  # a fresh run restores nothing
     returned = torch.load(logs / "returned_3.pt")
     assert int(returned["micro_batches"]) == 3 and returned["target_sum"].abs().sum() > 0

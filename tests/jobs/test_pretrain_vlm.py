@@ -43,19 +43,18 @@ def test_loss_weights_must_not_be_negative(name):
         PretrainVLMConfig(**{name: -0.1})
 
 
-def test_tiny_cpu_job_end_to_end(tmp_path, ray_session):
-    pytest.importorskip("deepspeed")
-    from jobs.pretrain_vlm import run_pretrain_vlm
+def test_tiny_cpu_job_end_to_end(readme_pipeline):
+    """The student role as `zray run --recipe tiny_cpu` pre-trained it (the README's first command, run once per
+    session): vision warm-up, captioning, the instruction phase."""
     from zray.models.vlm import load_vlm
 
-    cfg = tiny_cpu()  # the student gets its own step cap (6; learner.max_steps is 4)
-    cfg = dataclasses.replace(cfg, out_dir=str(tmp_path / "run"),
-                              pretrain_vlm=dataclasses.replace(cfg.pretrain_vlm, student_max_steps=6))
-    results = run_pretrain_vlm(cfg, model="student")
-    record = results["student"]
-    run_dir = tmp_path / "run" / "pretrain_vlm" / "student"
-    assert record["steps"] == 6
-    assert [p["step"] for p in record["curve"]] == [4, 6]  # the kept step-4 checkpoint (eval_every=2), the final
+    cfg = tiny_cpu()
+    run = readme_pipeline["run_dir"]
+    record = json.loads((run / "pretrain_vlm" / "metrics.json").read_text())["student"]
+    run_dir = run / "pretrain_vlm" / "student"
+    assert cfg.pretrain_vlm.student_max_steps == 0  # the student's cap is the learner's
+    assert record["steps"] == cfg.pretrain_vlm.learner.max_steps == 4
+    assert [p["step"] for p in record["curve"]] == [2, 4]  # every eval_every=2 steps, the final one included
     for name in ("metrics.json", "summary.md", "descriptions.png", "learning_curve.png", "final/config.json"):
         assert (run_dir / name).is_file(), name
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
@@ -64,7 +63,6 @@ def test_tiny_cpu_job_end_to_end(tmp_path, ray_session):
     assert all(0.0 <= final[k] <= 1.0 for k in ("background", "colour", "shape", "count", "exact"))
     assert record["slices"][0]["slice"] == "all" and record["slices"][0]["shape"] == final["shape"]
     assert "Final accuracy by slice" in (run_dir / "summary.md").read_text()
-    assert json.loads((tmp_path / "run" / "pretrain_vlm" / "metrics.json").read_text())["student"]["steps"] == 6
     model, processor = load_vlm(run_dir / "final")  # the trained model loads without zray's task
     # captioning trained the vision heads too (vision_aux_weight > 0); they sit where vLLM does not look
     from zray.models.vision_heads import HEAD_FILE
@@ -77,7 +75,7 @@ def test_tiny_cpu_job_end_to_end(tmp_path, ray_session):
 
     instruct = record["instruct"]
     assert instruct["steps"] == cfg.pretrain_vlm.instruct_learner.max_steps
-    assert Path(instruct["model_dir"]) == pretrained_vlm_dir(cfg.out_dir, "student", instruct=True)
+    assert Path(instruct["model_dir"]) == pretrained_vlm_dir(run, "student", instruct=True)
     assert (Path(instruct["model_dir"]) / "config.json").is_file()
     ev = instruct["eval"]
     assert ev["num_examples"] == cfg.world.candidates_per_prompt * 4  # one held-out prompt's candidates x dimensions

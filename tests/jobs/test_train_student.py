@@ -1,9 +1,9 @@
 """`zray train-student` on the tiny_cpu recipe: teacher targets through a vLLM engine actor, RISD, OPD (student and
-teacher engines) and SFT through Ray Train, the table beside the teacher and the oracle; errors."""
+teacher engines) and SFT through Ray Train, the table beside the teacher and the oracle; errors. The end-to-end run is
+the pipeline's (the `readme_pipeline` fixture: `zray run --recipe tiny_cpu`)."""
 
 import dataclasses
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -36,15 +36,17 @@ def test_cli_rejects_an_unknown_method(capsys):
     assert "invalid choice: 'dpo'" in capsys.readouterr().err
 
 
-def test_all_methods_end_to_end(tmp_path, tiny_zoo, sharp_teacher_dir, ray_session):
-    pytest.importorskip("deepspeed")
+def test_all_methods_end_to_end(readme_pipeline):
+    """SFT, OPD and RISD as `zray run --recipe tiny_cpu` trained them (the README's first command, run once per
+    session): from the pipeline's instruct student base, beside its GDSO teacher, then the table."""
     from safetensors.torch import load_file
 
-    from jobs.train_student import run_train_student
+    from zray.training.runs import pretrained_vlm_dir
 
-    cfg = _cfg(tmp_path / "run", tiny_zoo["student"]["path"], sharp_teacher_dir)
-    records = run_train_student(cfg, method="all")
-    root = tmp_path / "run" / "train_student"
+    cfg = tiny_cpu()
+    root = readme_pipeline["run_dir"] / "train_student"
+    base_dir = pretrained_vlm_dir(readme_pipeline["run_dir"], "student", instruct=True)
+    records = {m: json.loads((root / m / "metrics.json").read_text()) for m in ("teacher", "sft", "opd", "risd")}
     scfg = cfg.train_student
     num_inputs = scfg.num_distill_prompts * cfg.world.candidates_per_prompt * len(DIMENSIONS)  # () = all four
     risd = json.loads((root / "risd" / "metrics.json").read_text())
@@ -57,7 +59,7 @@ def test_all_methods_end_to_end(tmp_path, tiny_zoo, sharp_teacher_dir, ray_sessi
         assert json.loads((final / "zray_scoring.json").read_text()) == {"form": "direct", "method": name}
         assert list(json.loads((final / "zray_rubric.json").read_text())["dimensions"]) == list(DIMENSIONS)
         trained = load_file(str(final / "model.safetensors"))
-        base = load_file(str(Path(tiny_zoo["student"]["path"]) / "model.safetensors"))
+        base = load_file(str(base_dir / "model.safetensors"))
         assert any(not torch.equal(trained[k], base[k]) for k in base)
         assert records[name]["evaluation"]["form"] == "direct"
         assert records[name]["evaluation"]["mean_output_tokens"] == 1.0  # the student answers in one token

@@ -1,4 +1,5 @@
-"""`zray train-teacher` on the tiny_cpu recipe: GDSO through vLLM engines + Ray Train, SFT, zero-shot, errors."""
+"""`zray train-teacher` on the tiny_cpu recipe: GDSO through vLLM engines + Ray Train, SFT, zero-shot, errors.
+The end-to-end run is the pipeline's (the `readme_pipeline` fixture: `zray run --recipe tiny_cpu`)."""
 
 import dataclasses
 import json
@@ -11,11 +12,6 @@ import torch
 from jobs.cli import main
 from jobs.recipes import tiny_cpu
 from zray.config import ConfigError
-
-
-def _cfg(out_dir, base):
-    cfg = dataclasses.replace(tiny_cpu(), out_dir=str(out_dir))
-    return dataclasses.replace(cfg, train_teacher=dataclasses.replace(cfg.train_teacher, base_model=str(base)))
 
 
 def test_missing_base_model_is_a_clear_error(tmp_path):
@@ -55,17 +51,18 @@ def test_cli_rejects_an_unknown_method(capsys):
     assert "invalid choice: 'dpo'" in capsys.readouterr().err
 
 
-def test_all_methods_end_to_end(tmp_path, sharp_teacher_dir, ray_session):
-    pytest.importorskip("deepspeed")
-    from jobs.train_teacher import run_train_teacher
+def test_all_methods_end_to_end(readme_pipeline):
+    """The four methods as `zray run --recipe tiny_cpu` trained them (the README's first command, run once per
+    session): from the pipeline's instruct base teacher, then the table."""
     from safetensors.torch import load_file
 
-    cfg = _cfg(tmp_path / "run", sharp_teacher_dir)
-    records = {}
-    for method in ("gdso", "grpo", "sft", "zero_shot"):
-        records.update(run_train_teacher(cfg, method=method))
-    root = tmp_path / "run" / "train_teacher"
-    base = load_file(str(sharp_teacher_dir / "model.safetensors"))
+    from zray.training.runs import pretrained_vlm_dir
+
+    cfg = tiny_cpu()
+    root = readme_pipeline["run_dir"] / "train_teacher"
+    base_dir = pretrained_vlm_dir(readme_pipeline["run_dir"], "teacher", instruct=True)
+    base = load_file(str(base_dir / "model.safetensors"))
+    records = {m: json.loads((root / m / "metrics.json").read_text()) for m in ("gdso", "grpo", "sft", "zero_shot")}
 
     gdso = records["gdso"]
     history = json.loads((root / "gdso" / "metrics.json").read_text())["training"]
@@ -95,8 +92,11 @@ def test_all_methods_end_to_end(tmp_path, sharp_teacher_dir, ray_session):
     assert json.loads((sft_final / "zray_scoring.json").read_text())["form"] == "direct"
     assert records["sft"]["evaluation"]["form"] == "direct"
     assert records["zero_shot"]["evaluation"]["form"] == "reasoning"
-    assert records["zero_shot"]["model_dir"] == str(sharp_teacher_dir)
+    assert records["zero_shot"]["model_dir"] == str(base_dir)
     table = (root / "results.md").read_text()
     assert all(f"| teacher | {name} |" in table for name in ("zero-shot", "SFT", "GRPO", "GDSO"))
     assert "| - | oracle (true scores) |" in table and "| - | judge (alignment only) |" in table
+    # the paired bootstrap of each adjacent difference, from the saved predictions (tests/evaluation/test_ordering.py)
+    for line in ("- SFT - zero-shot: ", "- GRPO - SFT: ", "- GDSO - GRPO: "):
+        assert line in table, line
     assert (root / "judge_predictions.json").is_file()

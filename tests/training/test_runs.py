@@ -8,7 +8,7 @@ from zray.training.runs import (SNAPSHOT_FILE, elapsed_by_step, export_final, ha
 
 def _checkpoint(run_dir, step, history=None):
     ckpt = run_dir / f"checkpoint_{step:06d}"
-    ckpt.mkdir(parents=True)
+    (ckpt / "hf").mkdir(parents=True)
     (ckpt / "learner.json").write_text(json.dumps({"step": step, "history": history or []}))
     return ckpt
 
@@ -36,7 +36,9 @@ def test_latest_checkpoint_is_the_highest_complete_one_of_a_resumable_run(tmp_pa
     assert latest_checkpoint(tmp_path) is None  # no Ray Train snapshot: nothing Ray Train could resume
     (tmp_path / SNAPSHOT_FILE).write_text(json.dumps({"latest_checkpoint_result": None}))
     assert not has_checkpoint(tmp_path)
-    (tmp_path / SNAPSHOT_FILE).write_text(json.dumps({"latest_checkpoint_result": {"step": 2000}}))
+    entries = [{"checkpoint_dir_name": f"checkpoint_{s:06d}", "metrics": {}} for s in (1000, 2000)]
+    (tmp_path / SNAPSHOT_FILE).write_text(json.dumps({"checkpoint_results": entries,
+                                                      "latest_checkpoint_result": entries[-1]}))
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint_002000" and has_checkpoint(tmp_path)
 
 

@@ -32,6 +32,7 @@ from zray.data.prompt_grammar import Combo, PromptSpec, prompt_text
 from zray.data.render import png_bytes
 from zray.rubric import DIMENSIONS
 from zray.data.world import ALL_COMBOS, heldout_combos, split_prompts, split_rng
+from zray.training.runs import write_text_atomic
 
 GENERATOR_VERSION = "shapes-1"
 MANIFEST = "manifest.json"
@@ -85,11 +86,7 @@ def sha256_file(path: Path) -> str:
 
 def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> Path:
     """`out_dir/manifest.json` (sorted keys, indented), written atomically (a temporary name, then a rename)."""
-    path = Path(out_dir) / MANIFEST
-    tmp = path.with_name(f".{MANIFEST}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(Path(out_dir) / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
 def build_world(cfg: WorldConfig, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:

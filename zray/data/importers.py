@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 from zray.data.build import MANIFEST, sha256_file, verify_world, write_manifest
 from zray.data.foreign import (KINDS, TABLES, Context, RowError, RowProblem, TableRows, convert_row, derive_pairs,
                                schema_for, source_fields)
-from zray.data.parquet import DataError, read_table, write_table
+from zray.data.parquet import DataError, read_table, unreadable_place, write_table
 from zray.rubric import BUILTIN_RUBRIC, Rubric, parse_rubric
 
 IMPORT_VERSION = "zray-import-1"
@@ -150,11 +150,23 @@ def read_csv(path: Path) -> Iterator[Record]:
 
 
 def read_parquet(path: Path) -> Iterator[Record]:
+    """The file's rows; data that does not decode raises `ImportRejected` naming the file and, where the footer
+    reads, the first row of the row group and the column that fail (a row group is the finest place it gives)."""
     row = 0
-    for batch in pq.ParquetFile(str(path)).iter_batches(batch_size=256):
-        for record in batch.to_pylist():
-            row += 1
-            yield row, record
+    try:
+        for batch in pq.ParquetFile(str(path)).iter_batches(batch_size=256):
+            for record in batch.to_pylist():
+                row += 1
+                yield row, record
+    except (OSError, pa.ArrowException) as err:
+        place = unreadable_place(path)
+        if place is None:
+            error = RowError(str(path), None, None, f"not a readable parquet file after row {row} ({err})")
+        else:
+            group, first, last, column = place
+            error = RowError(str(path), first + 1, column, f"Parquet data does not read: rows {first + 1}-{last + 1} "
+                                                           f"(row group {group}) ({err})")
+        raise ImportRejected([error], "the source does not read") from err
 
 
 # ---- one import --------------------------------------------------------------------------------------------

@@ -11,9 +11,10 @@ Table kinds and their columns (all non-nullable):
 - generator: image_id, split, prompt, image (clean render), scene_json.
 
 `read_table` raises `DataError` (a ValueError) whose message names the file, the row and the column for a
-file that is not Parquet, a missing column, a column of the wrong type, a null, an undecodable PNG, a
-scene / defects JSON that does not parse, a score outside [1, 5], a label off the bins, or a description
-that does not parse.
+file that is not Parquet (a truncated one: the file only, its footer is gone), Parquet data that does not decode
+(the rows of the row group and the column: `read_parquet_file`), a missing column, a column of the wrong type,
+a null, an undecodable PNG, a scene / defects JSON that does not parse, a score outside [1, 5], a label off the
+bins, or a description that does not parse.
 
 `write_table`, `read_table` and `check_schema` also take a `pa.Schema` in place of a kind name: the imported
 tables of `zray.data.foreign`, whose columns depend on the rubric. Such a schema names its table in the metadata
@@ -25,7 +26,6 @@ then a rename), so an interrupted write never leaves a half-written table.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,6 +37,7 @@ from zray.data.captions import parse_description
 from zray.data.render import decode_png
 from zray.data.scene import Defects, Scene
 from zray.rubric import DIMENSIONS, SCORE_BINS, check_prompt
+from zray.training.runs import atomic_path
 
 if TYPE_CHECKING:
     import ray.data
@@ -106,13 +107,8 @@ def _name(table_kind: str | pa.Schema) -> str:
 def write_table(rows: Sequence[dict[str, Any]], table_kind: str | pa.Schema, path: str | Path) -> int:
     """Write rows (dicts keyed by column) with the kind's schema, atomically; returns the row count."""
     table = pa.Table.from_pylist(list(rows), schema=_kind(table_kind))
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, str(tmp), compression="zstd", compression_level=3)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return table.num_rows
 
 
@@ -197,6 +193,54 @@ def check_schema(schema: pa.Schema, table_kind: str | pa.Schema, path: str | Pat
             raise _error(path, "all", field.name, f"type {got} does not match the expected {field.type}")
 
 
+def unreadable_place(path: str | Path, columns: Sequence[str] | None = None) -> tuple[int, int, int, str] | None:
+    """Where the data of a Parquet file that does not read fails first, read column chunk by column chunk:
+    (row group, its first row, its last row, the column), 0-based rows; None when the footer itself does not
+    read (a truncated file: it has no row to name) or every chunk reads alone. A row group is the finest place
+    the format gives: a column chunk's pages are compressed and decoded together."""
+    try:
+        source = pq.ParquetFile(str(path))
+        names = list(columns) if columns is not None else source.schema_arrow.names
+        first = 0
+        for group in range(source.num_row_groups):
+            num_rows = source.metadata.row_group(group).num_rows
+            for name in names:
+                try:
+                    source.read_row_group(group, columns=[name])
+                except (OSError, pa.ArrowException):
+                    return group, first, first + num_rows - 1, name
+            first += num_rows
+    except (OSError, pa.ArrowException):
+        return None
+    return None
+
+
+def read_parquet_file(path: str | Path, columns: Sequence[str] | None = None) -> pa.Table:
+    """A Parquet file (its `columns`, default all) as stored, any schema; one that does not read raises
+    `DataError` naming the file and, where the footer reads, the rows of the row group and the column that fail
+    (`unreadable_place`); a truncated file (no footer) names the file only: 'row n/a, column n/a: not a
+    readable Parquet file (Parquet magic bytes not found in footer ...)'."""
+    try:
+        return pq.read_table(str(path), columns=None if columns is None else list(columns))
+    except (OSError, pa.ArrowException) as err:
+        place = unreadable_place(path, columns)
+        if place is None and not _footer_reads(path):
+            raise _error(path, "n/a", None, f"not a readable Parquet file ({err})") from err
+        if place is None:
+            raise _error(path, "n/a", None, f"Parquet data does not read ({err})") from err
+        group, first, last, column = place
+        raise _error(path, f"{first}-{last} (row group {group})", column,
+                     f"Parquet data does not read ({err})") from err
+
+
+def _footer_reads(path: str | Path) -> bool:
+    try:
+        pq.read_metadata(str(path))
+    except (OSError, pa.ArrowException):
+        return False
+    return True
+
+
 def _file_schema(path: str | Path) -> pa.Schema:
     try:
         return pq.read_schema(str(path))
@@ -208,10 +252,7 @@ def read_table(path: str | Path, table_kind: str | pa.Schema) -> pa.Table:
     """Read and validate a table file; returns the table with exactly the kind's columns."""
     expected = _kind(table_kind)
     check_schema(_file_schema(path), table_kind, path)
-    try:
-        table = pq.read_table(str(path), columns=expected.names)
-    except (OSError, pa.ArrowException) as err:
-        raise _error(path, "n/a", None, f"Parquet data does not read ({err})") from err
+    table = read_parquet_file(path, expected.names)
     checks = _checks(table_kind)
     for name in expected.names:
         column = table.column(name)

@@ -30,7 +30,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from zray.data.parquet import DataError
+from zray.data.parquet import DataError, read_parquet_file
+from zray.training.runs import atomic_path, write_text_atomic
 
 MANIFEST = "manifest.json"
 SCHEMA = pa.schema([pa.field(name, dtype, nullable=name == "render") for name, dtype in (
@@ -109,7 +110,7 @@ def collect_teacher_samples(pipeline_dir: str | Path, rows: list[dict[str, Any]]
     if manifest.exists() and json.loads(manifest.read_text()) != json.loads(json.dumps(settings)):
         raise ValueError(f"{out} holds teacher samples collected with other settings ({manifest}): remove it or "
                          "choose another dir")
-    manifest.write_text(json.dumps(settings, indent=2) + "\n")
+    write_text_atomic(manifest, json.dumps(settings, indent=2) + "\n")
     pipe = None
     parts = []
     for c, start in enumerate(range(0, len(rows), chunk_size)):
@@ -123,10 +124,9 @@ def collect_teacher_samples(pipeline_dir: str | Path, rows: list[dict[str, Any]]
             table = pa.Table.from_pylist(teacher_rows(pipe, chunk, seeds, steps=steps, shift=shift,
                                                       mid_steps=mid_steps, latent_shape=shape, id_prefix="teacher-"),
                                          schema=SCHEMA)
-            tmp = path.with_suffix(".tmp")
-            pq.write_table(table, str(tmp))
-            tmp.replace(path)  # a chunk exists whole or not at all
-        parts.append(pq.read_table(str(path)))
+            with atomic_path(path) as tmp:  # a chunk exists whole or not at all
+                pq.write_table(table, str(tmp))
+        parts.append(read_parquet_file(path))
         if progress is not None:
             progress(min(start + chunk_size, len(rows)), len(rows))
     return pa.concat_tables(parts)
@@ -143,7 +143,7 @@ def read_teacher_samples(path: str | Path) -> pa.Table:
         raise FileNotFoundError(f"no part-*.parquet under {str(path)!r}: collect teacher samples first")
     tables = []
     for f in files:
-        table = pq.read_table(str(f))
+        table = read_parquet_file(f)  # one that does not read names the file (and row group, column)
         missing = [n for n in SCHEMA.names if n not in table.column_names]
         if missing:
             raise DataError(f"file {str(f)!r}, row n/a, column {missing[0]}: missing (expected {SCHEMA.names})")

@@ -43,6 +43,7 @@ from zray.metrics import hpa_table, plcc, srcc
 from zray.models.vlm import SCORING_FILE
 from zray.rubric import BUILTIN_RUBRIC, DIMENSIONS, Rubric, ScoreRequest
 from zray.scores import SCORE_BINS
+from zray.training.runs import atomic_path, write_text_atomic
 
 FORMS = ("reasoning", "direct")
 CHUNK_SIZE = 64  # queries per engine call (one progress-bar step)
@@ -118,9 +119,9 @@ def evaluate_reward_model(cfg: RunConfig, model_dir: str | Path, scorer: Any, *,
                        title=f"{name}: {form} form, {ecfg.split} split")
     record["wall_s"] = time.perf_counter() - clock
     record = _json_ready(record)
-    (run_dir / "metrics.json").write_text(json.dumps(record, indent=2))
+    write_text_atomic(run_dir / "metrics.json", json.dumps(record, indent=2))
     table = markdown_table(record)
-    (run_dir / "table.md").write_text(table)
+    write_text_atomic(run_dir / "table.md", table)
     print(table + f"\n[evaluate] -> {run_dir}")
     return record
 
@@ -234,6 +235,52 @@ def compute_metrics(preds: list[dict[str, Any]]) -> dict[str, Any]:
             "pooled": {**pairs["pooled"], **correlations(preds)}}
 
 
+def pair_outcomes(preds: list[dict[str, Any]]) -> dict[tuple[str, str, str, str], float]:
+    """HPA's items, one per same-prompt pair of candidates in a dimension whose human scores differ:
+    {(dimension, prompt_id, candidate_a, candidate_b): 1.0 when the predictions order the pair as the humans do
+    (a predicted tie is wrong, as in `zray.metrics.hpa`), else 0.0}."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for p in preds:
+        groups.setdefault((p["dimension"], p["prompt_id"]), []).append(p)
+    out = {}
+    for (dim, prompt), members in groups.items():
+        for a, b in itertools.combinations(sorted(members, key=lambda p: p["candidate_id"]), 2):
+            human = a["human"] - b["human"]
+            if abs(human) > 1e-9:
+                out[(dim, prompt, a["candidate_id"], b["candidate_id"])] = float((a["mu"] - b["mu"]) * human > 0)
+    return out
+
+
+def ordering_intervals(named_preds: list[tuple[str, list[dict[str, Any]]]], *, num_samples: int = 2000,
+                       level: float = 0.95, seed: int = 0) -> list[dict[str, Any]]:
+    """For each adjacent pair in `named_preds` (listed from the expected worst to the expected best), the paired
+    cluster bootstrap (`zray.metrics.paired_bootstrap`; the clusters are prompts) of pooled HPA(next) - HPA(this)
+    on the HPA pairs both scored: [{"lower", "higher", "diff", "lo", "hi", "num_items", "num_clusters"}]."""
+    from zray.metrics import paired_bootstrap
+
+    outcomes = [(name, pair_outcomes(preds)) for name, preds in named_preds]
+    rows = []
+    for (low_name, low), (high_name, high) in itertools.pairwise(outcomes):
+        keys = [k for k in high if k in low]
+        if not keys:
+            raise ValueError(f"{low_name!r} and {high_name!r} scored no common pair: not the same candidates")
+        boot = paired_bootstrap([high[k] for k in keys], [low[k] for k in keys], [k[1] for k in keys],
+                                num_samples=num_samples, level=level, seed=seed)
+        rows.append({"lower": low_name, "higher": high_name, **boot})
+    return rows
+
+
+def ordering_markdown(rows: list[dict[str, Any]], level: float = 0.95) -> str:
+    """One line per adjacent difference, e.g. 'GDSO - GRPO: +0.051 [+0.022, +0.080] (holds: the interval is above
+    0; 2825 pairs, 50 prompts)'."""
+    def verdict(r: dict[str, Any]) -> str:
+        return ("holds: the interval is above 0" if r["lo"] > 0 else "reversed: the interval is below 0"
+                if r["hi"] < 0 else "not resolved: the interval contains 0")
+
+    return "\n".join(f"- {r['higher']} - {r['lower']}: {r['diff']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}] "
+                     f"({verdict(r)}; {r['num_items']} pairs, {r['num_clusters']} prompts)" for r in rows)
+
+
 def _json_ready(value: Any) -> Any:
     """NaN -> None (strict JSON), recursively."""
     if isinstance(value, dict):
@@ -283,7 +330,9 @@ def save_predictions(path: Path, preds: list[dict[str, Any]]) -> None:
     schema = pa.schema([("candidate_id", pa.string()), ("prompt_id", pa.string()), ("dimension", pa.string()),
                         ("mu", pa.float64()), ("q", pa.list_(pa.float64())), ("human", pa.float64()),
                         ("reasoning", pa.string()), ("num_output_tokens", pa.int32())])
-    pq.write_table(pa.Table.from_pylist(preds, schema=schema), str(path))
+    table = pa.Table.from_pylist(preds, schema=schema)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, str(tmp))
 
 
 def save_distributions(path: Path, rows: list[dict[str, Any]], preds: list[dict[str, Any]], form: str,

@@ -46,6 +46,7 @@ from zray.losses.refl import truncated_sample
 from zray.models.generator import load_safetensors_into, transformer_forward, unpad_embeddings
 from zray.models.turbo import DEFAULT_LORA_TARGETS, STEPS, TwoStepStudent
 from zray.sampling import TURBO_SIGMA_2, flow_sigmas, flow_target, model_time, noise_latents
+from zray.training.runs import write_text_atomic
 
 GENERATOR_KINDS: tuple[str, ...] = ("base", "turbo")
 FINETUNE_MODES: tuple[str, ...] = ("lora", "full")
@@ -204,7 +205,7 @@ class RewardGenerator(nn.Module):
             self.transformer.save_pretrained(str(out))
         else:
             self.student.save_pretrained(out)
-        (out / META_FILE).write_text(json.dumps(self.metadata(), indent=1))
+        write_text_atomic(out / META_FILE, json.dumps(self.metadata(), indent=1))
         return out
 
     def load_finetuned(self, path: str | Path) -> None:

@@ -33,6 +33,7 @@ import torch
 from zray.config import GeneratorConfig, VLMConfig
 from zray.rubric import DIMENSIONS, RUBRICS, SYSTEM_TEXT, answer_text, rubric_text
 from zray.scores import SCORE_BINS, SCORE_TOKENS
+from zray.training.runs import write_text_atomic
 
 # Qwen2.5-VL's special tokens, in Qwen's order (real ids 151643..151656; here 0..13).
 SPECIAL_TOKENS: tuple[str, ...] = (
@@ -394,7 +395,7 @@ def build_once(cfg: Any, path: str | Path, builder: Any, image_size: int = 64) -
     builder(cfg, path, image_size=image_size)
     build_s = time.perf_counter() - start
     num_params = count_parameters(path)
-    marker.write_text(json.dumps({"build": record, "num_params": num_params, "build_s": build_s}, indent=1))
+    write_text_atomic(marker, json.dumps({"build": record, "num_params": num_params, "build_s": build_s}, indent=1))
     return {"path": str(path), "num_params": num_params, "build_s": build_s, "built": True}
 
 

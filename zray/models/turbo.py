@@ -40,6 +40,7 @@ from torch import nn
 
 from zray.models.generator import transformer_forward
 from zray.sampling import TURBO_SIGMA_2, ModelFn, two_step_sample
+from zray.training.runs import write_text_atomic
 
 Decoupling = Literal["copies", "lora", "shared"]
 DECOUPLINGS: tuple[str, ...] = ("copies", "lora", "shared")
@@ -156,7 +157,7 @@ class TwoStepStudent(nn.Module):
             for k in STEPS:
                 self.shared.save_lora_adapter(str(out / f"lora_step{k}"), adapter_name=f"step{k}",
                                               weight_name=LORA_WEIGHT_NAME)
-        (out / META_FILE).write_text(json.dumps(self.metadata(), indent=1))
+        write_text_atomic(out / META_FILE, json.dumps(self.metadata(), indent=1))
         return out
 
     @classmethod

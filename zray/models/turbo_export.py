@@ -30,6 +30,7 @@ from typing import Any
 
 from zray.models.turbo import LORA_WEIGHT_NAME, META_FILE, STEPS, TwoStepStudent
 from zray.sampling import TURBO_SIGMA_2
+from zray.training.runs import atomic_dir
 
 RENOISE_MODES = ("same", "fresh")
 EXPORT_META_FILE = "turbo_pipeline.json"
@@ -43,7 +44,8 @@ def lora_weight_name(k: int) -> str:
 
 def export_two_step_pipeline(student_dir_or_student: str | Path | TwoStepStudent, base_pipeline_dir: str | Path,
                              out_dir: str | Path, *, sigma_2: float = TURBO_SIGMA_2, renoise: str = "same") -> Path:
-    """Write the diffusers folder of the module docstring under `out_dir` (new or empty); return it.
+    """Write the diffusers folder of the module docstring under `out_dir` (new or empty); return it. The folder is
+    built beside it and renamed into place (`zray.training.runs.atomic_dir`): `out_dir` holds a whole export or none.
 
     `student_dir_or_student` is a `TwoStepStudent` or a dir written by its `save_pretrained`;
     `base_pipeline_dir` a local `ZImagePipeline` folder (the 8-step teacher) whose scheduler the export keeps.
@@ -62,7 +64,14 @@ def export_two_step_pipeline(student_dir_or_student: str | Path | TwoStepStudent
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"out_dir={str(out)!r} is not allowed: it exists and is not empty; expected a new or "
                          "empty dir")
-    out.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(out) as building:  # a crash leaves no partial pipeline (one that might load) under out_dir
+        _write_pipeline(student_dir_or_student, base, index, building, out, float(sigma_2), renoise)
+    return out
+
+
+def _write_pipeline(student_dir_or_student: str | Path | TwoStepStudent, base: Path, index: dict[str, Any],
+                    out: Path, final: Path, sigma_2: float, renoise: str) -> None:
+    """The folder of `export_two_step_pipeline`, written into `out` (a temporary folder that becomes `final`)."""
     if isinstance(student_dir_or_student, TwoStepStudent):  # saved straight into out_dir, then moved into place
         src, move = student_dir_or_student.save_pretrained(out / ".student"), True
     else:
@@ -95,8 +104,7 @@ def export_two_step_pipeline(student_dir_or_student: str | Path | TwoStepStudent
     if decoupling == "lora":
         meta["lora_weights"] = {f"step{k}": lora_weight_name(k) for k in STEPS}
     (out / EXPORT_META_FILE).write_text(json.dumps(meta, indent=1))
-    (out / "README.md").write_text(readme(out.resolve(), decoupling, float(sigma_2)))
-    return out
+    (out / "README.md").write_text(readme(final.resolve(), decoupling, float(sigma_2)))
 
 
 def _base_index(base: Path) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import torch
 
 from zray.rubric import BUILTIN_RUBRIC, Rubric, ScoreRequest, parse_rubric, render_score_context
 from zray.scores import score_distribution, score_token_ids
+from zray.training.runs import write_text_atomic
 
 
 def load_vlm(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
@@ -76,7 +77,7 @@ SCORING_FILE = "zray_scoring.json"  # {"form": "direct" | "reasoning", "method":
 
 def write_scoring_file(out_dir: str | Path, *, form: str, method: str) -> None:
     """Record in a saved model dir how it scores (`form`) and what trained it, for `zray evaluate`."""
-    Path(out_dir, SCORING_FILE).write_text(json.dumps({"form": form, "method": method}) + "\n")
+    write_text_atomic(Path(out_dir, SCORING_FILE), json.dumps({"form": form, "method": method}) + "\n")
 
 
 RUBRIC_FILE = "zray_rubric.json"  # the rubric file format ({"dimensions": {name: [five anchors]}}): what it scores
@@ -85,7 +86,7 @@ RUBRIC_FILE = "zray_rubric.json"  # the rubric file format ({"dimensions": {name
 def write_rubric_file(out_dir: str | Path, rubric: Rubric) -> None:
     """Record in a saved model dir the rubric it was trained on (its dimensions, in order, and their anchors), so
     the reward service serves those dimensions (`read_rubric_file`)."""
-    Path(out_dir, RUBRIC_FILE).write_text(json.dumps({"dimensions": rubric.to_dict()}, indent=1) + "\n")
+    write_text_atomic(Path(out_dir, RUBRIC_FILE), json.dumps({"dimensions": rubric.to_dict()}, indent=1) + "\n")
 
 
 def read_rubric_file(model_dir: str | Path) -> Rubric:

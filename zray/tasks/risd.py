@@ -30,11 +30,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from zray.data.parquet import read_parquet_file
 from zray.data.render import decode_png
 from zray.losses.risd import risd_loss
 from zray.models.vlm import cached_processor, load_vlm_weights, save_vlm, score_inputs, trainable_vlm, write_scoring_file
 from zray.rubric import BUILTIN_RUBRIC, NUM_BINS, Rubric, ScoreRequest
 from zray.scores import score_token_ids
+from zray.training.runs import atomic_path, write_text_atomic
 from zray.types import RolloutBatch
 
 TARGET_COLUMNS = ("q_teacher", "teacher_mu", "teacher_tokens", "teacher_format_ok", "teacher_version")
@@ -90,7 +92,7 @@ def collect_teacher_targets(source: TeacherSource, inputs: pa.Table, *, out_dir:
     if manifest.exists() and json.loads(manifest.read_text()) != json.loads(json.dumps(settings)):
         raise ValueError(f"{out} holds teacher targets collected with other settings ({manifest}): remove it or "
                          "choose another dir")
-    manifest.write_text(json.dumps(settings, indent=2) + "\n")
+    write_text_atomic(manifest, json.dumps(settings, indent=2) + "\n")
     parts = []
     starts = range(0, inputs.num_rows, chunk_size)
     for c, start in enumerate(starts):
@@ -103,10 +105,9 @@ def collect_teacher_targets(source: TeacherSource, inputs: pa.Table, *, out_dir:
             table = chunk
             for name, values in target_columns(rollout).items():
                 table = table.append_column(name, pa.array(values))
-            tmp = path.with_suffix(".tmp")
-            pq.write_table(table, str(tmp))
-            tmp.replace(path)  # a chunk exists whole or not at all
-        parts.append(pq.read_table(str(path)))
+            with atomic_path(path) as tmp:  # a chunk exists whole or not at all
+                pq.write_table(table, str(tmp))
+        parts.append(read_parquet_file(path))  # a chunk of an earlier run that does not read names its file
         if progress is not None:
             progress(min(start + chunk_size, inputs.num_rows), inputs.num_rows)
     return pa.concat_tables(parts)

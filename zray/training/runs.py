@@ -5,6 +5,15 @@ A learner run (`actors.learner.fit`) lives in `<storage>/<name>/`: `checkpoint_<
 state), Ray Train's `checkpoint_manager_snapshot.json` (what a resumed run restores from) and, once a job exports
 it, `final/` (the model in Hugging Face / diffusers format).
 Every job asks these questions through this module, so they have one answer. No Ray, no torch.
+
+Which checkpoints a run holds is what Ray Train registered in its snapshot, never a listing of the run dir: Ray
+Train copies each worker's part into `checkpoint_<step>/` in place (in no set order) and registers the checkpoint
+only once every part is there, so a directory a crash left half copied (or half deleted, when an old one is
+dropped) is not in the snapshot and is never chosen.
+
+Records a job writes into its run dir go through `write_text_atomic` / `write_json_atomic` (or `atomic_path` for
+another writer, e.g. Parquet; `atomic_dir` for a whole folder, e.g. `final/`): a temporary name beside the target,
+then a rename, so a crash mid-write leaves the old file or the new one, never a torn file that loads.
 """
 
 from __future__ import annotations
@@ -12,6 +21,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,19 +32,131 @@ SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of a
 FINAL_DIR = "final"
 
 
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside `path` (`.<name>.tmp-<pid>`, same folder, so the rename stays on one filesystem)
+    for a writer to fill; on a clean exit it is flushed to disk and renamed onto `path` (readers see the old file
+    or the new one), on an exception it is removed and `path` is left as it was.
+
+        with atomic_path(out / "preds.parquet") as tmp:
+            pq.write_table(table, str(tmp))
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the data reaches the disk before the name does
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """A fresh temporary folder beside `path` (`.<name>.tmp-<pid>`) for a writer to fill; on a clean exit it
+    replaces `path`: an existing `path` is renamed aside (`.<name>.old-<pid>`), the new folder renamed into place,
+    the old one deleted. A crash leaves the old folder, the new one or (between the two renames) none, with the
+    old one beside it, never a partial one under `path`; on an exception the temporary folder is removed and the
+    old one kept. An earlier write cut between its renames is undone first (its old folder put back), and other
+    leftovers removed (a folder has one writer at a time)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    set_aside = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if set_aside and not path.exists():
+        os.replace(set_aside[-1], path)
+    for leftover in [*path.parent.glob(f".{path.name}.tmp-*"), *path.parent.glob(f".{path.name}.old-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not path.exists():
+            os.replace(old, path)  # the new folder did not get in: the old one stays
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """`text` at `path` (its folder created), through a temporary file and a rename (`atomic_path`); returns it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return path
+
+
+def write_json_atomic(path: str | os.PathLike, payload: Any) -> Path:
+    """`payload` as indented JSON at `path` (values JSON lacks as `str`), atomically (`write_text_atomic`)."""
+    return write_text_atomic(path, json.dumps(payload, indent=2, default=str))
+
+
+def _read_json(path: Path, what: str) -> Any:
+    """A JSON file's content; a file that does not parse raises ValueError naming it (line and column included)."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}): {what}") from None
+
+
+def _snapshot(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """Ray Train's snapshot of the run in `run_dir`, or None when it has none."""
+    path = Path(run_dir) / SNAPSHOT_FILE
+    if not path.is_file():
+        return None
+    snapshot = _read_json(path, "Ray Train writes this file in place, so a crash can cut it, and then neither Ray "
+                                "Train nor zray can resume the run: move the run dir aside and start it again")
+    if not isinstance(snapshot, dict):
+        raise ValueError(f"{path} holds a JSON {type(snapshot).__name__}: expected Ray Train's checkpoint manager "
+                         "snapshot (an object)")
+    return snapshot
+
+
+def _dir_name(entry: Any, path: Path) -> str:
+    if not isinstance(entry, dict) or not isinstance(entry.get("checkpoint_dir_name"), str):
+        raise ValueError(f"{path}: a checkpoint entry {entry!r} has no checkpoint_dir_name: expected Ray Train's "
+                         "checkpoint manager snapshot")
+    return entry["checkpoint_dir_name"]
+
+
 def checkpoints(run_dir: str | os.PathLike) -> list[Path]:
-    """The complete checkpoints of the run in `run_dir` (those holding learner.json), oldest first."""
-    return sorted(p.parent for p in Path(run_dir).glob(f"checkpoint_*/{LEARNER_STATE_FILE}"))
+    """The checkpoints Ray Train registered for the run in `run_dir` (its snapshot's kept checkpoints and its
+    latest), oldest first; [] without a snapshot. A `checkpoint_*` directory the snapshot does not name (a copy
+    a crash cut, or an old checkpoint half deleted) is not one."""
+    snapshot = _snapshot(run_dir)
+    if snapshot is None:
+        return []
+    path = Path(run_dir) / SNAPSHOT_FILE
+    entries = list(snapshot.get("checkpoint_results") or [])
+    if snapshot.get("latest_checkpoint_result"):
+        entries.append(snapshot["latest_checkpoint_result"])
+    return sorted({Path(run_dir) / _dir_name(e, path) for e in entries})
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint of a run that Ray Train can resume (its snapshot records a checkpoint), or
-    None: a run that never checkpointed, or a directory without Ray Train's snapshot, has nothing to resume."""
-    snapshot = Path(run_dir) / SNAPSHOT_FILE
-    if not snapshot.is_file() or not json.loads(snapshot.read_text()).get("latest_checkpoint_result"):
+    """The checkpoint Ray Train resumes the run in `run_dir` from (its snapshot's latest), or None: a run that
+    never checkpointed, or a directory without Ray Train's snapshot, has nothing to resume. A newer
+    `checkpoint_*` directory the snapshot does not name (a crash cut its copy) is never returned; a registered
+    one that is gone or whose learner.json does not parse raises ValueError naming the file."""
+    snapshot = _snapshot(run_dir)
+    if snapshot is None or not snapshot.get("latest_checkpoint_result"):
         return None
-    found = checkpoints(run_dir)
-    return found[-1] if found else None
+    ckpt = Path(run_dir) / _dir_name(snapshot["latest_checkpoint_result"], Path(run_dir) / SNAPSHOT_FILE)
+    if not (ckpt / LEARNER_STATE_FILE).is_file() or not (ckpt / "hf").is_dir():
+        raise ValueError(f"{ckpt} is the latest checkpoint in {Path(run_dir) / SNAPSHOT_FILE} but lacks "
+                         f"{LEARNER_STATE_FILE if not (ckpt / LEARNER_STATE_FILE).is_file() else 'hf/'}: the run "
+                         "dir was changed outside Ray Train; move it aside and start the run again")
+    read_learner_state(ckpt)  # parses, or names the file
+    return ckpt
 
 
 def has_checkpoint(run_dir: str | os.PathLike) -> bool:
@@ -41,15 +164,18 @@ def has_checkpoint(run_dir: str | os.PathLike) -> bool:
 
 
 def read_learner_state(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
-    """The learner.json of a checkpoint: step, micro batches consumed, history, config."""
-    return json.loads((Path(checkpoint_dir) / LEARNER_STATE_FILE).read_text())
+    """The learner.json of a checkpoint: step, micro batches consumed, history, config; one that does not parse
+    raises ValueError naming it."""
+    return _read_json(Path(checkpoint_dir) / LEARNER_STATE_FILE, "a checkpoint's learner state is written whole "
+                      "before Ray Train registers the checkpoint, so this one was changed or damaged since")
 
 
 def export_final(hf_dir: str | os.PathLike, run_dir: str | os.PathLike) -> Path:
-    """Copy a checkpoint's exported model (`hf_dir`) to `run_dir/final` (replacing an older one); returns it."""
+    """Copy a checkpoint's exported model (`hf_dir`) to `run_dir/final`, replacing an older one (`atomic_dir`: a
+    crash leaves the old `final/`, the new one or none, never a partial one); returns it."""
     final = Path(run_dir) / FINAL_DIR
-    shutil.rmtree(final, ignore_errors=True)
-    shutil.copytree(hf_dir, final)
+    with atomic_dir(final) as tmp:
+        shutil.copytree(hf_dir, tmp, dirs_exist_ok=True)
     return final
 
 
