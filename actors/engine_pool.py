@@ -1,15 +1,17 @@
 """Teacher rollout engines as Ray actors, and a pool that spreads one batch of requests across them.
 
-    engines = start_engines(model_dir, cfg.vllm)               # cfg.vllm.num_engines actors
-    pool = EnginePool(engines)
+    engines = start_engines(model_dir, cfg.vllm)               # cfg.vllm.num_engines actors, one placement group
+    pool = EnginePool(engines)                                 # shutdown() stops them and frees the group
     batch = pool.generate(requests, group_size=8, max_reasoning_tokens=128, seed=step)   # one RolloutBatch
     pool.load_weights(state_dict, version=step, checksum=weights_checksum(state_dict))   # every engine, verified
 
 Each actor hosts one `TeacherEngine` (a vLLM engine; its environment is set before vllm is imported, inside
-the actor). Requests are cut into contiguous chunks assigned round-robin to the engines; each chunk carries
-its offset in the batch, so seeds, and therefore samples, do not depend on how many engines there are. The
-chunks' RolloutBatches are concatenated in request order; engines serving different weight versions make
-that a `WeightVersionError`.
+the actor). The engines of one `start_engines` call share a placement group (actors/placement.py): one bundle per
+engine with its CPUs, GPUs and custom resources (`VLLMConfig.resources`), placed by `VLLMConfig.placement_strategy`;
+a recipe the cluster cannot hold fails before anything starts. Requests are cut into contiguous chunks assigned
+round-robin to the engines; each chunk carries its offset in the batch, so seeds, and therefore samples, do not depend
+on how many engines there are. The chunks' RolloutBatches are concatenated in request order; engines serving
+different weight versions make that a `WeightVersionError`.
 
 Fault tolerance: Ray restarts a dead engine actor (`VLLMConfig.max_engine_restarts` times in its life) by running
 its `__init__` again, so it comes back serving the base weights of its model dir (version 0). The pool remembers
@@ -17,11 +19,12 @@ the weights it last loaded and verified (a reference to the caller's state dict,
 chunk is lost to a dead engine (Ray 2.60 raises `ActorUnavailableError` for a call in flight when the actor dies
 and for a call made while it restarts, `ActorDiedError` once Ray will not restart it), or an engine serves an
 older version than the pool's (it restarted between calls), the pool waits for the engine to come back (at most
-`restart_timeout_s`), loads the remembered weights into it with the same version and checksum (the engine verifies
-them by readback; one line is printed), and runs that engine's chunks once more: the result is what a healthy pool
-returns (chunks carry their offsets and seeds). One restore per engine per call: an engine that fails again in the
-same call raises `EngineRestartError`, as does a dead engine that is not restarted or not back in time. A pool
-restores only weights it loaded itself (a pickled copy, e.g. in a learner worker, starts with none).
+`restart_timeout_s`; in its own bundle: Ray keeps a restarted actor's placement), loads the remembered weights into
+it with the same version and checksum (the engine verifies them by readback; one line is printed), and runs that
+engine's chunks once more: the result is what a healthy pool returns (chunks carry their offsets and seeds). One
+restore per engine per call: an engine that fails again in the same call raises `EngineRestartError`, as does a dead
+engine that is not restarted or not back in time. A pool restores only weights it loaded itself (a pickled copy, e.g.
+in a learner worker, starts with none).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import ray
 import torch
 from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
 
+from actors.placement import engine_placement_group, in_bundle, remove_group
 from actors.teacher_engine import TeacherEngine
 from zray.config import VLLMConfig
 from zray.rubric import ScoreRequest
@@ -46,19 +50,37 @@ TeacherEngineActor = ray.remote(TeacherEngine)
 RESTART_POLL_S = 0.5  # how often a pool asks a restarting engine whether it is back
 
 
+class Engines(list):
+    """The engine actors of one `start_engines` call (a list), with the placement group they run in; an EnginePool
+    made from it removes the group on shutdown (a slice is a plain list: its pool leaves the group alone)."""
+
+    placement_group: Any = None
+
+
 def start_engines(model_dir: str | Path, cfg: VLLMConfig, *, seed: int = 0, dtype: str | None = None,
-                  num_engines: int | None = None) -> list[Any]:
-    """`cfg.num_engines` (or `num_engines`) TeacherEngine actors with `cfg.cpus_per_engine` / `gpus_per_engine`
-    Ray resources each, restarted by Ray up to `cfg.max_engine_restarts` times; returns once every engine is up
-    (raises if one failed to start). No `max_task_retries`: Ray would rerun a lost call on the restarted engine's
-    base weights; the EnginePool retries it after restoring the current ones."""
+                  num_engines: int | None = None, role: str = "engines", engine_class: Any = None) -> Engines:
+    """`cfg.num_engines` (or `num_engines`) TeacherEngine actors, engine i in bundle i of one placement group
+    (`actors.placement.engine_placement_group`: `cfg.cpus_per_engine`, `gpus_per_engine` and `resources` per
+    bundle, `cfg.placement_strategy`; a PlacementError naming `role` when the cluster cannot hold them), restarted
+    by Ray up to `cfg.max_engine_restarts` times in their bundle; returns once every engine is up (raises, and
+    frees the group, if one failed to start). No `max_task_retries`: Ray would rerun a lost call on the restarted
+    engine's base weights; the EnginePool retries it after restoring the current ones. `engine_class`: a Ray actor
+    class to start instead (tests place light stand-ins with it: same constructor, a `version` method)."""
     count = cfg.num_engines if num_engines is None else num_engines
     if not isinstance(count, int) or count < 1:
         raise ValueError(f"num_engines={count!r} is not allowed: expected an integer >= 1")
-    engines = [TeacherEngineActor.options(num_cpus=cfg.cpus_per_engine, num_gpus=cfg.gpus_per_engine,
-                                          max_restarts=cfg.max_engine_restarts)
-               .remote(str(model_dir), cfg, seed=seed + i, dtype=dtype) for i in range(count)]
-    ray.get([e.version.remote() for e in engines])
+    pg = engine_placement_group(cfg, count, role=role)
+    actor_class = TeacherEngineActor if engine_class is None else engine_class
+    engines = Engines(actor_class.options(num_cpus=cfg.cpus_per_engine, num_gpus=cfg.gpus_per_engine,
+                                          resources=dict(cfg.resources), max_restarts=cfg.max_engine_restarts,
+                                          **in_bundle(pg, i))
+                      .remote(str(model_dir), cfg, seed=seed + i, dtype=dtype) for i in range(count))
+    engines.placement_group = pg
+    try:
+        ray.get([e.version.remote() for e in engines])
+    except BaseException:
+        remove_group(pg)  # kills the engines that did start
+        raise
     return engines
 
 
@@ -104,6 +126,7 @@ class EnginePool:
         if not isinstance(restart_timeout_s, (int, float)) or restart_timeout_s <= 0:
             raise ValueError(f"restart_timeout_s={restart_timeout_s!r} is not allowed: expected a number > 0")
         self.engines = list(engines)
+        self.placement_group = getattr(engines, "placement_group", None)  # from start_engines; removed on shutdown
         self.chunk_size = chunk_size
         self.restart_timeout_s = float(restart_timeout_s)
         self.loaded: LoadedWeights | None = None  # set by load_weights once every engine verified
@@ -111,8 +134,9 @@ class EnginePool:
         self.restarts: list[dict[str, Any]] = []
 
     def __getstate__(self) -> dict[str, Any]:
-        # a copy (e.g. shipped to a learner worker) carries the engines, not the weights: no silent state-dict copy
-        return {**self.__dict__, "loaded": None, "_base_version": None, "restarts": []}
+        # a copy (e.g. shipped to a learner worker) carries the engines, not the weights (no silent state-dict copy)
+        # nor the placement group (only the pool that started them frees it)
+        return {**self.__dict__, "loaded": None, "_base_version": None, "restarts": [], "placement_group": None}
 
     # ------------------------------------------------------------------------------------------ verbs
     def generate(self, requests: Sequence[ScoreRequest | tuple], *, group_size: int, max_reasoning_tokens: int,
@@ -172,7 +196,8 @@ class EnginePool:
         return versions[0]
 
     def shutdown(self) -> None:
-        """Stop every engine and its actor (an engine that is already dead is only killed)."""
+        """Stop every engine and its actor (an engine that is already dead is only killed), then remove their
+        placement group (when the engines came from `start_engines` whole)."""
         for ref in [e.shutdown.remote() for e in self.engines]:
             try:
                 ray.get(ref)
@@ -181,6 +206,8 @@ class EnginePool:
         for e in self.engines:
             ray.kill(e)
         self.engines = []
+        remove_group(self.placement_group)
+        self.placement_group = None
 
     # ------------------------------------------------------------------------------------------ spreading
     def _submit(self, method: str, engine: int, requests: Sequence[Any], bounds: tuple[int, int],

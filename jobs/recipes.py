@@ -190,10 +190,15 @@ def full() -> RunConfig:
                                   num_refiner_layers=2, num_heads=30, vae_block_channels=(128, 256, 512, 512),
                                   text_hidden_size=2560, text_num_layers=36),
         # Four engines of one GPU each (no tensor parallelism yet: the 32B teacher in bf16 needs an 80 GB card).
+        # Placement: engines and learners on separate nodes. Engines run only on engine nodes (started with
+        # `--resources='{"engine_node": 8}'`, one unit per GPU), packed (one set of 4, or the student stage's two
+        # sets, on one node); learner workers only on learner nodes ({"learner_node": 8}, see _gpu_learner). The
+        # node types of cluster/cluster.yaml and the worker groups of cluster/kuberay/ advertise them.
         vllm=VLLMConfig(kv_cache_gib=40, enforce_eager=False, in_process=False, max_model_len=8192,
-                        gpu_memory_utilization=0.85, num_engines=4, gpus_per_engine=1.0),
-        # Every learner: 8 GPU workers (one node of cluster/cluster.yaml); with the engines, the teacher stage
-        # holds 12 GPUs and the student stage (teacher and student engine sets) 16: two nodes, as in
+                        gpu_memory_utilization=0.85, num_engines=4, gpus_per_engine=1.0,
+                        resources={"engine_node": 1.0}, placement_strategy="PACK"),
+        # Every learner: 8 GPU workers (one learner node); with the engines (on the engine node), the teacher
+        # stage holds 12 GPUs and the student stage (teacher and student engine sets) 16: two nodes, as in
         # cluster/kuberay/rayjob-train-teacher.yaml / rayjob-train-student.yaml.
         pretrain_vlm=PretrainVLMConfig(learner=_gpu_learner(max_steps=20000, checkpoint_every=1000),
                                        vision=_gpu_learner(max_steps=2000, checkpoint_every=500),
@@ -208,8 +213,9 @@ def full() -> RunConfig:
 
 
 def _gpu_learner(**kwargs) -> LearnerConfig:
-    """A learner of the `full` recipe: 8 GPU workers, DeepSpeed ZeRO-2, bf16."""
-    return LearnerConfig(num_workers=8, use_gpu=True, precision="bf16", **kwargs)
+    """A learner of the `full` recipe: 8 GPU workers on the learner node (its custom resource `learner_node`),
+    DeepSpeed ZeRO-2, bf16."""
+    return LearnerConfig(num_workers=8, use_gpu=True, precision="bf16", resources={"learner_node": 1.0}, **kwargs)
 
 
 RECIPES: dict[str, Callable[[], RunConfig]] = {"tiny_cpu": tiny_cpu, "dev": dev, "full": full}

@@ -155,7 +155,8 @@ class JobEngines:
         if role not in self.pools:
             clock = time.perf_counter()
             model = self.teacher_dir if role == "teacher" else self.base
-            self.pools[role] = EnginePool(start_engines(model, self.cfg.vllm, seed=self.cfg.seed))
+            engines = start_engines(model, self.cfg.vllm, seed=self.cfg.seed, role=f"{role} engines")
+            self.pools[role] = EnginePool(engines)
             self.start_s[role] = time.perf_counter() - clock
         return self.pools[role]
 

@@ -98,7 +98,7 @@ def run_train_teacher(cfg: RunConfig, method: str | None = None, resume: bool = 
             print(f"[train-teacher] {METHOD_NAMES[name]} from {base}")
             fitted = None
             if name in ("gdso", "grpo") and not engines:
-                engines = start_engines(base, cfg.vllm, seed=cfg.seed)
+                engines = start_engines(base, cfg.vllm, seed=cfg.seed, role="teacher engines")
             if name == "zero_shot":
                 final_dir = base
             else:
@@ -115,7 +115,7 @@ def run_train_teacher(cfg: RunConfig, method: str | None = None, resume: bool = 
             # The engines evaluate (as a fresh one on final_dir would): serving final_dir's weights, verified, or
             # fresh ones when they cannot serve them as a fresh engine would (another dtype).
             if not engines:
-                engines = start_engines(base, cfg.vllm, seed=cfg.seed)
+                engines = start_engines(base, cfg.vllm, seed=cfg.seed, role="teacher engines")
                 serving = {"dir": base, "version": 0}
             if serving["dir"] != final_dir:
                 version = serving["version"] + 1
@@ -123,7 +123,7 @@ def run_train_teacher(cfg: RunConfig, method: str | None = None, resume: bool = 
                     serving = {"dir": final_dir, "version": version}
                 else:
                     EnginePool(engines).shutdown()
-                    engines = start_engines(final_dir, cfg.vllm, seed=cfg.seed)
+                    engines = start_engines(final_dir, cfg.vllm, seed=cfg.seed, role="teacher engines")
                     serving = {"dir": None, "version": 0}  # not the base's: reloaded before the next method
             evaluation = evaluate_reward_model(cfg, final_dir, EnginePool(engines[:1]),
                                                form="auto" if name != "zero_shot" else "reasoning",

@@ -37,6 +37,30 @@ def _positive(obj: Any, *names: str) -> None:
         _require(isinstance(value, int) and value > 0, f"{type(obj).__name__}.{name}", value, "an integer > 0")
 
 
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray's placement group strategies
+# Resources with their own config fields (cpus_per_*, gpus_per_* / use_gpu) or their own Ray argument.
+_NOT_CUSTOM = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def _resources(obj: Any, name: str, instead: str) -> None:
+    """Check a field of custom Ray resources ({name: amount}) and store a plain copy of it (the config stays
+    independent of the dict it was given). Amounts follow Ray's rule: in (0, 1], or a whole number."""
+    value = getattr(obj, name)
+    where = f"{type(obj).__name__}.{name}"
+    _require(isinstance(value, dict) and all(isinstance(k, str) for k in value), where, value,
+             "a dict of custom Ray resource names to amounts, e.g. {'engine_node': 1}")
+    for key, amount in value.items():
+        _require(bool(key.strip()) and "," not in key and "=" not in key, where, value,
+                 f"resource names without ',' or '=' (got {key!r})")
+        _require(key not in _NOT_CUSTOM, where, value,
+                 f"custom resources only: {key!r} is set by {instead}" if key in ("CPU", "GPU")
+                 else f"custom resources only, not {key!r}")
+        _require(isinstance(amount, (int, float)) and not isinstance(amount, bool) and amount > 0
+                 and (amount <= 1 or float(amount).is_integer()), f"{where}[{key!r}]", amount,
+                 "a number in (0, 1] or a whole number > 1 (Ray's rule for resource amounts)")
+    object.__setattr__(obj, name, {k: float(v) for k, v in value.items()})
+
+
 @dataclass(frozen=True, kw_only=True)
 class WorldConfig:
     """The Shapes world (../shared/spec/shapes-world.md): sizes of every split and the annotator model."""
@@ -167,6 +191,15 @@ class VLLMConfig:
     # 7B engine on a GPU), so a few absorb the rare OOM kill, crash or preempted node of a long run, while an
     # engine that keeps dying (a deterministic crash) fails the job after 3 tries instead of looping forever.
     max_engine_restarts: int = 3
+    # Placement (actors/placement.py): one placement group per engine set, one bundle per engine holding its CPUs,
+    # GPUs and these custom resources (e.g. {"engine_node": 1}: only nodes started with that resource take
+    # engines; `--set vllm.resources=engine_node=1`). The strategy says how engines share nodes: STRICT_SPREAD one
+    # engine per node, STRICT_PACK all on one node, PACK / SPREAD as Ray prefers (not guaranteed).
+    resources: dict[str, float] = field(default_factory=dict)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # How long starting an engine set waits for its placement group (seconds). A group the cluster can never hold
+    # fails at once; this bounds the wait for one that is busy, or for nodes an autoscaler still has to start.
+    placement_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         _require(isinstance(self.max_engine_restarts, int) and not isinstance(self.max_engine_restarts, bool)
@@ -179,6 +212,11 @@ class VLLMConfig:
                  "VLLMConfig.cpus_per_engine", self.cpus_per_engine, "a number > 0")
         _require(isinstance(self.gpus_per_engine, (int, float)) and self.gpus_per_engine >= 0,
                  "VLLMConfig.gpus_per_engine", self.gpus_per_engine, "a number >= 0")
+        _resources(self, "resources", "cpus_per_engine / gpus_per_engine")
+        _require(self.placement_strategy in PLACEMENT_STRATEGIES, "VLLMConfig.placement_strategy",
+                 self.placement_strategy, "one of " + ", ".join(repr(s) for s in PLACEMENT_STRATEGIES))
+        _require(isinstance(self.placement_timeout_s, (int, float)) and self.placement_timeout_s > 0,
+                 "VLLMConfig.placement_timeout_s", self.placement_timeout_s, "seconds > 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -223,8 +261,13 @@ class LearnerConfig:
     # the budget is expected to end at (the mean step rate so far, agreed by all ranks), capped by max_steps, so a
     # cosine decay ends with the budget on a machine of any speed. The LR per step then depends on the timing.
     budget_schedule: bool = False
+    # Custom Ray resources each worker asks for besides its CPUs (and GPU with use_gpu), e.g. {"learner_node": 1}:
+    # only nodes started with that resource take learner workers (`--set <stage>.learner.resources=learner_node=1`).
+    # Ray Train packs the workers into its own placement group (PACK); `fit` checks the cluster can hold them first.
+    resources: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        _resources(self, "resources", "cpus_per_worker / use_gpu")
         _require(self.length_window >= 0, "LearnerConfig.length_window", self.length_window,
                  "an integer >= 0 (0 = off)")
         _require(isinstance(self.max_failures, int) and not isinstance(self.max_failures, bool)
@@ -670,6 +713,10 @@ class ServeConfig:
     port: int = 8000
     num_replicas: int = 1  # scorer replicas, one model each
     cpus_per_replica: float = 1.0
+    # Ray resources of each scorer replica beyond its CPUs: GPUs (reserved for it; the scorer itself runs the model
+    # on CPU today), and custom resources, e.g. {"serve_node": 1}, that pick the nodes replicas may run on.
+    gpus_per_replica: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)
     max_ongoing_requests: int = 32  # per replica (Serve queues or refuses beyond it)
     max_batch_size: int = 8  # items (prompt + image, 1-4 dimension rows each) per forward pass
     batch_wait_timeout_s: float = 0.01
@@ -691,6 +738,10 @@ class ServeConfig:
         _require(bool(self.app_name), "ServeConfig.app_name", self.app_name, "a non-empty name")
         _require(isinstance(self.cpus_per_replica, (int, float)) and self.cpus_per_replica > 0,
                  "ServeConfig.cpus_per_replica", self.cpus_per_replica, "a number > 0")
+        _require(isinstance(self.gpus_per_replica, (int, float)) and not isinstance(self.gpus_per_replica, bool)
+                 and self.gpus_per_replica >= 0, "ServeConfig.gpus_per_replica", self.gpus_per_replica,
+                 "a number >= 0")
+        _resources(self, "resources", "cpus_per_replica / gpus_per_replica")
         _require(0.0 <= self.batch_wait_timeout_s <= 10.0, "ServeConfig.batch_wait_timeout_s",
                  self.batch_wait_timeout_s, "seconds in [0, 10]")
         _require(self.request_timeout_s > 0, "ServeConfig.request_timeout_s", self.request_timeout_s, "seconds > 0")
@@ -758,6 +809,8 @@ def _type_name(tp: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is tuple:
         return "a comma-separated list of " + _type_name(typing.get_args(tp)[0])
+    if typing.get_origin(tp) is dict:
+        return "comma-separated name=amount pairs, e.g. engine_node=1,other=0.5 (empty: none)"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -786,6 +839,11 @@ def parse_value(key: str, text: str, tp: Any) -> Any:
         if origin is tuple:
             inner = typing.get_args(tp)[0]
             return tuple(parse_value(key, part, inner) for part in text.split(",") if part.strip())
+        if origin is dict:  # name=amount,name=amount (the field's own check then validates names and amounts)
+            pairs = [part.partition("=") for part in text.split(",") if part.strip()]
+            if any(not sep or not name.strip() for name, sep, _ in pairs):
+                raise ValueError
+            return {name.strip(): float(amount) for name, _, amount in pairs}
         if origin in (typing.Union, types.UnionType):
             for arg in typing.get_args(tp):
                 try:

@@ -35,6 +35,11 @@ never a half-written one) with the state a resume restores, so the run ends with
 uninterrupted one (tests/actors/test_learner_failure.py checks it). The steps since that checkpoint are done again;
 `LearnerResult.restarts` counts the restarts. Past `max_failures`, `fit` raises and the run can be continued later.
 
+Placement. Each worker asks for `cpus_per_worker` CPUs, a GPU with `use_gpu` and `LearnerConfig.resources` (custom
+resources, e.g. {"learner_node": 1}, that only the learner's nodes advertise); Ray Train packs the workers into its
+own placement group. `fit` first checks that the cluster can hold them (actors/placement.py): a PlacementError
+naming "learner <name>" and the missing resource, at once.
+
 `resume=True` restarts the run `storage_path/name` from its latest checkpoint (Ray Train V2 restores a run from
 its snapshot when it is started again with the same name and storage path); `resume=False` refuses a run
 directory that already holds checkpoints, so nothing is continued or overwritten by accident.
@@ -56,6 +61,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from actors.learner.worker_loop import ATTEMPTS_FILE, train_loop_per_worker
+from actors.placement import check_feasible, learner_bundles
 from zray.config import LearnerConfig
 from zray.training.runs import (SNAPSHOT_FILE, export_final, has_checkpoint, read_learner_state, trained_seconds,
                                 write_json_atomic)
@@ -140,6 +146,19 @@ def init_ray(cpus_needed: float) -> None:
     ray.init(**local, include_dashboard=False, log_to_driver=True, runtime_env=ray_runtime_env())
 
 
+def scaling_config(cfg: LearnerConfig, name: str) -> ScalingConfig:
+    """Ray Train's ScalingConfig for `cfg`: `num_workers` workers of `cpus_per_worker` CPUs, a GPU each with
+    `use_gpu`, and `cfg.resources` (custom resources that pick the learner's nodes). Ray Train packs them into its
+    own placement group (PACK); with Ray running, the cluster is checked first, so a learner it can never hold is a
+    PlacementError naming "learner <name>" and the resource instead of a fit that waits forever."""
+    import ray
+
+    if ray.is_initialized():
+        check_feasible(f"learner {name}", learner_bundles(cfg), "PACK")
+    return ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                         resources_per_worker={"CPU": cfg.cpus_per_worker, **cfg.resources})
+
+
 def _shard_train_split(ds: Any, cfg: LearnerConfig) -> tuple[list[Any], int]:
     """`num_workers` equal, materialised, contiguous shards (in dataset order); returns them and batches/epoch.
 
@@ -210,6 +229,7 @@ def fit(task: LearnerTask, cfg: LearnerConfig, *, datasets: dict[str, Any], stor
                               "continue it, or choose another name")
 
     start = time.perf_counter()
+    scaling = scaling_config(cfg, name)  # before the data is split: an impossible placement fails at once
     shards, batches_per_epoch = _shard_train_split(datasets["train"], cfg)
     fit_id = uuid.uuid4().hex  # tells a restart within this call (same id) from a new call on the same run
     loop_config = {"task": task, "cfg": cfg, "run_dir": str(run_dir), "resume": resume, "fit_id": fit_id,
@@ -219,8 +239,7 @@ def fit(task: LearnerTask, cfg: LearnerConfig, *, datasets: dict[str, Any], stor
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        scaling_config=scaling,
         run_config=RunConfig(name=name, storage_path=str(storage),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=cfg.max_failures)),

@@ -36,6 +36,7 @@ from PIL import ImageFile
 from ray import serve
 from ray.util import metrics
 
+from actors.placement import scorer_actor_options
 from actors.reward_app.scorer import ScoreResult, RewardScorer, ScoreItem
 from actors.reward_app.validation import (ErrorResponse, RequestError, RequestLimits, ScoreBatchBody,
                                           ScoreBatchResponse, ScoreBody, ScoreResponse, check_dimensions,
@@ -259,7 +260,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
                     "batch_wait_timeout_s": cfg.batch_wait_timeout_s} if cfg.model else None)
     scorer = RewardScorer.options(num_replicas=cfg.num_replicas, max_ongoing_requests=cfg.max_ongoing_requests,
                                   health_check_period_s=cfg.health_check_period_s,
-                                  ray_actor_options={"num_cpus": cfg.cpus_per_replica}, user_config=user_config)
+                                  ray_actor_options=scorer_actor_options(cfg), user_config=user_config)
     torch_threads = max(1, int(cfg.cpus_per_replica))  # one torch thread per CPU the replica holds
     rubric = read_rubric_file(cfg.model) if cfg.model else BUILTIN_RUBRIC
     return RewardIngress.options(max_ongoing_requests=cfg.max_ongoing_requests).bind(

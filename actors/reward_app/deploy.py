@@ -12,7 +12,9 @@ loaded from scratch). A config deploy versions the code by import path, args and
 deployment's `user_config` alone is applied by `reconfigure` on the running replicas (scorer.py swaps the model).
 `deploy` does what `serve deploy` / `serve run config.yaml` do (`serve_start`, then the controller client's
 `deploy_apps`; Ray 2.60's own CLI path), so it needs no dashboard. A config deploy declares every application of
-the cluster: an application it does not name is deleted.
+the cluster: an application it does not name is deleted. Before anything is deployed, `deploy` checks that the
+cluster can hold the scorer replicas (ServeConfig cpus_per_replica, gpus_per_replica, resources; actors/placement.py):
+a PlacementError naming the application's scorer and the missing resource instead of replicas pending forever.
 """
 
 from __future__ import annotations
@@ -86,10 +88,28 @@ def deploy(config: dict[str, Any] | ServeDeploySchema, *, timeout_s: float = 300
 
     schema = config if isinstance(config, ServeDeploySchema) else ServeDeploySchema.model_validate(config)
     client = serve_start(http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location)
+    check_placement(schema)
     started = time.time()
     client.deploy_apps(schema)
     wait_running([app.name for app in schema.applications], since=started - 1.0, timeout_s=timeout_s)
     return schema
+
+
+def check_placement(schema: ServeDeploySchema) -> None:
+    """PlacementError if the live cluster can never hold the scorer replicas of a reward app in `schema` (their
+    count from the scorer's deployment entry, else the args; their resources from the args, as build_app sets
+    them); other applications are not checked."""
+    from actors.placement import check_feasible, scorer_bundles
+    from actors.reward_app.app import serve_config_from_args
+
+    for app in schema.applications:
+        if app.import_path != IMPORT_PATH:
+            continue
+        cfg = serve_config_from_args({k: v for k, v in (app.args or {}).items() if k != "auth_token"})
+        entry = {d.name: d.model_dump(exclude_unset=True) for d in app.deployments}.get(SCORER, {})
+        replicas = entry.get("num_replicas")
+        count = replicas if isinstance(replicas, int) else cfg.num_replicas
+        check_feasible(f"reward scorer of {app.name!r}", scorer_bundles(cfg, count), "SPREAD")
 
 
 def wait_running(app_names: list[str], *, since: float, timeout_s: float) -> None:

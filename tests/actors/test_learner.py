@@ -22,7 +22,7 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("deepspeed")
 
 from actors.learner import fit  # noqa: E402
-from zray.config import LearnerConfig  # noqa: E402
+from zray.config import ConfigError, LearnerConfig  # noqa: E402
 from zray.training.runs import read_learner_state  # noqa: E402
 
 # Ray workers cannot import this test module by name: ship the task class by value.
@@ -388,3 +388,90 @@ print(len(logger.filters),
     out = subprocess.run([sys.executable, "-c", script], input=ray.cloudpickle.dumps(hook), capture_output=True,
                          check=True, timeout=120)
     assert out.stdout.decode().split() == ["1", "False", "True", "True", "[]"], out.stderr.decode()
+
+
+# ------------------------------------------------------------------------------ fault tolerance: a worker dies
+# A worker process that dies mid-run is restarted by Ray Train (`LearnerConfig.max_failures`) from the run's latest
+# registered checkpoint, and the run ends with exactly the parameters of the uninterrupted one (the `uninterrupted`
+# fixture above, the same ZERO2 run); with max_failures=0 the same death ends the fit with a clear error. The death
+# is deterministic: the test hook `extra_config={"_exit_after_step": ...}` makes one worker's process call
+# `os._exit(1)` once Ray Train has registered checkpoint 3 (a marker file makes it happen once).
+
+
+def test_max_failures_defaults_to_2_and_is_validated():
+    assert LearnerConfig().max_failures == 2
+    assert LearnerConfig(max_failures=0).max_failures == 0
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ConfigError, match=r"LearnerConfig\.max_failures=.* is not allowed: expected an integer "
+                                              r">= 0"):
+            LearnerConfig(max_failures=bad)
+
+
+def test_exit_hook_is_checked_before_ray_starts(tmp_path):
+    cfg = LearnerConfig(num_workers=2)
+    for bad in ({"step": 3, "rank": 2, "marker": "m"}, {"step": 3}, 3):
+        with pytest.raises(ValueError, match=r"extra_config\['_exit_after_step'\]=.* is not allowed"):
+            fit(MLPRegression(), cfg, datasets={"train": object()}, storage_path=tmp_path, name="x",
+                extra_config={"_exit_after_step": bad})
+
+
+def _attempts(run_dir: Path) -> list[dict]:
+    from actors.learner.worker_loop import ATTEMPTS_FILE
+
+    return [json.loads(line) for line in (run_dir / ATTEMPTS_FILE).read_text().splitlines()]
+
+
+
+def test_a_dead_worker_is_restarted_from_the_last_checkpoint_and_the_run_matches_an_uninterrupted_one(
+        dataset, uninterrupted, tmp_path):
+    task, marker = MLPRegression(), tmp_path / "rank1_died"
+    # A half-written checkpoint on disk, newer than the one the worker dies after (as a worker that died while
+    # uploading checkpoint 6 would leave it): Ray Train never registered it, so the restart must not restore it.
+    half = tmp_path / "healed" / "checkpoint_000006"
+    (half / "engine").mkdir(parents=True)
+    (half / "learner.json").write_text(json.dumps({"step": 6, "history": [], "half_written": True}))
+
+    healed = fit(task, replace(ZERO2, max_failures=1), datasets={"train": dataset}, storage_path=tmp_path,
+                 name="healed", extra_config={"_exit_after_step": {"step": 3, "rank": 1, "marker": str(marker)}})
+
+    assert marker.read_text() == "rank 1 exits after checkpoint 3\n"  # the worker did die, once
+    assert healed.restarts == 1 and uninterrupted.restarts == 0
+    first, second = _attempts(healed.run_dir)  # one fit, two attempts: fresh, then from checkpoint 3
+    assert first["fit"] == second["fit"]
+    assert (first["step"], first["checkpoint"]) == (0, None)
+    assert (second["step"], second["checkpoint"]) == (3, "checkpoint_000003")
+    assert healed.final_step == uninterrupted.final_step == 8
+
+    expected, got = _load(task, uninterrupted.hf_dir), _load(task, healed.hf_dir)
+    initial = task.build_model().state_dict()
+    for key in expected:
+        assert not torch.allclose(expected[key], initial[key], atol=1e-3), f"{key} did not train"
+        assert torch.equal(got[key], expected[key]), f"{key} differs from the uninterrupted run"
+    # The history carries across the restart, step for step (no step logged twice, none missing).
+    straight = {h["step"]: h["loss"] for h in uninterrupted.history}
+    again = {h["step"]: h["loss"] for h in healed.history}
+    assert [h["step"] for h in healed.history] == [2.0, 3.0, 4.0, 6.0, 8.0]
+    assert again == straight
+    # The restarted attempt wrote checkpoint 6 over the half-written directory; keep_checkpoints=2 kept 6 and 8.
+    assert [p.name for p in healed.checkpoints] == ["checkpoint_000006", "checkpoint_000008"]
+    assert json.loads((half / "learner.json").read_text())["step"] == 6
+    assert "half_written" not in json.loads((half / "learner.json").read_text())
+    # The restarted attempt continued this fit's clock (the time budget's) from checkpoint 3, not from its own start.
+    clock_6, clock_8 = (json.loads((p / "learner.json").read_text())["fit"] for p in healed.checkpoints)
+    assert clock_6["id"] == clock_8["id"] == first["fit"]
+    assert clock_6["first_step"] == clock_8["first_step"] == 0
+    assert 0 < clock_6["elapsed_s"] < clock_8["elapsed_s"]
+
+
+def test_with_max_failures_0_a_dead_worker_fails_the_fit_with_a_clear_error(dataset, tmp_path):
+    marker = tmp_path / "rank1_died"
+    with pytest.raises(ray.train.TrainingFailedError) as failed:
+        fit(MLPRegression(), replace(ZERO2, max_failures=0), datasets={"train": dataset}, storage_path=tmp_path,
+            name="fragile", extra_config={"_exit_after_step": {"step": 3, "rank": 1, "marker": str(marker)}})
+    assert marker.exists()
+    assert isinstance(failed.value, ray.train.WorkerGroupError)  # Ray Train's own report: which rank died, how
+    assert "The actor died unexpectedly" in str(failed.value)
+    notes = "\n".join(getattr(failed.value, "__notes__", []))
+    assert "failed after 0 restart(s) (LearnerConfig.max_failures=0)" in notes, notes
+    assert "fit(..., resume=True) continues it from checkpoint_000003" in notes, notes
+    assert len(_attempts(tmp_path / "fragile")) == 1  # no restart

@@ -1,6 +1,7 @@
 """The cluster files (cluster/) stay true to the code: every YAML parses; each KubeRay RayJob has the fields KubeRay
 needs, runs a `zray` command line that the CLI accepts with a recipe that exists, names its images, mounts shared
-storage for its out_dir and has the GPUs and CPUs that the recipe's roles of that stage ask for; the RayService
+storage for its out_dir and has the GPUs, CPUs and custom resources that the recipe's roles of that stage ask for,
+on nodes where each role can be placed (actors.placement.check_feasible on the pods as nodes); the RayService
 serves cluster/serve.yaml's application; the cluster launcher config passes Ray's own schema and can grow to the
 GPUs the largest stage needs; the working dir that `ray job submit` uploads stays small.
 
@@ -22,6 +23,8 @@ from typing import Any
 import pytest
 import yaml
 
+from actors.placement import (PlacementError, check_feasible, engine_bundles, launcher_node_types,
+                              learner_bundles)
 from jobs.cli import build_parser, resolve_config
 from jobs.recipes import RECIPES
 from zray.config import ConfigError, LearnerConfig, RunConfig
@@ -62,20 +65,36 @@ def _stage_phases(stage: str, cfg: RunConfig) -> list[Phase]:
     return phases[stage]
 
 
-def stage_needs(stage: str, cfg: RunConfig) -> dict[str, float]:
-    """The most GPUs and CPUs (Ray's logical resources) that `stage` holds at once under `cfg`, and the GPUs of
-    the largest single actor (an engine or a learner worker must fit on one node)."""
+def stage_needs(stage: str, cfg: RunConfig) -> dict[str, Any]:
+    """The most GPUs, CPUs and custom resources (Ray's logical resources) that `stage` holds at once under `cfg`,
+    and the GPUs of the largest single actor (an engine or a learner worker must fit on one node)."""
     vllm = cfg.vllm
     gpus = cpus = largest = 0.0
+    custom: dict[str, float] = {}
     for learners, engine_sets in _stage_phases(stage, cfg):
         engines = engine_sets * vllm.num_engines
         gpus = max(gpus, sum(lc.num_workers for lc in learners if lc.use_gpu) + engines * vllm.gpus_per_engine)
         cpus = max(cpus, sum(lc.num_workers * lc.cpus_per_worker for lc in learners) + engines * vllm.cpus_per_engine)
         largest = max([largest] + [1.0 for lc in learners if lc.use_gpu]
                       + ([vllm.gpus_per_engine] if engine_sets else []))
+        held: dict[str, float] = {}
+        for amounts, count in [(lc.resources, lc.num_workers) for lc in learners] + [(vllm.resources, engines)]:
+            for name, amount in amounts.items():
+                held[name] = held.get(name, 0.0) + amount * count
+        custom = {k: max(custom.get(k, 0.0), held.get(k, 0.0)) for k in {*custom, *held}}
     if stage == "run":  # the pipeline's serve stage: the reward service's scorer replicas
         cpus = max(cpus, cfg.serve.num_replicas * cfg.serve.cpus_per_replica)
-    return {"GPU": gpus, "CPU": cpus, "largest_gpu_actor": largest}
+    return {"GPU": gpus, "CPU": cpus, "custom": custom, "largest_gpu_actor": largest}
+
+
+def stage_roles(stage: str, cfg: RunConfig) -> list[tuple[str, list[dict[str, float]], str]]:
+    """(role, bundles, strategy) of every role that `stage` places: its learners, its engine sets."""
+    roles = []
+    for learners, engine_sets in _stage_phases(stage, cfg):
+        roles += [("learner", learner_bundles(lc), "PACK") for lc in learners]
+        if engine_sets:
+            roles.append(("engines", engine_bundles(cfg.vllm, cfg.vllm.num_engines), cfg.vllm.placement_strategy))
+    return roles
 
 
 # ------------------------------------------------------------------------------------------------- checkers
@@ -116,11 +135,31 @@ def _start_params(params: Any, where: str, problems: list[str], required: bool) 
     return params
 
 
+def _custom_resources(params: dict[str, str], where: str, problems: list[str]) -> dict[str, float]:
+    """rayStartParams `resources` in KubeRay's quoting ('"{\\"learner_node\\": 8}"': a JSON object inside double
+    quotes, for the shell) as {name: amount}."""
+    text = params.get("resources")
+    if text is None:
+        return {}
+    inner = text[1:-1].replace('\\"', '"') if len(text) > 1 and text[0] == text[-1] == '"' else None
+    try:
+        value = json.loads(inner) if inner is not None else None
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict) or not all(isinstance(v, (int, float)) for v in value.values()):
+        problems.append(f"{where}.rayStartParams.resources: expected KubeRay's quoted JSON object, e.g. "
+                        f"'\"{{\\\"learner_node\\\": 8}}\"', got {text!r}")
+        return {}
+    return {str(k): float(v) for k, v in value.items()}
+
+
 def ray_cluster_problems(spec: Any, where: str) -> tuple[list[str], dict[str, Any]]:
     """Problems of a RayCluster spec (a RayJob's rayClusterSpec, a RayService's rayClusterConfig), and what it
-    offers: {"GPU", "CPU", "max_gpus_per_pod", "shared_mounts", "images"}."""
+    offers: {"GPU", "CPU", "custom" (totals of custom resources), "nodes" (each pod as a node for
+    actors.placement.check_feasible), "max_gpus_per_pod", "shared_mounts", "images"}."""
     problems: list[str] = []
-    offer: dict[str, Any] = {"GPU": 0.0, "CPU": 0.0, "max_gpus_per_pod": 0.0, "shared_mounts": set(), "images": set()}
+    offer: dict[str, Any] = {"GPU": 0.0, "CPU": 0.0, "custom": {}, "nodes": [], "max_gpus_per_pod": 0.0,
+                             "shared_mounts": set(), "images": set()}
     if not isinstance(spec, dict):
         return [f"{where}: expected a mapping"], offer
     if spec.get("rayVersion") != RAY_VERSION:
@@ -135,8 +174,10 @@ def ray_cluster_problems(spec: Any, where: str) -> tuple[list[str], dict[str, An
     head_containers = _containers(head.get("template"), f"{where}.headGroupSpec", problems)
     if head_containers:
         limits = (head_containers[0].get("resources") or {}).get("limits") or {}
-        offer["CPU"] += _quantity(params.get("num-cpus", limits.get("cpu", 0)))
-        offer["GPU"] += _quantity(params.get("num-gpus", limits.get("nvidia.com/gpu", 0)))
+        head_node = {"CPU": _quantity(params.get("num-cpus", limits.get("cpu", 0))),
+                     "GPU": _quantity(params.get("num-gpus", limits.get("nvidia.com/gpu", 0))),
+                     **_custom_resources(params, f"{where}.headGroupSpec", problems)}
+        offer["nodes"].append({"name": "head", "resources": head_node})
     offer["images"] |= {c.get("image") for c in head_containers}
     shared = _mounts(head_containers)
     groups = spec.get("workerGroupSpecs")
@@ -163,12 +204,19 @@ def ray_cluster_problems(spec: Any, where: str) -> tuple[list[str], dict[str, An
         limits = (containers[0].get("resources") or {}).get("limits") or {}
         pods = counts["maxReplicas"] if autoscaling else counts["replicas"]
         gpus = _quantity(wparams.get("num-gpus", limits.get("nvidia.com/gpu", 0)))
-        offer["GPU"] += pods * gpus
-        offer["CPU"] += pods * _quantity(wparams.get("num-cpus", limits.get("cpu", 0)))
+        pod = {"CPU": _quantity(wparams.get("num-cpus", limits.get("cpu", 0))), "GPU": gpus,
+               **_custom_resources(wparams, gw, problems)}
+        offer["nodes"] += [{"name": f"{group.get('groupName')} pod {p}", "resources": pod} for p in range(pods)]
         offer["max_gpus_per_pod"] = max(offer["max_gpus_per_pod"], gpus)
         offer["images"] |= {c.get("image") for c in containers}
         shared &= _mounts(containers)
     offer["shared_mounts"] = shared
+    for node in offer["nodes"]:
+        for name, amount in node["resources"].items():
+            if name in ("CPU", "GPU"):
+                offer[name] += amount
+            else:
+                offer["custom"][name] = offer["custom"].get(name, 0.0) + amount
     if len(offer["images"]) > 1:
         problems.append(f"{where}: head and workers run different images {sorted(map(str, offer['images']))}; "
                         "Ray needs the same Ray and Python on every node")
@@ -236,6 +284,16 @@ def rayjob_problems(doc: Any) -> list[str]:
         if offer[resource] < need[resource]:
             problems.append(f"{args.command} with recipe {args.recipe!r} needs {need[resource]:g} {resource}s at "
                             f"once, the cluster offers {offer[resource]:g}")
+    for resource, amount in sorted(need["custom"].items()):
+        if offer["custom"].get(resource, 0.0) < amount:
+            problems.append(f"{args.command} with recipe {args.recipe!r} needs {amount:g} of the custom resource "
+                            f"{resource!r} at once, the cluster offers {offer['custom'].get(resource, 0.0):g} "
+                            "(rayStartParams resources)")
+    for role, bundles, strategy in stage_roles(args.command, cfg):
+        try:
+            check_feasible(role, bundles, strategy, nodes=offer["nodes"])
+        except PlacementError as err:
+            problems.append(f"{args.command} with recipe {args.recipe!r}: {err}")
     if need["largest_gpu_actor"] > offer["max_gpus_per_pod"]:
         problems.append(f"an actor of {args.command} needs {need['largest_gpu_actor']:g} GPUs on one node, the "
                         f"largest worker pod has {offer['max_gpus_per_pod']:g}")
@@ -337,6 +395,11 @@ def test_cluster_launcher_config():
     assert any("cluster/install.sh gpu" in cmd for cmd in cfg["setup_commands"])
     workers = [t for name, t in cfg["available_node_types"].items() if name != cfg["head_node_type"]]
     assert any(t["resources"].get("GPU", 0) > 0 for t in workers)
+    # every role of every stage has node types it can be placed on (what the autoscaler may start, from zero)
+    nodes = launcher_node_types(CLUSTER / "cluster.yaml")
+    for stage in STAGES:
+        for role, bundles, strategy in stage_roles(stage, full):
+            check_feasible(f"{stage} {role}", bundles, strategy, nodes=nodes)
 
 
 def test_working_dir_upload_is_small_and_holds_the_code(tmp_path):
@@ -387,8 +450,12 @@ def _with_entrypoint(doc: dict[str, Any], entrypoint: str) -> dict[str, Any]:
      "--set train_teacher.learner.num_workers=24", "needs 28 GPUs at once, the cluster offers 16"),
     ("zray train-teacher --recipe full --set out_dir=/mnt/zray/runs/full --set vllm.gpus_per_engine=16",
      "needs 16 GPUs on one node"),
+    ("zray train-teacher --recipe full --set out_dir=/mnt/zray/runs/full --set vllm.resources=tpu_node=1",
+     "engines: 4 x {CPU: 1, GPU: 1, tpu_node: 1} with PACK: no node has tpu_node >= 1"),
+    ("zray train-teacher --recipe full --set out_dir=/mnt/zray/runs/full --set vllm.placement_strategy=STRICT_SPREAD",
+     "need 4 distinct nodes with CPU >= 1 and GPU >= 1 and engine_node >= 1; the cluster has 1"),
 ], ids=["stage-typo", "flag-typo", "recipe-typo", "unknown-key", "not-zray", "out-dir-not-shared", "too-few-gpus",
-        "engine-larger-than-a-node"])
+        "engine-larger-than-a-node", "resource-no-node-has", "spread-over-too-few-engine-nodes"])
 def test_planted_entrypoint_violations_are_reported(entrypoint, expected):
     problems = rayjob_problems(_with_entrypoint(_teacher_job(), entrypoint))
     assert any(expected in p for p in problems), problems
@@ -408,6 +475,20 @@ def test_planted_structure_violations_are_reported():
                      "image: expected a named image with a tag", "rayStartParams: expected a map of strings",
                      "different images", "authOptions.mode: expected 'token'"):
         assert expected in problems, (expected, problems)
+
+
+def test_planted_custom_resource_violations_are_reported():
+    """Without the engine node's `engine_node` the teacher stage cannot place its engines; a resources string
+    without KubeRay's quoting is refused."""
+    doc = _teacher_job()
+    groups = doc["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert [g["groupName"] for g in groups] == ["learner", "engines"]
+    groups[1]["rayStartParams"] = {}
+    problems = "\n".join(rayjob_problems(doc))
+    assert "needs 4 of the custom resource 'engine_node' at once, the cluster offers 0" in problems, problems
+    assert "engines: 4 x {CPU: 1, GPU: 1, engine_node: 1} with PACK: no node has engine_node >= 1" in problems
+    groups[1]["rayStartParams"] = {"resources": '{"engine_node": 8}'}  # unquoted: the shell would eat the quotes
+    assert any("rayStartParams.resources: expected KubeRay's quoted JSON" in p for p in rayjob_problems(doc))
 
 
 def test_planted_launcher_violations_are_reported():
