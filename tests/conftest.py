@@ -46,30 +46,90 @@ def ray_session():
     ray.shutdown()
 
 
-@pytest.fixture(scope="session")
-def readme_pipeline():
-    """The README's first command (its first ```bash block: the install check, then `zray run --recipe tiny_cpu`),
-    run as written, once per session: every stage for real into the tiny_cpu recipe's out_dir, `runs/tiny_cpu`.
-    The end-to-end tests of the stages' jobs read its outputs. That folder belongs to the tests: it is removed first,
-    so that every stage runs the code as it is now (a finished run would be skipped stage by stage).
-    Returns {"command", "run_dir", "stdout", "started"}."""
+# The README's first command runs in the background from the end of collection, beside the rest of the suite (its
+# stages leave a core idle much of the time: one learner worker per tiny fit, process start-up, polling); the tests
+# that read its run are moved to the end, and the first of them waits for it.
+_README_RUN: dict = {}
+
+
+def _readme_command(root):
     import re
+
+    match = re.search(r"```bash\n(.*?)\n```", (root / "README.md").read_text(), flags=re.S)
+    assert match, "README.md has no ```bash block"
+    return match.group(1).strip()
+
+
+class _ReadersLast:
+    """Moves the tests that read the README run to the end (after -m has deselected: trylast)."""
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, config, items):
+        readers = [item for item in items if "readme_pipeline" in getattr(item, "fixturenames", ())]
+        if readers:
+            items[:] = [item for item in items if item not in readers] + readers
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(_ReadersLast(), "zray-readme-readers-last")
+
+
+def pytest_collection_finish(session):
+    """Start the README's first command if a test that will run reads its run (not with --collect-only)."""
     import shutil
     import subprocess
+    import tempfile
     import time
     from pathlib import Path
 
+    if session.config.option.collectonly or not any(
+            "readme_pipeline" in getattr(item, "fixturenames", ()) for item in session.items):
+        return
     root = Path(__file__).resolve().parents[1]
-    match = re.search(r"```bash\n(.*?)\n```", (root / "README.md").read_text(), flags=re.S)
-    assert match, "README.md has no ```bash block"
-    command = match.group(1).strip()
-    run_dir = root / "runs" / "tiny_cpu"
+    command, run_dir = _readme_command(root), root / "runs" / "tiny_cpu"
     shutil.rmtree(run_dir, ignore_errors=True)
-    started = time.time()
-    out = subprocess.run(["bash", "-c", command], cwd=root, capture_output=True, text=True, timeout=1500,
-                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return {"command": command, "run_dir": run_dir, "stdout": out.stdout, "started": started}
+    log = Path(tempfile.mkdtemp(prefix="zray-readme-")) / "stdout.txt"
+    # RAY_ADDRESS=local: its own Ray instance, whatever else this machine runs (never the test session's)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": "local"}
+    with log.open("w") as out:
+        proc = subprocess.Popen(["bash", "-c", command], cwd=root, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    _README_RUN.update(proc=proc, command=command, run_dir=run_dir, log=log, started=time.time())
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A README run still going when the session ends (-x, Ctrl-C, no reader reached) is stopped with its tree."""
+    import signal
+
+    proc = _README_RUN.get("proc")
+    if proc is not None and proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except Exception:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def readme_pipeline():
+    """The README's first command (its first ```bash block: the install check, then `zray run --recipe tiny_cpu`),
+    run as written, once per session, started in the background when collection ends (`pytest_collection_finish`):
+    every stage for real into the tiny_cpu recipe's out_dir, `runs/tiny_cpu`. The end-to-end tests of the stages'
+    jobs read its outputs. That folder belongs to the tests: it is removed first, so that every stage runs the code
+    as it is now (a finished run would be skipped stage by stage). Returns {"command", "run_dir", "stdout",
+    "started"}."""
+    import subprocess
+
+    assert _README_RUN, "the README run was not started at collection (pytest_collection_finish)"
+    proc = _README_RUN["proc"]
+    try:
+        proc.wait(timeout=1500)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"`{_README_RUN['command']}` still running after 1500 s: {_README_RUN['log']}")
+    stdout = _README_RUN["log"].read_text(errors="replace")
+    assert proc.returncode == 0, stdout[-6000:]
+    return {"command": _README_RUN["command"], "run_dir": _README_RUN["run_dir"], "stdout": stdout,
+            "started": _README_RUN["started"]}
 
 
 @pytest.fixture(scope="session")

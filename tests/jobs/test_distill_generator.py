@@ -1,5 +1,6 @@
-"""`zray distill-generator` on the tiny_cpu recipe: teacher samples in Parquet, two variants through Ray Train, the
-references and the table, resume, and the errors a user meets first."""
+"""`zray distill-generator` on the tiny_cpu recipe: teacher samples in Parquet, the recipe's variant through Ray Train,
+the references and the table (the README run's stage: the `readme_pipeline` fixture), resume, the variants and the
+errors a user meets first."""
 
 import dataclasses
 import json
@@ -41,31 +42,37 @@ def test_variants_and_their_errors():
     assert set(TURBO_VARIANTS) == {"turbo", "shared", "detached", "renders", "no_step1"}
 
 
-def test_a_variant_end_to_end_and_resume(tmp_path, ray_session):
-    pytest.importorskip("deepspeed")
-    from jobs.distill_generator import run_distill_generator
-    from zray.models.tiny import build_tiny_zimage
+def test_the_pipeline_run_end_to_end_and_resume(readme_pipeline, tmp_path, ray_session):
+    """The README run's Turbo++ stage (the recipe's variant, trained through Ray Train), then `--resume` on a copy:
+    the finished variant and the collected teacher samples are kept as they are (same student, same figures)."""
+    import shutil
 
-    cfg = _cfg(tmp_path / "run")
-    teacher = build_tiny_zimage(cfg.generator, tmp_path / "teacher", image_size=cfg.world.image_size)
-    cfg = _cfg(tmp_path / "run", teacher)
-    dcfg = cfg.distill_generator
-    record = run_distill_generator(cfg, variants=("detached",))
-    root = tmp_path / "run" / "distill_generator"
+    from jobs.distill_generator import run_distill_generator
+
+    run = readme_pipeline["run_dir"]
+    root = run / "distill_generator"
+    (variant,) = tiny_cpu().distill_generator.variants
     for name in ("metrics.json", "results.md", "samples.png", "references.json", "teacher_samples/manifest.json",
-                 "detached/final/turbo_student.json", "detached/pipeline/README.md",
-                 "detached/pipeline/transformer_2/config.json"):
+                 f"{variant}/final/turbo_student.json", f"{variant}/pipeline/README.md",
+                 f"{variant}/pipeline/transformer_2/config.json"):
         assert (root / name).is_file(), name
-    assert list((root / "detached" / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((root / variant / "tensorboard").glob("events.out.tfevents.*"))
+    record = json.loads((root / "metrics.json").read_text())
     rows = record["rows"]
-    assert set(rows) == {"teacher 8-step", "naive 2-step", "detached"}
-    m = rows["detached"]
+    assert set(rows) == {"teacher 8-step", "naive 2-step", variant}
+    m, dcfg = rows[variant], tiny_cpu().distill_generator
     assert m["train_steps"] == dcfg.learner.max_steps and m["num"] == dcfg.num_eval_prompts
     assert -1.0 <= m["gsb_vs_teacher_net"] <= 1.0 and m["frechet_to_renders"] >= 0.0
     table = (root / "results.md").read_text()
-    assert "| detached | 2 |" in table and "| teacher 8-step | 8 |" in table and "detach_steps=True" in table
-    ci = record["frechet_intervals"]["detached"]  # the paired bootstrap over the prompts
+    assert f"| {variant} | 2 |" in table and "| teacher 8-step | 8 |" in table
+    ci = record["frechet_intervals"][variant]  # the paired bootstrap over the prompts
     assert ci["gap_closed_lo"] <= ci["gap_closed_hi"] and "95% intervals, paired bootstrap" in table
-    # --resume keeps a finished variant (and the collected teacher samples) as it is: same student, same figures
-    again = run_distill_generator(cfg, resume=True, variants=("detached",))
+
+    copy = tmp_path / "run"
+    for part in ("data", "distill_generator"):
+        shutil.copytree(run / part, copy / part)
+    cfg = dataclasses.replace(tiny_cpu(), out_dir=str(copy))  # the same teacher: the samples' manifest names it
+    cfg = dataclasses.replace(cfg, distill_generator=dataclasses.replace(
+        cfg.distill_generator, teacher_dir=str(run / "pretrain_generator" / "pipeline")))
+    again = run_distill_generator(cfg, resume=True)
     assert json.dumps(again["rows"], sort_keys=True) == json.dumps(rows, sort_keys=True)  # nan-safe

@@ -284,13 +284,23 @@ def head_rows(path: str | Path, table_kind: str, num: int, field: str) -> list[d
     return rows[:num]
 
 
+# Up to this many bytes of Parquet, a dataset is read here and handed to Ray Data from memory: read tasks cost a few
+# seconds of scheduling and start-up per dataset (measured: 3-5 s against 0.1 s for a 64-row table), more than a
+# small table takes to read.
+IN_DRIVER_MAX_BYTES = 256 * 2**20
+
+
 def read_ray_dataset(path: str | Path, table_kind: str | None = None) -> ray.data.Dataset:
     """A Ray Data dataset over a table file (or a folder of them); with `table_kind`, the file schema is
-    checked first (rows are validated by the consumer, not here: that would read everything)."""
+    checked first (rows are validated by the consumer, not here: that would read everything). Up to
+    `IN_DRIVER_MAX_BYTES` in all, the files are read in this process (`ray.data.from_arrow`), above that by Ray
+    Data's read tasks (`ray.data.read_parquet`, streamed)."""
     import ray.data  # lazy: `import zray.data` stays free of ray
 
+    files = sorted(Path(path).glob("*.parquet")) if Path(path).is_dir() else [Path(path)]
     if table_kind is not None:
-        files = sorted(Path(path).glob("*.parquet")) if Path(path).is_dir() else [Path(path)]
         for file in files:
             check_schema(_file_schema(file), table_kind, file)
+    if files and all(f.is_file() for f in files) and sum(f.stat().st_size for f in files) <= IN_DRIVER_MAX_BYTES:
+        return ray.data.from_arrow([pq.read_table(str(f)) for f in files])
     return ray.data.read_parquet(str(path))
