@@ -96,35 +96,6 @@ def uninterrupted(dataset, tmp_path_factory):
     return fit(MLPRegression(), ZERO2, datasets={"train": dataset}, storage_path=storage, name="straight")
 
 
-def test_crash_and_resume_reaches_the_uninterrupted_state(dataset, uninterrupted, tmp_path):
-    task = MLPRegression()
-    # 8 steps, checkpoints at 3, 6 and 8; the first attempt dies right after checkpoint 3. 12 micro batches
-    # per worker per epoch (96 rows each), 2 per step: the crash and the resume fall in the middle of the first
-    # epoch, and the run goes on into the second one.
-    with pytest.raises(Exception, match="injected failure after checkpointing step 3"):
-        fit(task, replace(ZERO2, max_failures=0), datasets={"train": dataset}, storage_path=tmp_path, name="crashy",
-            extra_config={"_fail_after_step": 3})  # max_failures=0: the crash reaches the caller
-    crashed = read_learner_state(tmp_path / "crashy" / "checkpoint_000003")
-    assert crashed["step"] == 3 and crashed["consumed_micro_batches"] == 6
-
-    resumed = fit(task, ZERO2, datasets={"train": dataset}, storage_path=tmp_path, name="crashy", resume=True)
-    assert resumed.final_step == uninterrupted.final_step == 8
-
-    expected, got = _load(task, uninterrupted.hf_dir), _load(task, resumed.hf_dir)
-    initial = task.build_model().state_dict()
-    for key in expected:
-        assert not torch.allclose(expected[key], initial[key], atol=1e-3), f"{key} did not train"
-        torch.testing.assert_close(got[key], expected[key], rtol=1e-6, atol=1e-7, msg=f"{key} differs")
-    # The metric history carries across the crash and matches, step for step.
-    straight = {h["step"]: h["loss"] for h in uninterrupted.history}
-    again = {h["step"]: h["loss"] for h in resumed.history}
-    assert sorted(again) == sorted(straight) == [2.0, 3.0, 4.0, 6.0, 8.0]  # log_every=2, plus checkpoints
-    for step in straight:
-        assert again[step] == pytest.approx(straight[step], rel=1e-6), step
-    # keep_checkpoints=2: the checkpoints at steps 6 and 8 remain.
-    assert [p.name for p in resumed.checkpoints] == ["checkpoint_000006", "checkpoint_000008"]
-
-
 def test_final_checkpoint_exports_hf_and_tensorboard(uninterrupted):
     task = MLPRegression()
     hf = uninterrupted.hf_dir
@@ -463,10 +434,14 @@ def test_a_dead_worker_is_restarted_from_the_last_checkpoint_and_the_run_matches
     assert 0 < clock_6["elapsed_s"] < clock_8["elapsed_s"]
 
 
-def test_with_max_failures_0_a_dead_worker_fails_the_fit_with_a_clear_error(dataset, tmp_path):
-    marker = tmp_path / "rank1_died"
+def test_with_max_failures_0_a_dead_worker_fails_the_fit_and_resume_reaches_the_uninterrupted_state(
+        dataset, uninterrupted, tmp_path):
+    task, marker = MLPRegression(), tmp_path / "rank1_died"
+    # 8 steps, checkpoints at 3, 6 and 8; rank 1 dies right after checkpoint 3. 12 micro batches per worker per
+    # epoch (96 rows each), 2 per step: the death and the resume fall in the middle of the first epoch, and the run
+    # goes on into the second one.
     with pytest.raises(ray.train.TrainingFailedError) as failed:
-        fit(MLPRegression(), replace(ZERO2, max_failures=0), datasets={"train": dataset}, storage_path=tmp_path,
+        fit(task, replace(ZERO2, max_failures=0), datasets={"train": dataset}, storage_path=tmp_path,
             name="fragile", extra_config={"_exit_after_step": {"step": 3, "rank": 1, "marker": str(marker)}})
     assert marker.exists()
     assert isinstance(failed.value, ray.train.WorkerGroupError)  # Ray Train's own report: which rank died, how
@@ -475,3 +450,22 @@ def test_with_max_failures_0_a_dead_worker_fails_the_fit_with_a_clear_error(data
     assert "failed after 0 restart(s) (LearnerConfig.max_failures=0)" in notes, notes
     assert "fit(..., resume=True) continues it from checkpoint_000003" in notes, notes
     assert len(_attempts(tmp_path / "fragile")) == 1  # no restart
+    crashed = read_learner_state(tmp_path / "fragile" / "checkpoint_000003")
+    assert crashed["step"] == 3 and crashed["consumed_micro_batches"] == 6
+
+    # what the note says: a second fit with resume=True continues from checkpoint 3 to the uninterrupted state
+    resumed = fit(task, ZERO2, datasets={"train": dataset}, storage_path=tmp_path, name="fragile", resume=True)
+    assert resumed.final_step == uninterrupted.final_step == 8
+    expected, got = _load(task, uninterrupted.hf_dir), _load(task, resumed.hf_dir)
+    initial = task.build_model().state_dict()
+    for key in expected:
+        assert not torch.allclose(expected[key], initial[key], atol=1e-3), f"{key} did not train"
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-6, atol=1e-7, msg=f"{key} differs")
+    # The metric history carries across the crash and matches, step for step.
+    straight = {h["step"]: h["loss"] for h in uninterrupted.history}
+    again = {h["step"]: h["loss"] for h in resumed.history}
+    assert sorted(again) == sorted(straight) == [2.0, 3.0, 4.0, 6.0, 8.0]  # log_every=2, plus checkpoints
+    for step in straight:
+        assert again[step] == pytest.approx(straight[step], rel=1e-6), step
+    # keep_checkpoints=2: the checkpoints at steps 6 and 8 remain.
+    assert [p.name for p in resumed.checkpoints] == ["checkpoint_000006", "checkpoint_000008"]
