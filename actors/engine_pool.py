@@ -23,8 +23,21 @@ older version than the pool's (it restarted between calls), the pool waits for t
 it with the same version and checksum (the engine verifies them by readback; one line is printed), and runs that
 engine's chunks once more: the result is what a healthy pool returns (chunks carry their offsets and seeds). One
 restore per engine per call: an engine that fails again in the same call raises `EngineRestartError`, as does a dead
-engine that is not restarted or not back in time. A pool restores only weights it loaded itself (a pickled copy, e.g.
-in a learner worker, starts with none).
+engine that is not restarted or not back in time.
+
+A pickled copy of a pool (e.g. in every learner worker, where only rank 0 loads weights) carries no weights. Without
+weights of its own, a pool expects the newest version its engines have served once they agreed, and restores a
+restarted engine from its peers: `load_weights` sends one copy of the weights to Ray's object store (`ray.put`) and
+hands each engine that reference to keep (`TeacherEngine.kept()`); the pool asks the other engines that answer, in
+index order, for what they keep, and loads the first reference at the expected version into the restarted engine
+(same version and checksum, verified by readback; the restarted engine keeps the reference too). If no live engine
+still holds it (all of them restarted, or a single engine), that is an `EngineRestartError`.
+
+Memory: the object store holds one copy of each pool's last loaded weights for as long as the loading pool or any
+engine keeps its reference (two copies for the length of a `load_weights` that replaces them). That copy is owned by
+the process that loaded it (the loading pool's, e.g. rank 0's learner worker): if that process dies, the references
+the engines keep are lost with it, and restoring from them is an `EngineRestartError` too (the pool that loaded the
+weights was on another rank or process).
 """
 
 from __future__ import annotations
@@ -38,7 +51,7 @@ from typing import Any
 
 import ray
 import torch
-from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
+from ray.exceptions import ActorDiedError, GetTimeoutError, ObjectLostError, RayActorError, RayError
 
 from actors.placement import engine_placement_group, in_bundle, remove_group
 from actors.teacher_engine import TeacherEngine
@@ -100,11 +113,13 @@ class EngineRestartError(RuntimeError):
 
 @dataclass(frozen=True)
 class LoadedWeights:
-    """What the pool last loaded into every engine and saw verified; `weights` is the caller's object (no copy)."""
+    """What the pool last loaded into every engine and saw verified; `weights` is the caller's object (no copy),
+    `ref` its one copy in the object store (the engines keep it too; a restore loads it again)."""
 
     weights: Mapping[str, torch.Tensor] | bytes
     version: int
     checksum: str
+    ref: Any
 
 
 def _first_line(err: BaseException) -> str:
@@ -112,11 +127,24 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def _why_text(why: Any) -> str:
+    """Why an engine's chunks run again: the first line of the error it died with, or the old version it serves."""
+    return _first_line(why) if isinstance(why, BaseException) else f"it serves version {why}"
+
+
+def _lost_object(err: BaseException) -> bool:
+    """Whether `err` says an object-store object is gone (e.g. its owner died), directly or as a task's cause."""
+    return isinstance(err, ObjectLostError) or isinstance(getattr(err, "cause", None), ObjectLostError)
+
+
 class EnginePool:
     """Several engine actors behind the engine's own verbs; results come back in request order.
 
     `restart_timeout_s`: how long a call waits for a dead engine to come back before it raises (an engine start,
-    seconds for the tiny CPU models, minutes for large ones on GPUs). `restarts` lists the restores this pool did.
+    seconds for the tiny CPU models, minutes for large ones on GPUs). `restarts` lists the restores this pool did
+    (each with its `source`: "this pool", "peer engine j", "this call" for a load_weights, None if nothing was loaded).
+    `loaded` keeps the last loaded weights by reference, and their object-store copy (`LoadedWeights.ref`) alive:
+    one copy per loading pool (see the module docstring).
     """
 
     def __init__(self, engines: Sequence[Any], *, chunk_size: int | None = None,
@@ -130,7 +158,7 @@ class EnginePool:
         self.chunk_size = chunk_size
         self.restart_timeout_s = float(restart_timeout_s)
         self.loaded: LoadedWeights | None = None  # set by load_weights once every engine verified
-        self._base_version: int | None = None  # without `loaded`: the version the engines served at first use
+        self._base_version: int | None = None  # without `loaded`: the newest version served since they agreed
         self.restarts: list[dict[str, Any]] = []
 
     def __getstate__(self) -> dict[str, Any]:
@@ -163,10 +191,12 @@ class EnginePool:
 
     def load_weights(self, weights: Mapping[str, torch.Tensor] | bytes, *, version: int,
                      checksum: str) -> list[WeightSyncReport]:
-        """Send one copy of the weights to the object store; every engine reloads and verifies it. An engine that
-        dies meanwhile is waited for and loaded once more; the pool then remembers `weights` (by reference)."""
+        """Send one copy of the weights to the object store; every engine reloads and verifies it, and keeps the
+        reference (`keep=[ref]`: a pickled copy of this pool restores a restarted engine from it). An engine that
+        dies meanwhile is waited for and loaded once more; the pool then remembers `weights` (by reference) and
+        the object-store copy."""
         ref = ray.put(weights)
-        refs = [e.load_weights.remote(ref, version=version, checksum=checksum) for e in self.engines]
+        refs = [e.load_weights.remote(ref, version=version, checksum=checksum, keep=[ref]) for e in self.engines]
         reports: list[Any] = [None] * len(refs)
         lost = {}
         for i, r in enumerate(refs):
@@ -177,12 +207,13 @@ class EnginePool:
         for i, err in lost.items():
             waited = self._await_engine(i, "load_weights", err)
             try:
-                reports[i] = ray.get(self.engines[i].load_weights.remote(ref, version=version, checksum=checksum))
+                reports[i] = ray.get(self.engines[i].load_weights.remote(ref, version=version, checksum=checksum,
+                                                                         keep=[ref]))
             except RayActorError as again:
                 raise EngineRestartError(f"engine {i} died again in the same load_weights call (version {version}) "
                                          f"after it was restarted: {_first_line(again)}") from again
-            self._record(i, "load_weights", err, waited, reports[i], checksum)
-        self.loaded = LoadedWeights(weights, version, checksum)
+            self._record(i, "load_weights", err, waited, reports[i], checksum, source="this call")
+        self.loaded = LoadedWeights(weights, version, checksum, ref)
         return reports
 
     def versions(self) -> list[int]:
@@ -239,9 +270,8 @@ class EnginePool:
             again = sorted(set(lost) & restored)
             if again:
                 i = again[0]
-                why = _first_line(lost[i]) if isinstance(lost[i], BaseException) else f"it serves version {lost[i]}"
                 raise EngineRestartError(f"engine {i} failed again in the same {method} call after it was restarted "
-                                         f"and restored ({why}): not retrying again")
+                                         f"and restored ({_why_text(lost[i])}): not retrying again")
             for i, why in lost.items():
                 self._restore(i, method, why, expected)
                 restored.add(i)
@@ -250,18 +280,22 @@ class EnginePool:
 
     # ------------------------------------------------------------------------------------------ recovery
     def _expected_version(self) -> int | None:
-        """The version every engine should serve: the one this pool loaded, else what they served at first use
-        (None if they disagreed then: the pool cannot tell, and concat_rollouts / version() complain)."""
+        """The version every engine should serve: the one this pool loaded, else the newest one the engines have
+        served since they first agreed (asked at every call: another pool, e.g. rank 0's, loads newer versions; an
+        engine serves an older one only after a restart). None until they agree: the pool cannot tell, and
+        concat_rollouts / version() complain."""
         if self.loaded is not None:
             return self.loaded.version
-        if self._base_version is None:
-            versions = set()
-            for ref in [e.version.remote() for e in self.engines]:
-                try:
-                    versions.add(ray.get(ref))
-                except RayActorError:  # dead or restarting now: the call itself finds out
-                    pass
-            self._base_version = versions.pop() if len(versions) == 1 else None
+        versions = set()
+        for ref in [e.version.remote() for e in self.engines]:
+            try:
+                versions.add(ray.get(ref))
+            except RayActorError:  # dead or restarting now: the call itself finds out
+                pass
+        if self._base_version is not None and versions:
+            self._base_version = max(self._base_version, *versions)
+        elif len(versions) == 1:
+            self._base_version = versions.pop()
         return self._base_version
 
     def _behind(self, engines: Sequence[int], expected: int | None) -> dict[int, Any]:
@@ -288,7 +322,7 @@ class EnginePool:
         """Wait until engine `i` answers again; returns the seconds waited. EngineRestartError if Ray will not
         restart it, or it is not back within `restart_timeout_s`."""
         start = time.perf_counter()
-        cause = _first_line(why) if isinstance(why, BaseException) else f"it serves version {why}"
+        cause = _why_text(why)
         while True:
             left = self.restart_timeout_s - (time.perf_counter() - start)
             try:
@@ -308,50 +342,87 @@ class EnginePool:
                 time.sleep(min(RESTART_POLL_S, max(self.restart_timeout_s - waited, 0.0)))
 
     def _restore(self, i: int, method: str, why: Any, expected: int | None) -> None:
-        """Bring engine `i` back to the pool's weights: wait for it, load the remembered weights (same version and
-        checksum; the engine verifies them by readback), print one line."""
+        """Bring engine `i` back to the pool's weights: wait for it, load the remembered weights, or without any
+        the weights a peer engine keeps at the expected version (same version and checksum; the engine verifies
+        them by readback), print one line."""
         waited = self._await_engine(i, method, why)
-        engine = self.engines[i]
-        if self.loaded is None:
-            if expected:
-                raise EngineRestartError(
-                    f"engine {i} was restarted during {method} and serves the base weights of its model dir, but this "
-                    f"pool did not load the version {expected} it served: nothing to restore (a pool restores only "
-                    "weights loaded through it)")
-            self._record(i, method, why, waited, None, None)
+        if self.loaded is not None:
+            loaded = self.loaded
+            self._reload(i, method, why, waited, loaded.ref, loaded.version, loaded.checksum, source="this pool")
+        elif expected:
+            self._restore_from_peer(i, method, why, waited, expected)
+        else:
+            self._record(i, method, why, waited, None, None)  # it serves its model dir's weights again
+
+    def _restore_from_peer(self, i: int, method: str, why: Any, waited: float, expected: int) -> None:
+        """Load into engine `i` the weights of version `expected` that another engine keeps (asked in index order;
+        dead or restarting ones are skipped); EngineRestartError if none holds them."""
+        asked = {j: e.kept.remote() for j, e in enumerate(self.engines)}
+        try:
+            own_version, own_checksum, _ = ray.get(asked.pop(i))
+        except RayActorError as err:
+            raise EngineRestartError(f"engine {i} died again while its weights (version {expected}) were restored "
+                                     f"during {method}: {_first_line(err)}") from err
+        if own_version == expected:  # unreachable for a while, not restarted
+            self._record(i, method, why, waited, None, own_checksum, version=own_version)
             return
-        loaded = self.loaded
+        for j, ref in asked.items():
+            try:
+                version, checksum, keep = ray.get(ref)
+            except RayActorError:
+                continue
+            if version == expected and keep:
+                try:
+                    self._reload(i, method, why, waited, keep[0], version, checksum, source=f"peer engine {j}")
+                except RayError as err:
+                    if not _lost_object(err):
+                        raise
+                    raise EngineRestartError(
+                        f"engine {i} was restarted during {method} and needs weights version {expected}, but the "
+                        f"copy that engine {j} keeps is lost from the object store: the pool that loaded it, on "
+                        f"another rank or process, is gone ({_first_line(err)})") from err
+                return
+        raise EngineRestartError(
+            f"engine {i} of {len(self.engines)} was restarted during {method} and serves the base weights of its model "
+            f"dir, but it needs weights version {expected} and no live engine still holds them (this pool did not "
+            "load them: the pool that did is on another rank or process)")
+
+    def _reload(self, i: int, method: str, why: Any, waited: float, ref: Any, version: int, checksum: str, *,
+                source: str) -> None:
+        """Load `ref` (version, checksum) into the restarted engine `i`, which keeps the reference too."""
+        engine = self.engines[i]
         try:
             served = ray.get(engine.version.remote()), ray.get(engine.checksum.remote())
-            if served == (loaded.version, loaded.checksum):  # unreachable for a while, not restarted
-                self._record(i, method, why, waited, None, loaded.checksum)
+            if served == (version, checksum):  # unreachable for a while, not restarted
+                self._record(i, method, why, waited, None, checksum, version=version)
                 return
-            report = ray.get(engine.load_weights.remote(ray.put(loaded.weights), version=loaded.version,
-                                                        checksum=loaded.checksum))
+            report = ray.get(engine.load_weights.remote(ref, version=version, checksum=checksum, keep=[ref]))
         except RayActorError as err:
-            raise EngineRestartError(f"engine {i} died again while its weights (version {loaded.version}) were "
+            raise EngineRestartError(f"engine {i} died again while its weights (version {version}) were "
                                      f"restored during {method}: {_first_line(err)}") from err
         except WeightVersionError as err:
-            print(f"[engine-pool] engine {i} restarted: restoring weights version {loaded.version} failed "
+            print(f"[engine-pool] engine {i} restarted: restoring weights version {version} from {source} failed "
                   f"verification: {_first_line(err)}", flush=True)
             raise EngineRestartError(f"engine {i} was restarted during {method} but the restored weights (version "
-                                     f"{loaded.version}) failed verification: {_first_line(err)}") from err
-        self._record(i, method, why, waited, report, loaded.checksum)
+                                     f"{version}, from {source}) failed verification: {_first_line(err)}") from err
+        self._record(i, method, why, waited, report, checksum, source=source)
 
     def _record(self, i: int, method: str, why: Any, waited: float, report: WeightSyncReport | None,
-                checksum: str | None) -> None:
-        """Note a restart in `restarts` and print its one line."""
+                checksum: str | None, *, version: int | None = None, source: str | None = None) -> None:
+        """Note a restart in `restarts` and print its one line (`version`: what it still serves, nothing reloaded;
+        `source`: where the weights it loaded came from)."""
         cause = type(why).__name__ if isinstance(why, BaseException) else f"served version {why}"
         verified = report is not None and report.checksum == checksum
         entry = {"engine": i, "method": method, "cause": cause, "waited_s": round(waited, 3),
                  "version": report.version if report is not None else None, "checksum": checksum,
-                 "verified": verified}
+                 "verified": verified, "source": source if report is not None else None}
         self.restarts.append(entry)
         if report is None:
-            what = (f"still serves weights version {self.loaded.version} (not restarted): nothing reloaded"
+            what = (f"still serves weights version {version} (not restarted): nothing reloaded"
                     if checksum is not None else "serves the base weights of its model dir: nothing to restore")
         else:
             loaded = "loaded" if method == "load_weights" else "restored"
-            what = (f"{loaded} weights version {report.version}, verify {'ok' if verified else 'FAILED'} "
+            origin = f" from {source}" if source and source.startswith("peer") else ""
+            what = (f"{loaded} weights version {report.version}{origin}, verify {'ok' if verified else 'FAILED'} "
                     f"(checksum {report.checksum}, readback {report.verify_s:.2f} s)")
         print(f"[engine-pool] engine {i} back after {waited:.1f} s ({cause} during {method}): {what}", flush=True)

@@ -5,8 +5,9 @@ A plain class with coarse, verb-named methods that take and return plain data (C
 
     generate(requests, group_size=, max_reasoning_tokens=, ...) -> RolloutBatch   (rollouts.py)
     score(requests) -> q_BK                                                       (teacher forcing of text)
-    load_weights(weights, version=, checksum=) -> WeightSyncReport                (weight_sync.py)
+    load_weights(weights, version=, checksum=, keep=) -> WeightSyncReport         (weight_sync.py)
     version() -> int                                                              (0: the checkpoint)
+    kept() -> (version, checksum, keep)                     what the last verified load_weights was told to keep
 
 vLLM starts its engine with spawn: any script that builds a `TeacherEngine` must guard its entry point with
 `if __name__ == "__main__":`. Environment variables that vLLM reads (KV-cache size, in-process engine) are
@@ -90,6 +91,7 @@ class TeacherEngine:
         self.score_ids = score_token_ids(self.tokenizer)
         self._version: int | None = 0  # 0: the checkpoint it started from; None: a failed, unverified update
         self._checksum: str | None = None
+        self._kept: list[Any] = []  # opaque, from load_weights(keep=): the pool's handle on the served weights
 
     # ------------------------------------------------------------------------------------------ state
     def version(self) -> int:
@@ -99,6 +101,12 @@ class TeacherEngine:
     def checksum(self) -> str | None:
         """The checksum (zray.checksum) of the served weights after the last update; None before any."""
         return self._checksum
+
+    def kept(self) -> tuple[int | None, str | None, list[Any]]:
+        """(version, checksum, keep): the served weights and what their last verified `load_weights` was told to
+        keep (`keep`, as given: the EnginePool's object-store reference to them; [] before any, or after a failed
+        update). A pool that did not load the weights restores a restarted engine from it."""
+        return self._version, self._checksum, list(self._kept)
 
     def _require_verified(self) -> int:
         if self._version is None:
@@ -172,21 +180,24 @@ class TeacherEngine:
 
     # ------------------------------------------------------------------------------------------ weights
     def load_weights(self, weights: Mapping[str, torch.Tensor] | bytes, *, version: int, checksum: str,
-                     reload: Any = None) -> WeightSyncReport:
+                     reload: Any = None, keep: Sequence[Any] | None = None) -> WeightSyncReport:
         """Serve new weights in place and verify them; see `actors/teacher_engine/weight_sync.py`.
 
         `weights`: a Hugging Face state dict (name -> tensor, in the served dtype) or its safetensors bytes;
         `checksum`: `zray.checksum.weights_checksum` of it, computed by the sender. A mismatch raises
         `WeightVersionError`: before loading (the old version stays served) or after the readback (the
         engine then refuses work until a later update verifies). `reload` replaces the reload step (tests).
+        `keep`: a list stored as it is once the weights verify and returned by `kept()` (the EnginePool passes
+        `[ref]`, its object-store reference to these weights: in a list, Ray hands over the reference itself).
         """
         start = time.perf_counter()
         state, data = receive_weights(self.llm, weights, version=version, checksum=checksum)  # loads nothing
         received_s = time.perf_counter() - start
-        self._version = None  # unverified until the readback matches
+        self._version, self._kept = None, []  # unverified until the readback matches
         report = apply_weights(self.llm, state, data, version=version, checksum=checksum,
                                in_process=self.cfg.in_process, reload=reload)
         self._version, self._checksum = report.version, report.checksum
+        self._kept = list(keep) if keep is not None else []
         return dataclasses.replace(report, load_s=report.load_s + received_s)
 
     def shutdown(self) -> None:

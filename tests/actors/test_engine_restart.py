@@ -1,12 +1,15 @@
 """Fault tolerance of the engine pool: a killed engine actor is restarted by Ray (on its base weights), the pool
-restores the weights it last loaded (checksum verified by the engine) and retries the lost chunk once.
+restores the weights it last loaded (checksum verified by the engine) and retries the lost chunk once; a pickled
+copy of the pool (a learner worker's) restores from the object-store copy a peer engine keeps.
 
 Real vLLM engines for the main paths (a death in flight or while restarting, a restart between calls, no restarts
-allowed); stand-in actors (no vLLM) for the bounds (a second death in one call, an engine not back in time).
+allowed); stand-in actors (no vLLM) for the bounds (a second death in one call, an engine not back in time) and
+for restores by a pool that did not load the weights.
 """
 
 import dataclasses
 import os
+import pickle
 import time
 
 import pytest
@@ -18,7 +21,7 @@ from actors.engine_pool import EnginePool, EngineRestartError, start_engines
 from zray.checksum import weights_checksum
 from zray.config import ConfigError, VLLMConfig
 from zray.rubric import ScoreRequest
-from zray.types import RolloutBatch, WeightSyncReport
+from zray.types import RolloutBatch, WeightSyncReport, WeightVersionError
 
 
 def _pid(actor):
@@ -88,6 +91,8 @@ def test_killed_engine_is_restarted_restored_and_its_chunk_retried(ray_session, 
         checksum = weights_checksum(state)
         pool.load_weights(state, version=1, checksum=checksum)
         assert pool.loaded.weights is state  # remembered by reference
+        version, kept_checksum, (kept_ref,) = ray.get(engines[1].kept.remote())
+        assert (version, kept_checksum) == (1, checksum) and kept_ref == pool.loaded.ref  # the engines keep the copy
         current_q = pool.score(requests_3)
         assert (current_q - base_q).abs().max() > 1e-3  # a restarted engine (base weights) would answer otherwise
         kwargs = dict(group_size=2, max_reasoning_tokens=4, seed=5)
@@ -102,6 +107,7 @@ def test_killed_engine_is_restarted_restored_and_its_chunk_retried(ray_session, 
         (entry,) = pool.restarts
         assert entry["engine"] == 1 and entry["method"] == "generate" and entry["version"] == 1
         assert entry["verified"] and entry["checksum"] == checksum and entry["cause"] == "ActorUnavailableError"
+        assert entry["source"] == "this pool"
         assert _pid(engines[1]) != pid and pool.versions() == [1, 1]
         assert ray.get(engines[1].checksum.remote()) == checksum
         out = capsys.readouterr().out
@@ -148,29 +154,36 @@ def _fake_engine_class():
             if ray.get_runtime_context().was_current_actor_reconstructed:
                 time.sleep(restart_sleep_s)
             self.die_in_generate = die_in_generate
-            self._version, self._checksum = 0, None
+            self._version, self._checksum, self._kept = 0, None, []
 
         def generate(self, requests, *, group_size, max_reasoning_tokens, temperature, seed, request_offset):
             if self.die_in_generate:
                 os._exit(1)
-            n, g = len(requests), group_size
-            ones = torch.ones(n, g, 1, dtype=torch.bool)
+            n, g = len(requests), group_size  # one reasoning token, the score prefix, the score token
+            ones = torch.ones(n, g, 3, dtype=torch.bool)
+            policy = ones.clone()
+            policy[..., 1] = False
             return RolloutBatch(
                 prompt_ids_NL=(torch.arange(n) + request_offset + 1).view(n, 1),
-                prompt_mask_NL=torch.ones(n, 1, dtype=torch.bool), response_ids_NGT=torch.full((n, g, 1), 5),
-                response_mask_NGT=ones, policy_mask_NGT=ones, old_logprobs_NGT=torch.full((n, g, 1), -0.5),
-                score_index_NG=torch.zeros(n, g, dtype=torch.int64), q_NGK=torch.full((n, g, 9), 1 / 9),
+                prompt_mask_NL=torch.ones(n, 1, dtype=torch.bool),
+                response_ids_NGT=torch.tensor([5, 6, 7]).repeat(n, g, 1), response_mask_NGT=ones, policy_mask_NGT=policy, old_logprobs_NGT=-0.5 * policy.float(),
+                score_index_NG=torch.full((n, g), 2), q_NGK=torch.full((n, g, 9), 1 / 9),
                 mu_NG=torch.full((n, g), 3.0), format_ok_NG=torch.ones(n, g, dtype=torch.bool),
-                finish_NG=torch.zeros(n, g, dtype=torch.int8), num_reasoning_NG=torch.zeros(n, g, dtype=torch.int64),
+                finish_NG=torch.zeros(n, g, dtype=torch.int8), num_reasoning_NG=torch.ones(n, g, dtype=torch.int64),
                 weights_version=self._version, temperature=temperature)
 
-        def load_weights(self, weights, *, version, checksum):
-            self._version, self._checksum = version, checksum
+        def load_weights(self, weights, *, version, checksum, keep=None):
+            if weights_checksum(weights) != checksum:  # TeacherEngine verifies by readback
+                raise WeightVersionError(f"checksum {checksum} does not match the weights received")
+            self._version, self._checksum, self._kept = version, checksum, list(keep or [])
             return WeightSyncReport(version=version, checksum=checksum, num_tensors=len(weights), num_bytes=0,
                                     load_s=0.0, verify_s=0.0)
 
         def version(self):
             return self._version
+
+        def kept(self):
+            return self._version, self._checksum, list(self._kept)
 
         def checksum(self):
             return self._checksum
@@ -292,3 +305,94 @@ def test_an_engine_dead_during_load_weights_gets_the_new_weights(fake_actor):
     assert [r.version for r in reports] == [2, 2] and pool.versions() == [2, 2]
     assert [(e["engine"], e["method"], e["version"], e["verified"]) for e in pool.restarts] == [
         (0, "load_weights", 2, True)]
+
+
+# ------------------------------------------------------------------------------------------ a pool that did not load
+
+
+def _shipped(pool):
+    """The copy a learner worker gets (only rank 0's pool loads weights), used once as a worker does every step."""
+    copy = pickle.loads(pickle.dumps(pool))
+    assert copy.loaded is None and copy.restarts == []
+    copy.generate(list(range(4)), group_size=2, max_reasoning_tokens=4, seed=0)
+    return copy
+
+
+def _kill(actor):
+    pid = _pid(actor)
+    ray.kill(actor, no_restart=False)
+    _wait_until_down(actor, pid)
+
+
+def test_a_pool_that_did_not_load_restores_from_a_peer_engine(fake_actor, capsys):
+    engines = [fake_actor(), fake_actor()]
+    pool_a = EnginePool(engines)
+    state = {"w": torch.arange(4.0)}
+    checksum = weights_checksum(state)
+    pool_a.load_weights(state, version=1, checksum=checksum)
+    pool_b = _shipped(pool_a)
+
+    _kill(engines[1])
+    batch = pool_b.generate(list(range(4)), group_size=2, max_reasoning_tokens=4, seed=0)
+    assert batch.weights_version == 1 and batch.prompt_ids_NL[:, 0].tolist() == [1, 2, 3, 4]
+    assert ray.get(engines[1].version.remote()) == 1 and ray.get(engines[1].checksum.remote()) == checksum
+    (entry,) = pool_b.restarts
+    assert (entry["engine"], entry["method"], entry["version"], entry["checksum"], entry["verified"],
+            entry["source"]) == (1, "generate", 1, checksum, True, "peer engine 0")
+    assert "restored weights version 1 from peer engine 0, verify ok" in capsys.readouterr().out
+    assert pool_a.restarts == [] and pool_a.versions() == [1, 1]
+
+    # the restored engine keeps the copy too: engine 0 restarted next is restored from engine 1
+    _kill(engines[0])
+    assert pool_b.generate(list(range(4)), group_size=2, max_reasoning_tokens=4, seed=0).weights_version == 1
+    assert [(e["engine"], e["source"], e["verified"]) for e in pool_b.restarts[1:]] == [(0, "peer engine 1", True)]
+    assert ray.get(engines[0].checksum.remote()) == checksum
+
+    # a newer version loaded by pool A is what pool B expects (and restores) from then on
+    state2 = {"w": torch.arange(4.0) + 1}
+    pool_a.load_weights(state2, version=2, checksum=weights_checksum(state2))
+    assert pool_b.generate(list(range(4)), group_size=2, max_reasoning_tokens=4, seed=0).weights_version == 2
+    _kill(engines[1])
+    assert pool_b.generate(list(range(4)), group_size=2, max_reasoning_tokens=4, seed=0).weights_version == 2
+    assert [(e["engine"], e["version"], e["source"]) for e in pool_b.restarts[2:]] == [(1, 2, "peer engine 0")]
+
+
+@pytest.mark.parametrize("num_engines", [1, 2])
+def test_no_live_engine_holding_the_weights_is_a_clear_error(fake_actor, num_engines):
+    engines = [fake_actor() for _ in range(num_engines)]
+    pool_a = EnginePool(engines)
+    state = {"w": torch.ones(2)}
+    pool_a.load_weights(state, version=1, checksum=weights_checksum(state))
+    pool_b = _shipped(pool_a)
+    for actor in engines:  # every engine restarted: none keeps the weights
+        _kill(actor)
+    with pytest.raises(EngineRestartError, match=rf"engine 0 of {num_engines} was restarted during generate and serves "
+                                                 r"the base weights of its model dir, but it needs weights version 1 "
+                                                 r"and no live engine still holds them \(this pool did not load them: "
+                                                 r"the pool that did is on another rank or process\)"):
+        pool_b.generate(list(range(4)), group_size=2, max_reasoning_tokens=4, seed=0)
+
+
+def test_weights_lost_with_the_process_that_loaded_them_are_a_clear_error(fake_actor):
+    """The object-store copy is owned by the loading pool's process: once it is gone, the references the engines
+    keep cannot be loaded."""
+
+    class Loader:
+        def load(self, engines, state, version, checksum):
+            from actors.engine_pool import EnginePool
+
+            self.pool = EnginePool(engines)
+            self.pool.load_weights(state, version=version, checksum=checksum)
+
+    engines = [fake_actor(), fake_actor()]
+    loader = ray.remote(num_cpus=0.1)(Loader).remote()
+    state = {"w": torch.ones(2)}
+    ray.get(loader.load.remote(engines, state, 1, weights_checksum(state)))
+    pool_b = _shipped(EnginePool(engines))
+    pid = _pid(loader)
+    ray.kill(loader)
+    _wait_until_down(loader, pid)
+    _kill(engines[1])
+    with pytest.raises(EngineRestartError, match=r"engine 1 was restarted during generate and needs weights version 1, "
+                                                 r"but the copy that engine 0 keeps is lost from the object store"):
+        pool_b.generate(list(range(4)), group_size=2, max_reasoning_tokens=4, seed=0)
