@@ -40,15 +40,16 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 else
   start=$(date +%s)
   echo "[zray] installing zray[$profile,test] with $constraints (a few minutes on a fresh machine)"
-  # uv installs the same pins as pip, several times faster on a fresh machine (32 s against 120 s here;
-  # docs/experiments.md, section 11): parallel downloads, and no bytecode compiled up front (Python compiles what
-  # is imported, once). uv does not read pip's configuration: the find-links it names (where a local torch +cpu
-  # wheel lies on our machines) are passed on.
+  # uv installs the same pins as pip, faster on a fresh machine (parallel downloads; docs/experiments.md, section
+  # 11). Bytecode is compiled up front, as pip does: where PYTHONDONTWRITEBYTECODE is set (our machines), a module
+  # without its .pyc is compiled again by every process that imports it (torch, vLLM: seconds per process). uv does
+  # not read pip's configuration: the find-links it names (where a local torch +cpu wheel lies on our machines) are
+  # passed on.
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "uv==$uv_version"
   links="${PIP_FIND_LINKS:-$("$venv/bin/python" -m pip config get global.find-links 2>/dev/null || true)}"
   link_args=()
   for link in $links; do link_args+=(--find-links "$link"); done
-  "$venv/bin/uv" pip install --quiet --python "$venv/bin/python" "${link_args[@]}" -c "$constraints" \
+  "$venv/bin/uv" pip install --quiet --compile-bytecode --python "$venv/bin/python" "${link_args[@]}" -c "$constraints" \
     -e ".[$profile,test]"
   if [ "$profile" = cpu ]; then
     "$venv/bin/uv" pip uninstall --quiet --python "$venv/bin/python" torchaudio torchcodec 2>/dev/null || true
