@@ -27,7 +27,6 @@ import json
 import os
 import random
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -152,9 +151,6 @@ class _Display:
     def close(self) -> None:
         self.writer.close()
         self.bar.close()
-        # The bar's last state (closed) is a line on this worker's stdout, block-buffered: Ray Train kills the worker
-        # when the fit ends, so without a flush the driver never hears of the close and keeps redrawing a dead bar.
-        sys.stdout.flush()
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints

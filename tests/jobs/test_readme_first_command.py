@@ -31,3 +31,8 @@ def test_readme_first_command_runs_the_whole_pipeline(readme_pipeline):
     assert (run / "reward_finetune" / "turbo" / "grid.png").stat().st_size > 10_000
     assert "![reward_finetune/turbo/grid.png](reward_finetune/turbo/grid.png)" in text
     assert "[run] 8 stages in" in readme_pipeline["stdout"]
+    # each learner's progress bar closes with its fit: the first fit's (the teacher's vision warm-up) is not drawn
+    # again by later ones (it was, for the whole run, while Ray Train routed the workers' print through its logger)
+    out = readme_pipeline["stdout"]
+    assert "vision_teacher loss" in out
+    assert "vision_teacher loss" not in out[out.index("[run 3/8]"):]
