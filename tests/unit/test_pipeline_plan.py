@@ -37,6 +37,44 @@ def test_a_changed_section_changes_that_stage_and_everything_downstream_only():
     assert differs == {"train_teacher", "train_student", "serve", "reward_finetune"}
 
 
+def test_a_field_added_at_its_default_changes_no_fingerprint():
+    """Only values that differ from their defaults count: code that grows the config (a new field, its default
+    keeping the old behaviour) leaves a long run's records valid."""
+    from zray.pipeline.plan import explicit_config
+
+    @dataclasses.dataclass(frozen=True)
+    class Before:
+        lr: float = 1e-3
+        steps: int = 10
+
+    @dataclasses.dataclass(frozen=True)
+    class After:  # the same config with a field added later, at its default
+        lr: float = 1e-3
+        steps: int = 10
+        warmup: int = 0
+
+    @dataclasses.dataclass(frozen=True)
+    class Outer:
+        seed: int = 0
+        learner: object = dataclasses.field(default_factory=Before)
+
+    @dataclasses.dataclass(frozen=True)
+    class OuterAfter:
+        seed: int = 0
+        learner: object = dataclasses.field(default_factory=After)
+
+    assert explicit_config(Outer(learner=Before(steps=5))) == explicit_config(OuterAfter(learner=After(steps=5))) \
+        == {"learner": {"steps": 5}}
+    assert explicit_config(OuterAfter(learner=After(steps=5, warmup=3))) == {"learner": {"steps": 5, "warmup": 3}}
+    assert explicit_config(Outer()) == {} and explicit_config(RunConfig()) == {}
+    # a value set equal to its default is the default; recipes differ where they set different values
+    base = RunConfig()
+    assert fingerprints(dataclasses.replace(base, seed=0)) == fingerprints(base)
+    from jobs.recipes import dev, tiny_cpu
+
+    assert fingerprints(tiny_cpu())["data"] != fingerprints(dev())["data"]
+
+
 def test_name_and_out_dir_do_not_count():
     base = RunConfig()
     moved = dataclasses.replace(base, name="other", out_dir="/elsewhere")

@@ -3,7 +3,10 @@
 Every stage writes into its own folder of the run directory (`<out_dir>/<stage>/`, the folder its job writes on its
 own) and has a record, `<out_dir>/pipeline/<stage>.json`: its config fingerprint, its status ("running" or "done"),
 when it ran and its wall time. The fingerprint hashes the config sections the stage reads (`Stage.sections`) and the
-fingerprints of the stages it depends on, so a changed config re-runs that stage and everything downstream.
+fingerprints of the stages it depends on, so a changed config re-runs that stage and everything downstream. Only
+the values that differ from their dataclass defaults count (`explicit_config`): a field added to the config later,
+at a default that keeps the old behaviour (the convention), leaves every fingerprint as it was, so a long run
+survives code that grows the config. Like a code change, a changed default re-runs nothing.
 
     decide(record, fingerprint, outputs_exist) -> "skip" | "resume" | "run" | "rerun"
 
@@ -20,12 +23,12 @@ then a rename): a crash mid-write leaves the old record or the new one, never a 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +39,7 @@ RECORD_DIR = "pipeline"
 SUPERSEDED_DIR = "superseded"
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Stage:
     """One stage: `name` (also its folder under the run dir), the `RunConfig` sections it reads, the stages whose
     outputs it reads, and `title` for progress and the report."""
@@ -81,12 +84,45 @@ def select_stages(spec: str | None) -> tuple[Stage, ...]:
     return tuple(s for s in STAGES if s.name in names)
 
 
+def explicit_config(obj: Any) -> Any:
+    """The parts of a config tree that differ from their dataclass defaults, nested, JSON-ready: a field equal to
+    its default is left out; a nested config that differs keeps only its differing fields; any other value is kept
+    whole (a tuple of configs as a list of dicts)."""
+    if not dataclasses.is_dataclass(obj):
+        return _plain(obj)
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:  # a required field always counts
+            out[f.name] = _plain(value)
+            continue
+        if value == default:
+            continue
+        nested = dataclasses.is_dataclass(value) and type(value) is type(default)
+        out[f.name] = explicit_config(value) if nested else _plain(value)
+    return out
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return to_dict(value)
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value
+
+
 def fingerprints(cfg: RunConfig) -> dict[str, str]:
-    """{stage: sha256 of the config sections it reads and its dependencies' fingerprints}, for every stage."""
-    tree = to_dict(cfg)
+    """{stage: sha256 of the config sections it reads (their values that differ from the defaults) and its
+    dependencies' fingerprints}, for every stage."""
+    tree = explicit_config(cfg)
     found: dict[str, str] = {}
     for stage in STAGES:  # dependencies come first in STAGES
-        payload = {"sections": {k: tree[k] for k in stage.sections}, "deps": {d: found[d] for d in stage.deps}}
+        payload = {"sections": {k: tree[k] for k in stage.sections if k in tree},
+                   "deps": {d: found[d] for d in stage.deps}}
         found[stage.name] = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return found
 
