@@ -32,7 +32,7 @@ Fault tolerance. A worker that fails (raises, or its process dies: OOM kill, los
 then restarts the whole worker group, up to `LearnerConfig.max_failures` times per `fit` (`FailureConfig`), and the
 new workers continue from the latest checkpoint Ray Train registered for the run (`ray.train.get_checkpoint()`;
 never a half-written one) with the state a resume restores, so the run ends with the parameters of an
-uninterrupted one (tests/actors/test_learner_failure.py checks it). The steps since that checkpoint are done again;
+uninterrupted one (tests/actors/test_learner.py checks it). The steps since that checkpoint are done again;
 `LearnerResult.restarts` counts the restarts. Past `max_failures`, `fit` raises and the run can be continued later.
 
 Placement. Each worker asks for `cpus_per_worker` CPUs, a GPU with `use_gpu` and `LearnerConfig.resources` (custom
