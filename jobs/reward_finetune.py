@@ -97,10 +97,11 @@ def input_dirs(cfg: RunConfig, generator: str, generator_dir: str | None,
     check_generator_architecture(found[1], "reward_finetune.pipeline_dir")
     check_vlm_architecture(found[2], "reward_finetune.reward_dir")
     scoring = found[2] / "zray_scoring.json"
-    if scoring.is_file() and json.loads(scoring.read_text()).get("form") != "direct":
+    form = json.loads(scoring.read_text()).get("form") if scoring.is_file() else "direct"
+    if form != "direct":
         raise ConfigError(f"reward_finetune.reward_dir={str(found[2])!r} is not allowed: {scoring} says form "
-                          f"{json.loads(scoring.read_text()).get('form')!r}; the differentiable reward scores in one "
-                          "token: expected a direct-form student (RISD or SFT)")
+                          f"{form!r}; the differentiable reward scores in one token: expected a direct-form student "
+                          "(RISD or SFT)")
     return found[0], found[1], found[2]
 
 

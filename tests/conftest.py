@@ -60,12 +60,16 @@ def _readme_command(root):
     return match.group(1).strip()
 
 
+def _reads_readme_run(item) -> bool:
+    return "readme_pipeline" in getattr(item, "fixturenames", ())
+
+
 class _ReadersLast:
     """Moves the tests that read the README run to the end (after -m has deselected: trylast)."""
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(self, config, items):
-        readers = [item for item in items if "readme_pipeline" in getattr(item, "fixturenames", ())]
+        readers = [item for item in items if _reads_readme_run(item)]
         if readers:
             items[:] = [item for item in items if item not in readers] + readers
 
@@ -82,8 +86,7 @@ def pytest_collection_finish(session):
     import time
     from pathlib import Path
 
-    if session.config.option.collectonly or not any(
-            "readme_pipeline" in getattr(item, "fixturenames", ()) for item in session.items):
+    if session.config.option.collectonly or not any(_reads_readme_run(item) for item in session.items):
         return
     root = Path(__file__).resolve().parents[1]
     command, run_dir = _readme_command(root), root / "runs" / "tiny_cpu"

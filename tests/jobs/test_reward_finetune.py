@@ -3,6 +3,7 @@ GSB against step 0, the grid, resume, the reward-hacking stop, and clear errors 
 
 import dataclasses
 import json
+import shutil
 
 import pytest
 
@@ -45,6 +46,12 @@ def test_missing_inputs_are_clear_errors(tmp_path, inputs, capsys):
     with pytest.raises(ConfigError, match=r"reward_dir=.*zray train-student --method risd"):
         run_reward_finetune(_cfg(tmp_path, generator_dir=inputs["generator_dir"],
                                  pipeline_dir=inputs["generator_dir"]))
+    reasoning = tmp_path / "opd_student"
+    shutil.copytree(inputs["reward_dir"], reasoning)
+    (reasoning / "zray_scoring.json").write_text(json.dumps({"form": "reasoning", "method": "opd"}))
+    with pytest.raises(ConfigError, match=r"reward_dir=.*says form 'reasoning'.*expected a direct-form student"):
+        run_reward_finetune(_cfg(tmp_path, generator_dir=inputs["generator_dir"],
+                                 pipeline_dir=inputs["generator_dir"], reward_dir=str(reasoning)))
     assert main(["reward-finetune", "--set", f"out_dir={tmp_path}"]) == 2
     assert "reward_finetune.generator_dir=" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="learner.lr_schedule='cosine' is not allowed"):

@@ -1,6 +1,6 @@
 """The run's `report.md`: one page that says what the pipeline did and what came out of it.
 
-    write_report(out_dir, cfg, order) -> Path
+    write_report(out_dir, cfg, actions) -> Path
 
 Built only from what the stages wrote (their records in `<out_dir>/pipeline/` and their own tables and plots), so a
 report can be re-made at any time and never states a figure no stage measured:
@@ -39,13 +39,14 @@ STAGE_TABLES: dict[str, tuple[str, ...]] = {  # each stage's own Markdown, relat
 SKIP_PARTS = ("checkpoint_", "tensorboard", "superseded", "teacher_samples", "train")
 
 
-def stage_table(out_dir: Path, actions: dict[str, str]) -> tuple[str, float]:
-    """The Markdown table of every stage's record, and the total wall time of the stages that are done."""
+def stage_table(records: dict[str, dict[str, Any] | None], actions: dict[str, str]) -> tuple[str, float]:
+    """The Markdown table of every stage's record (None: not run), and the total wall time of the stages that are
+    done."""
     lines = ["| stage | what | status | this invocation | wall time | attempts | folder |",
              "|---|---|---|---|---|---|---|"]
     total = 0.0
     for stage in STAGES:
-        record = read_record(out_dir, stage.name)
+        record = records[stage.name]
         status = record["status"] if record else "not run"
         wall = float(record.get("wall_s", 0.0)) if record else 0.0
         if record and status == "done":
@@ -83,7 +84,8 @@ def write_report(out_dir: str | os.PathLike, cfg: RunConfig, actions: dict[str, 
     """Write `<out_dir>/report.md` (and `pipeline/summary.json`, the stage records in one file); returns its path."""
     out = Path(out_dir)
     actions = actions or {}
-    table, total = stage_table(out, actions)
+    records = {stage.name: read_record(out, stage.name) for stage in STAGES}
+    table, total = stage_table(records, actions)
     parts = [f"# zray run: recipe `{cfg.name}`", "",
              f"Run directory `{out}`; report written {time.strftime('%Y-%m-%d %H:%M:%S')}. Stages run in the order "
              "below; a stage is skipped when its output exists and its recorded config matches (`pipeline/<stage>.json`).",
@@ -93,10 +95,8 @@ def write_report(out_dir: str | os.PathLike, cfg: RunConfig, actions: dict[str, 
                   "that the stage ran end to end, not how well the method works. The `dev` recipe gives the real "
                   "tables (docs/experiments.md).", ""]
     parts += ["## Stages", "", table, "", f"Total wall time of the finished stages: {total / 60:.1f} min.", ""]
-    records = {}
     for stage in STAGES:
-        record = read_record(out, stage.name)
-        records[stage.name] = record
+        record = records[stage.name]
         folder = out / stage.name
         if not record or not folder.exists():
             continue
