@@ -12,10 +12,10 @@ the teacher with 8 steps and naively with 2 steps (the references); then for eac
 + DeepSpeed, checkpoints, TensorBoard, resume) and judge it on the same prompts from the same noise.
 
 Outputs under `<out_dir>/distill_generator/`: `teacher_samples/` (Parquet), `<variant>/` (the Ray Train run:
-checkpoints, `tensorboard/`, `final/` in `TwoStepStudent` layout, `phase.json`, and `pipeline/`: the student as a
-folder diffusers alone samples, with its two-step recipe in `pipeline/README.md`), `references.json`,
-`metrics.json`, `results.md` (the table: `zray.evaluation.turbo`), `samples.png` (teacher | naive 2-step |
-variants, same noise). Experiment records: docs/experiments.md.
+checkpoints, `tensorboard/`, `final/` in `TwoStepStudent` layout, `phase.json`, `training.png` (its curves), and
+`pipeline/`: the student as a folder diffusers alone samples, with its two-step recipe in `pipeline/README.md`),
+`references.json`, `metrics.json`, `results.md` (the table: `zray.evaluation.turbo`), `samples.png` (teacher |
+naive 2-step | variants, same noise). Experiment records: docs/experiments.md.
 
 With `data.dir` (a `zray data import --kind prompts` folder) the prompts are the import's: the teacher samples come
 from its train split (`zray.data.imported.prompt_rows`), the held-out prompts from its test split. The judge cannot
@@ -42,9 +42,11 @@ from zray.evaluation.turbo import (NO_JUDGE_NOTE, compare_to_references, frechet
 from zray.models.generator import initial_noise, load_zimage, sample_images, to_pil
 from zray.models.turbo import TwoStepStudent, sample_two_step_images
 from zray.models.turbo_export import export_two_step_pipeline
+from zray.training.curves import save_curves
 from zray.training.runs import write_text_atomic
 
 NUM_GRID = 8
+CURVES = ("loss", "paired_loss", "step1_loss", "adv_loss", "d_loss", "d_real_acc", "d_fake_acc")  # of training.png
 
 
 def teacher_pipeline_dir(cfg: RunConfig) -> Path:
@@ -154,6 +156,7 @@ def run_distill_generator(cfg: RunConfig, resume: bool = False,
                          image_size=cfg.world.image_size, disc_grad_clip=dcfg.disc_grad_clip)
         phase = fit_phase(task, dcfg.learner, train, root, variant, resume, dcfg.time_budget_s,
                           tag="distill-generator")
+        save_curves(root / variant / "training.png", phase["history"], CURVES, f"Turbo++ {variant}")
         student = TwoStepStudent.from_pretrained(phase["final_dir"]).eval()
         export_dir = root / variant / "pipeline"
         if not (export_dir / "README.md").is_file():  # written last: kept on --resume, a cut export is redone

@@ -31,9 +31,9 @@ token scoring and the teacher's evaluation; one student set serves OPD's rollout
 evaluation, its final weights loaded into it and verified by checksum readback.
 
 Outputs under `<out_dir>/train_student/`: `<method>/` (Ray Train checkpoints, `final/` with `zray_scoring.json`,
-`metrics.json`), `teacher/metrics.json` (the teacher evaluated once, reasoning form), and `results.md`: student
-methods beside their teacher and the oracle (the world's true scores; none for imported data), with scoring
-throughput.
+`metrics.json`, `training.png`), `teacher/metrics.json` (the teacher evaluated once, reasoning form), and
+`results.md`: student methods beside their teacher and the oracle (the world's true scores; none for imported data),
+with scoring throughput.
 """
 
 from __future__ import annotations
@@ -48,9 +48,12 @@ from zray.config import STUDENT_METHODS, ConfigError, RunConfig, to_dict
 from zray.data import ensure_world
 from zray.data.imported import data_rubric, import_kind, imported_distill_inputs, imported_pairs, select_dimensions
 from zray.rubric import Rubric
+from zray.training.curves import save_curves
 from zray.training.runs import export_final, has_checkpoint, pretrained_vlm_dir, write_text_atomic
 
 METHOD_NAMES = {"sft": "SFT", "opd": "OPD", "risd": "RISD", "teacher": "teacher", "oracle": "oracle"}
+# the panels of <method>/training.png
+CURVES = ("loss", "ce", "mu_abs_err", "ce_loss", "pair_acc", "reverse_kl", "format_fail_frac", "step_time_s")
 
 
 def model_dir(given: str, default: Path, field: str, hint: str) -> Path:
@@ -211,6 +214,7 @@ def train_method(cfg: RunConfig, name: str, base: Path, teacher: Path, engines: 
     fitted = fit(task, scfg.learner, datasets={"train": train}, storage_path=root, name=name,
                  resume=resume and has_checkpoint(run_dir), time_budget_s=scfg.time_budget_s)
     final_dir = export_final(fitted.hf_dir, run_dir)
+    save_curves(run_dir / "training.png", fitted.history, CURVES, f"student {METHOD_NAMES[name]}")
     write_rubric_file(final_dir, data.rubric)  # what `zray serve` serves
     evaluation = None if data.eval_rows is None else evaluate_on(
         cfg, final_dir, f"student_{name}", engines.serve_student(final_dir), engines.start_s.get("student"),

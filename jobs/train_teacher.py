@@ -39,6 +39,7 @@ from zray.data import ensure_world
 from zray.data.imported import data_rubric, imported_pairs, select_dimensions
 from zray.data.pair_examples import pair_examples
 from zray.evaluation.rewards import evaluation_rows, markdown_row, results_table
+from zray.training.curves import save_curves
 from zray.training.runs import export_final, has_checkpoint, pretrained_vlm_dir, write_text_atomic
 
 METHOD_NAMES = {"zero_shot": "zero-shot", "sft": "SFT", "grpo": "GRPO", "gdso": "GDSO"}
@@ -137,7 +138,7 @@ def run_train_teacher(cfg: RunConfig, method: str | None = None, resume: bool = 
             run_dir.mkdir(parents=True, exist_ok=True)
             write_text_atomic(run_dir / "metrics.json", json.dumps(record, indent=2, default=str))
             if fitted is not None:
-                save_training_curves(run_dir / "training.png", fitted.history, METHOD_NAMES[name])
+                save_curves(run_dir / "training.png", fitted.history, CURVES, f"teacher {METHOD_NAMES[name]}")
             records[name] = record
             print(f"[train-teacher] {METHOD_NAMES[name]}: pooled HPA {evaluation['pooled']['hpa']:.4f} -> {run_dir}")
     finally:
@@ -223,25 +224,3 @@ def ordering_lines(out: Path, methods: list[str]) -> str:
         return ""
     return ("\nPooled HPA differences in the expected order, paired bootstrap over test prompts (95%, 2,000 "
             "samples):\n\n" + ordering_markdown(ordering_intervals(found)) + "\n")
-
-
-def save_training_curves(path: Path, history: list[dict[str, float]], title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = [k for k in CURVES if any(k in h for h in history)]
-    if not keys or not history:
-        return
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
-    steps = [h["step"] for h in history]
-    for ax, key in zip(axes[0], keys, strict=True):
-        ax.plot(steps, [h.get(key, float("nan")) for h in history], marker=".")
-        ax.set_title(key, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-        ax.tick_params(labelsize=7)
-    fig.suptitle(f"teacher {title}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

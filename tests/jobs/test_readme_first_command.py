@@ -30,6 +30,10 @@ def test_readme_first_command_runs_the_whole_pipeline(readme_pipeline):
     assert check["compared"] == check["requests"] * 4 and check["max_abs_diff_expected_score"] < 1e-4, check
     assert (run / "reward_finetune" / "turbo" / "grid.png").stat().st_size > 10_000
     assert "![reward_finetune/turbo/grid.png](reward_finetune/turbo/grid.png)" in text
+    # every learner stage's training curves, in the report
+    for curves in ("train_teacher/gdso/training.png", "train_student/risd/training.png",
+                   "distill_generator/turbo/training.png", "pretrain_generator/loss_curves.png"):
+        assert (run / curves).stat().st_size > 5_000 and f"![{curves}]({curves})" in text, curves
     assert "[run] 8 stages in" in readme_pipeline["stdout"]
     # each learner's progress bar closes with its fit: the first fit's (the teacher's vision warm-up) is not drawn
     # again by later ones (it was, for the whole run, while Ray Train routed the workers' print through its logger)
