@@ -176,6 +176,13 @@ class VLLMConfig:
     enforce_eager: bool = True
     in_process: bool = True  # VLLM_ENABLE_V1_MULTIPROCESSING=0: faster start, less memory
     max_model_len: int = 1024
+    # Sequences one engine step decodes together (vLLM's scheduler cap). A GDSO rollout of P pairs x 2 sides x G
+    # samples is one batch; above the cap it runs in waves, each paying the per-step overhead again.
+    max_num_seqs: int = 512
+    # KV-cache block size in tokens; 0 = vLLM's default (128 on CPU, 16 on CUDA; the CPU attention needs a
+    # multiple of 32). Prefix caching reuses whole blocks only: the rollouts' score pass re-reads each sample's
+    # prompt and reasoning, so smaller blocks let it reuse more of the KV its sampling call computed.
+    block_size: int = 32
     gpu_memory_utilization: float = 0.5
     # Chunked prefill splits long prompt batches across steps. vLLM 0.32's CPU runner then rewinds the seeded
     # per-request generators with a CUDA-only call and the engine dies ("CPU Generator does not use offset"),
@@ -205,7 +212,9 @@ class VLLMConfig:
         _require(isinstance(self.max_engine_restarts, int) and not isinstance(self.max_engine_restarts, bool)
                  and self.max_engine_restarts >= 0, "VLLMConfig.max_engine_restarts", self.max_engine_restarts,
                  "an integer >= 0 (0: a dead engine is not restarted; Ray's -1, restart forever, is not allowed)")
-        _positive(self, "kv_cache_gib", "max_model_len", "num_engines")
+        _positive(self, "kv_cache_gib", "max_model_len", "max_num_seqs", "num_engines")
+        _require(isinstance(self.block_size, int) and self.block_size >= 0 and self.block_size % 16 == 0,
+                 "VLLMConfig.block_size", self.block_size, "0 (vLLM's default) or a multiple of 16")
         _require(0.0 < self.gpu_memory_utilization <= 1.0, "VLLMConfig.gpu_memory_utilization",
                  self.gpu_memory_utilization, "in (0, 1]")
         _require(isinstance(self.cpus_per_engine, (int, float)) and self.cpus_per_engine > 0,

@@ -83,7 +83,7 @@ class TeacherEngine:
         self.cfg = cfg
         self.model_dir = str(model_dir)
         self.llm = LLM(model=self.model_dir, enforce_eager=cfg.enforce_eager, max_model_len=cfg.max_model_len,
-                       gpu_memory_utilization=cfg.gpu_memory_utilization, limit_mm_per_prompt={"image": 1},
+                       max_num_seqs=cfg.max_num_seqs, block_size=cfg.block_size or None, gpu_memory_utilization=cfg.gpu_memory_utilization, limit_mm_per_prompt={"image": 1},
                        seed=seed, dtype=dtype, enable_chunked_prefill=cfg.chunked_prefill,
                        max_num_batched_tokens=None if cfg.chunked_prefill else max(cfg.max_model_len, 8192))
         self.start_s = time.perf_counter() - start
@@ -166,7 +166,8 @@ class TeacherEngine:
         self._require_verified()
         reqs = [r if isinstance(r, ScoreRequest) else ScoreRequest(*r) for r in requests]
         texts = [render_score_context(self.tokenizer, r.prompt, r.dimension, r.reasoning, r.anchors) for r in reqs]
-        params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(self.score_ids))
+        params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(self.score_ids),
+                                detokenize=False)
         outputs = self.llm.generate(self._inputs(texts, [r.image for r in reqs]), params, use_tqdm=False)
         result = []
         for out in outputs:

@@ -2,22 +2,32 @@
 
 Two batched engine calls per batch (methods.md §1-2):
 
-1. **Sample**: per input, `n = G` reasoning samples with `stop=["Score:"]`, at most `max_reasoning_tokens`,
-   `logprobs=0` (the sampled token's log-prob). vLLM forks the G children from one prompt, so the prompt and
+1. **Sample**: per input, `n = G` reasoning samples that stop where the model starts the score prefix, at most
+   `max_reasoning_tokens`, `logprobs=0` (the sampled token's log-prob, kept in vLLM's flat container: a few
+   lists per sample instead of a dict per token). vLLM forks the G children from one prompt, so the prompt and
    the image are processed once.
 2. **Score**: per sample, the token prompt `prompt + kept reasoning + canonical score prefix` with
    `max_tokens=1` and `logprob_token_ids=<the nine score tokens>`: q at the score position. Prefix caching
-   reuses the prompt's KV blocks from call 1, so this call costs about one prefill of the reasoning.
+   reuses the KV blocks of call 1 (prompt and reasoning) that are whole blocks (`VLLMConfig.block_size`), so
+   this call costs a prefill of each sample's last partial block and the prefix.
 
 Then the score token is drawn from q (tempered), seeded per sample. The token ids in the `RolloutBatch`
 are exactly those that were fed to the engine; a check compares vLLM's expanded prompt of call 2 with the
 prompt ids of call 1 plus the appended tokens.
 
-Cutting at the score prefix: vLLM stops on the *text* "Score:", so the tokens that spelled it may straddle
-the boundary. The kept reasoning is the longest run of sampled tokens whose text ends before the first
-"Score:"; the canonical prefix ids (" Score: ", or "Score: " after whitespace or an empty reasoning) follow.
-Malformed samples (no prefix within the budget, or an end-of-turn first) keep their sampled tokens (minus the
-end-of-turn token) and get the prefix by force, `format_ok = False` (see `zray.types.RolloutBatch`).
+Stopping at the score prefix (`StopRule`): when the tokenizer spells the word "Score" as one token, with and
+without a leading space (the tiny tokenizer does), vLLM stops on those token ids and does no detokenisation
+at all (`detokenize=False`): on the tiny CPU teacher its per-token detokenising of the sampled text and of the
+log-probs took about a quarter of the sampling call. Otherwise it stops on the *text* "Score:" (and
+detokenises).
+
+Cutting at the score prefix: the tokens that spelled "Score:" may straddle a boundary, and a stop on the token
+may have been preceded by another spelling, so every sample's text is searched afterwards. The kept reasoning is
+the longest run of sampled tokens whose text ends before the first "Score:"; with no "Score:" in the text, a
+sample stopped by a "Score" token keeps the tokens before it. The canonical prefix ids (" Score: ", or "Score: "
+after whitespace or an empty reasoning) follow. Malformed samples (no prefix within the budget, or an
+end-of-turn first) keep their sampled tokens (minus the end-of-turn token) and get the prefix by force,
+`format_ok = False` (see `zray.types.RolloutBatch`).
 
 Seeds: sample (i, g) of the request at global index `request_offset + i` uses seed
 `seed * 1_000_003 + (request_offset + i) * G + g`, for vLLM's sampler and for the score token, so a batch
@@ -37,6 +47,7 @@ from zray.scores import distribution_from_logprobs, expected_score
 from zray.types import FINISH_EOS, FINISH_LENGTH, FINISH_PREFIX, ForcedSequence, RolloutBatch
 
 STOP_TEXT = SCORE_PREFIX.strip()  # "Score:": the stop string of the reasoning call
+STOP_WORD = STOP_TEXT.rstrip(":")  # "Score": its first word, the stop token where the tokenizer has it whole
 SEED_STRIDE = 1_000_003
 
 
@@ -101,20 +112,41 @@ class PrefixIds:
         return list(self.bare if (not text or text[-1].isspace()) else self.spaced)
 
 
-def split_sample(completion: Any, decode: Callable[[list[int]], str]) -> tuple[int, int]:
-    """(tokens of reasoning to keep, finish code) for one vLLM CompletionOutput of call 1."""
+class StopRule:
+    """How call 1 stops at the score prefix: on the token ids of the word "Score" (`token_ids`, no
+    detokenisation), or, when the tokenizer splits that word, on the text "Score:" (`token_ids` empty)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        firsts = {SCORE_PREFIX: tokenizer.encode(SCORE_PREFIX, add_special_tokens=False)[0],
+                  " " + SCORE_PREFIX: tokenizer.encode(" " + SCORE_PREFIX, add_special_tokens=False)[0]}
+        whole = all(tokenizer.decode([i]).strip() == STOP_WORD for i in firsts.values())
+        self.token_ids: tuple[int, ...] = tuple(sorted(set(firsts.values()))) if whole else ()
+
+    def sampling_kwargs(self) -> dict[str, Any]:
+        """The stop arguments of call 1's `SamplingParams`."""
+        if self.token_ids:
+            return {"stop_token_ids": list(self.token_ids), "detokenize": False}
+        return {"stop": [STOP_TEXT]}
+
+
+def split_sample(completion: Any, decode: Callable[[list[int]], str],
+                 stop_ids: Sequence[int] = ()) -> tuple[int, int]:
+    """(tokens of reasoning to keep, finish code) for one vLLM CompletionOutput of call 1; `stop_ids`: the
+    `StopRule.token_ids` it was sampled with."""
     ids = list(completion.token_ids)
+    if completion.finish_reason not in ("stop", "length"):
+        raise RuntimeError(f"vLLM finished a rollout with finish_reason={completion.finish_reason!r} "
+                           f"(stop_reason={completion.stop_reason!r}): expected 'stop' or 'length'")
+    keep = cut_before(decode, ids, STOP_TEXT)  # any spelling of the prefix, wherever sampling stopped
+    if keep is not None:
+        return keep, FINISH_PREFIX
     if completion.finish_reason == "stop" and completion.stop_reason == STOP_TEXT:
-        keep = cut_before(decode, ids, STOP_TEXT)
-        if keep is not None:
-            return keep, FINISH_PREFIX
         return len(ids), FINISH_EOS  # vLLM saw the prefix in its own detokenisation but ours differs
-    if completion.finish_reason == "stop":  # end-of-turn (eos) or a stop token id: the last token is it
+    if completion.finish_reason == "stop" and completion.stop_reason in stop_ids:  # the word "Score" starts it
+        return len(ids) - 1, FINISH_PREFIX
+    if completion.finish_reason == "stop":  # end-of-turn (eos): the last token is it
         return max(len(ids) - 1, 0), FINISH_EOS
-    if completion.finish_reason == "length":
-        return len(ids), FINISH_LENGTH
-    raise RuntimeError(f"vLLM finished a rollout with finish_reason={completion.finish_reason!r} "
-                       f"(stop_reason={completion.stop_reason!r}): expected 'stop' or 'length'")
+    return len(ids), FINISH_LENGTH
 
 
 MULTIMODAL_TOKENS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
@@ -152,6 +184,7 @@ def generate_rollouts(llm: Any, requests: Sequence[ScoreRequest | tuple], *, sco
         raise ValueError(f"temperature={temperature!r} is not allowed: expected a number >= 0")
     tokenizer = llm.get_tokenizer()
     prefix = PrefixIds(tokenizer)
+    stop = StopRule(tokenizer)
     placeholder = getattr(llm.llm_engine.model_config.hf_config, "image_token_id", None)
 
     def decode(ids: list[int]) -> str:
@@ -162,8 +195,9 @@ def generate_rollouts(llm: Any, requests: Sequence[ScoreRequest | tuple], *, sco
              for r in reqs]
     bias = banned_token_bias(llm.llm_engine.model_config.hf_config)
     params = [SamplingParams(n=group_size, max_tokens=max_reasoning_tokens, temperature=temperature,
-                             seed=_sample_seed(seed, request_offset + i, group_size, 0), stop=[STOP_TEXT],
-                             logprobs=0, logit_bias=bias) for i in range(len(reqs))]
+                             seed=_sample_seed(seed, request_offset + i, group_size, 0), logprobs=0,
+                             flat_logprobs=True, logit_bias=bias, **stop.sampling_kwargs())
+              for i in range(len(reqs))]
     outputs = llm.generate([{"prompt": t, "multi_modal_data": {"image": r.image}} for t, r in zip(texts, reqs)],
                            params, use_tqdm=False)
     prompts = [list(out.prompt_token_ids) for out in outputs]
@@ -173,7 +207,7 @@ def generate_rollouts(llm: Any, requests: Sequence[ScoreRequest | tuple], *, sco
             raise RuntimeError(f"vLLM returned {len(out.outputs)} samples for request {i}: expected {group_size}")
         row = []
         for g, c in enumerate(sorted(out.outputs, key=lambda c: c.index)):
-            keep, finish = split_sample(c, decode)
+            keep, finish = split_sample(c, decode, stop.token_ids)
             ids = [int(t) for t in c.token_ids[:keep]]
             logprobs = [float(step[t].logprob) for t, step in zip(ids, c.logprobs[:keep])]
             pre = prefix.after(ids)
@@ -192,7 +226,7 @@ def generate_rollouts(llm: Any, requests: Sequence[ScoreRequest | tuple], *, sco
             score_inputs.append({"prompt_token_ids": head + s.reasoning_ids + s.prefix_ids,
                                  "multi_modal_data": {"image": r.image}})
             expected.append(prompts[i] + s.reasoning_ids + s.prefix_ids)
-    score_params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(score_ids))
+    score_params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(score_ids), detokenize=False)
     scored = llm.generate(score_inputs, score_params, use_tqdm=False)
     logprobs_BK = torch.empty(len(scored), len(score_ids), dtype=torch.float64)
     for b, (out, want) in enumerate(zip(scored, expected, strict=True)):
@@ -279,7 +313,8 @@ def forced_logprobs(llm: Any, sequences: Sequence[ForcedSequence]) -> list[torch
     placeholder = getattr(llm.llm_engine.model_config.hf_config, "image_token_id", None)
     inputs = [{"prompt_token_ids": collapse_placeholders(list(s.prompt_ids), placeholder) + list(s.response_ids),
                "multi_modal_data": {"image": s.image}} for s in sequences]
-    outputs = llm.generate(inputs, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0), use_tqdm=False)
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False, flat_logprobs=True)
+    outputs = llm.generate(inputs, params, use_tqdm=False)
     result = []
     for i, (seq, out) in enumerate(zip(sequences, outputs, strict=True)):
         want = [int(t) for t in seq.prompt_ids] + [int(t) for t in seq.response_ids]

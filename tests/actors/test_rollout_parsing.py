@@ -4,7 +4,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from actors.teacher_engine.rollouts import PrefixIds, as_requests, collapse_placeholders, cut_before, split_sample
+from actors.teacher_engine.rollouts import (PrefixIds, StopRule, as_requests, collapse_placeholders, cut_before,
+                                            split_sample)
 from zray.types import FINISH_EOS, FINISH_LENGTH, FINISH_PREFIX
 
 
@@ -68,6 +69,45 @@ def test_split_sample_codes(tok):
     assert split_sample(c, dec) == (len(c.token_ids) - 1, FINISH_EOS)
     with pytest.raises(RuntimeError, match="finish_reason='abort'"):
         split_sample(_completion(tok, "red", "abort"), dec)
+
+
+def test_stop_rule_stops_on_the_word_score_as_a_token(tok):
+    rule = StopRule(tok)
+    spellings = {_ids(tok, "Score:")[0], _ids(tok, " Score:")[0]}
+    assert set(rule.token_ids) == spellings and len(spellings) == 2
+    assert all(tok.decode([i]).strip() == "Score" for i in rule.token_ids)
+    assert rule.sampling_kwargs() == {"stop_token_ids": list(rule.token_ids), "detokenize": False}
+
+
+def test_stop_rule_stops_on_the_text_when_the_tokenizer_splits_the_word():
+    class Split:  # "Score" spelled as "Sc" + "ore"
+        vocab = {"Sc": 1, "ore": 2, ":": 3, " ": 4, " Sc": 5}
+
+        def encode(self, text, add_special_tokens=False):
+            return [self.vocab[p] for p in {"Score: ": ["Sc", "ore", ":", " "],
+                                            " Score: ": [" Sc", "ore", ":", " "]}[text]]
+
+        def decode(self, ids):
+            names = {v: k for k, v in self.vocab.items()}
+            return "".join(names[i] for i in ids)
+
+    rule = StopRule(Split())
+    assert rule.token_ids == () and rule.sampling_kwargs() == {"stop": ["Score:"]}
+
+
+def test_split_sample_on_a_stop_token(tok):
+    dec, rule = _decode(tok), StopRule(tok)
+    score = _ids(tok, " Score")[0]
+    assert score in rule.token_ids
+    c = _completion(tok, "two red circles", "stop", score, extra=[score])  # stopped on " Score": dropped
+    assert split_sample(c, dec, rule.token_ids) == (len(_ids(tok, "two red circles")), FINISH_PREFIX)
+    # another spelling of the prefix earlier in the text wins over the stop token
+    c = _completion(tok, "red Score: blue", "stop", score, extra=[score])
+    assert split_sample(c, dec, rule.token_ids) == (len(_ids(tok, "red")), FINISH_PREFIX)
+    c = _completion(tok, "red Score: blue", "length")  # ran to the budget, but the prefix is in the text
+    assert split_sample(c, dec, rule.token_ids) == (len(_ids(tok, "red")), FINISH_PREFIX)
+    c = _completion(tok, "red", "stop", None, extra=[tok.eos_token_id])  # eos, not a stop token
+    assert split_sample(c, dec, rule.token_ids) == (len(c.token_ids) - 1, FINISH_EOS)
 
 
 def test_requests_must_not_carry_reasoning():
