@@ -16,8 +16,9 @@ The loop: evaluate the generator as given (step 0), then train `reward_finetune.
 the generic learner (`actors.learner.fit` with `max_steps` at the segment's end; each later segment resumes the
 previous one's checkpoint), and after each segment sample the same held-out prompts (generator_test) from the same
 noise and score them with the student reward and the judge (`zray.evaluation.reward_hacking`). When the gap
-(student alignment minus judge alignment, relative to step 0) exceeds `gap_threshold`, the run stops
-(`on_gap="stop"`, the default) or prints a warning and goes on (`"warn"`). Each evaluation also holds its GSB
+(student alignment minus judge alignment, relative to step 0) exceeds `gap_threshold`, or the judge's verdicts
+fall by more than `decline_threshold` of the prompts (net GSB against step 0, or the main-colour rate), the run
+stops (`on_gap="stop"`, the default) or prints a warning and goes on (`"warn"`). Each evaluation also holds its GSB
 against step 0 (`gsb_vs_start`: good / same / bad fractions of the held-out prompts and net = good - bad, on the
 judge's per-prompt true alignment alone, `zray.evaluation.turbo.gsb` as distill-generator uses it): net > 0 with no
 widening gap is issue 17's "reward gradient raised the true alignment without hacking".
@@ -53,8 +54,8 @@ import torch
 
 from zray.config import ConfigError, RunConfig, to_dict
 from zray.data import ensure_world, head_rows, read_ray_dataset
-from zray.evaluation.reward_hacking import (evaluation_record, judge_verdicts, judge_watch, save_reward_vs_judge,
-                                            student_record, widened, with_gaps, with_gsb)
+from zray.evaluation.reward_hacking import (alarm, evaluation_record, judge_verdicts, judge_watch,
+                                            save_reward_vs_judge, student_record, with_declines, with_gaps, with_gsb)
 from zray.evaluation.turbo import save_variant_grid
 from zray.models.generator import load_zimage, sample_images, to_pil
 from zray.training.runs import (export_final, has_checkpoint, latest_checkpoint, read_learner_state, trained_seconds,
@@ -181,19 +182,22 @@ def run_reward_finetune(cfg: RunConfig, generator: str = "base", *, generator_di
             write_text_atomic(root / RECORDS_FILE, json.dumps(records, indent=1))
             save_reward_vs_judge(root / "reward_vs_judge.png", records, rcfg.gap_threshold, title, history)
             return None
-        r = with_gsb(with_gaps(records))[-1]
-        g = r["gsb_vs_start"]
+        full = with_gsb(with_declines(with_gaps(records)))
+        r, g = full[-1], full[-1]["gsb_vs_start"]
         print(f"[reward-finetune] step {r['step']}: student reward {r['student_reward']:.3f}, alignment student "
               f"{r['student']['alignment']:.3f} / judge {r['judge']['alignment']:.3f}, gap {r['gap']:+.3f}; GSB vs "
-              f"step 0 (judge) {g['good']:.0%}/{g['same']:.0%}/{g['bad']:.0%}, net {g['net']:+.3f}")
-        write_text_atomic(root / RECORDS_FILE, json.dumps(with_gsb(with_gaps(records)), indent=1))
-        save_reward_vs_judge(root / "reward_vs_judge.png", records, rcfg.gap_threshold, title, history)
-        hacked = widened(records, rcfg.gap_threshold)
-        if hacked is not None:
-            print(f"[reward-finetune] WARNING: reward hacking: the gap reached {hacked['gap']:+.3f} at step "
-                  f"{hacked['step']} (threshold {rcfg.gap_threshold}); "
-                  + ("stopping" if rcfg.on_gap == "stop" else "going on (on_gap='warn')"))
-        return hacked
+              f"step 0 (judge) {g['good']:.0%}/{g['same']:.0%}/{g['bad']:.0%}, net {g['net']:+.3f}; judge decline "
+              f"{r['decline']:+.3f}")
+        write_text_atomic(root / RECORDS_FILE, json.dumps(full, indent=1))
+        save_reward_vs_judge(root / "reward_vs_judge.png", records, rcfg.gap_threshold, title, history,
+                             decline_threshold=rcfg.decline_threshold)
+        tripped = alarm(records, rcfg.gap_threshold, rcfg.decline_threshold)
+        if tripped is None:
+            return None
+        hacked, why = tripped
+        print(f"[reward-finetune] WARNING: reward hacking at step {hacked['step']}: {why}; "
+              + ("stopping" if rcfg.on_gap == "stop" else "going on (on_gap='warn')"))
+        return {**hacked, "alarm": why}
 
     # Where the run stands: the latest checkpoint's step, and the evaluations up to it.
     latest = latest_checkpoint(run_dir) if resume else None
@@ -238,7 +242,7 @@ def run_reward_finetune(cfg: RunConfig, generator: str = "base", *, generator_di
         if watch else {}
     save_variant_grid(root / "grid.png", prompts, columns, NUM_GRID,  # labels of the evaluations, not judged again
                       verdicts={name: v for name, v in verdicts.items() if v is not None}, judged=watch)
-    evaluations = with_gsb(with_gaps(records)) if watch else records
+    evaluations = with_gsb(with_declines(with_gaps(records))) if watch else records
     record = {"generator": generator, "generator_dir": str(gen_dir), "pipeline_dir": str(pipeline_dir),
               "reward_dir": str(rew_dir), "final_dir": str(final_dir), "steps": step,
               "train_s": trained_seconds(history), "total_s": time.perf_counter() - started,
@@ -275,22 +279,26 @@ def summary_markdown(record: dict[str, Any], threshold: float) -> str:
     if not record.get("judge_watch", True):
         return "\n".join(lines + _student_only_lines(record)) + "\n"
     lines += ["| step | student reward R | student alignment | judge alignment | gap | judge main colour "
-             "| GSB vs step 0 (G / S / B) | net |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| GSB vs step 0 (G / S / B) | net | judge decline |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in record["evaluations"]:
         g = r["gsb_vs_start"]
         lines.append(f"| {r['step']} | {r['student_reward']:.3f} | {r['student']['alignment']:.3f} | "
                      f"{r['judge']['alignment']:.3f} | {r['gap']:+.3f} | {r['judge']['main_colour']:.1%} | "
-                     f"{g['good']:.0%} / {g['same']:.0%} / {g['bad']:.0%} | {g['net']:+.3f} |")
+                     f"{g['good']:.0%} / {g['same']:.0%} / {g['bad']:.0%} | {g['net']:+.3f} | "
+                     + (f"{r['decline']:+.3f} |" if "decline" in r else "- |"))
     hacked, g = record["hacking"], record["gsb_vs_start"]
     lines += ["", "Gap = (student alignment - judge alignment) - the same at step 0; threshold "
-              f"{threshold:g} (on_gap={cfg['on_gap']!r}). GSB vs step 0: per held-out prompt (same noise), the "
+              f"{threshold:g}. Judge decline = the larger of -net GSB vs step 0 and the fall of the judge's "
+              f"main-colour rate since step 0; threshold {cfg.get('decline_threshold', 0):g} (0 = off). "
+              f"on_gap={cfg['on_gap']!r}. GSB vs step 0: per held-out prompt (same noise), the "
               "judge's true alignment above (Good), equal to (Same) or below (Bad) the generator as given; "
               "net = G - B (`zray.evaluation.turbo.gsb`)."]
-    lines.append(f"Reward hacking: the gap reached {hacked['gap']:+.3f} at step {hacked['step']}"
+    why = hacked.get("alarm", f"the gap reached {hacked['gap']:+.3f}") if hacked else ""
+    lines.append(f"Reward hacking at step {hacked['step']}: {why}"
                  + ("; the run stopped there." if record["stopped_by_gap"] else ".") if hacked else
-                 "No reward hacking detected: the gap stayed within the threshold.")
-    failed = ["net GSB <= 0"] * (g["net"] <= 0) + ["the gap widened"] * (hacked is not None)
+                 "No reward hacking detected: the gap and the judge's decline stayed within their thresholds.")
+    failed = ["net GSB <= 0"] * (g["net"] <= 0) + ["reward hacking"] * (hacked is not None)
     lines.append("")
     lines.append(f"Final (step {record['steps']}) against step 0: good {g['good']:.1%}, same {g['same']:.1%}, bad "
                  f"{g['bad']:.1%}, net {g['net']:+.3f}: "

@@ -614,7 +614,8 @@ class RewardFinetuneConfig:
     x0_hat (ReFL, extended), or through the last `draft_k` steps (DRaFT-K, when > 0). The job trains in segments of
     `eval_every` steps and after each one judges held-out prompts: the student's reward beside the judge's true
     alignment; when the gap (student alignment minus judge alignment, relative to the first evaluation) exceeds
-    `gap_threshold`, it stops (`on_gap="stop"`) or warns. With `data.dir` (a prompts import) the judge cannot score
+    `gap_threshold`, or the judge's verdicts fall by more than `decline_threshold` of the prompts (net GSB against
+    the first evaluation, or its main-colour rate), it stops (`on_gap="stop"`) or warns. With `data.dir` (a prompts import) the judge cannot score
     the prompts: no watch, and `on_gap` must be "warn" (the job says so). A segment is one `fit` whose `max_steps` is the segment's
     end, so the LR schedule must be "constant" (a cosine would decay within every segment).
     """
@@ -641,12 +642,17 @@ class RewardFinetuneConfig:
     eval_every: int = 2
     num_eval_prompts: int = 16  # held-out prompts (generator_test), the same noise at every evaluation
     gap_threshold: float = 0.5  # on the 1..5 scale
-    on_gap: Literal["stop", "warn"] = "stop"
+    # the judge's own decline (zray.evaluation.reward_hacking.decline): a share of the held-out prompts; 0 = off
+    decline_threshold: float = 0.25
+    on_gap: Literal["stop", "warn"] = "stop"  # on either alarm: the gap or the decline past its threshold
 
     def __post_init__(self) -> None:
         _positive(self, "lora_rank", "base_steps", "k_min", "eval_every", "num_eval_prompts")
         _require(self.finetune in ("lora", "full"), "RewardFinetuneConfig.finetune", self.finetune, "'lora' or 'full'")
         _require(self.on_gap in ("stop", "warn"), "RewardFinetuneConfig.on_gap", self.on_gap, "'stop' or 'warn'")
+        _require(self.gap_threshold > 0, "RewardFinetuneConfig.gap_threshold", self.gap_threshold, "a float > 0")
+        _require(0 <= self.decline_threshold <= 1, "RewardFinetuneConfig.decline_threshold", self.decline_threshold,
+                 "a float in [0, 1] (a share of the prompts; 0 = off)")
         _require(self.lora_alpha >= 0, "RewardFinetuneConfig.lora_alpha", self.lora_alpha, "a float >= 0 (0 = rank)")
         _require(self.shift > 0, "RewardFinetuneConfig.shift", self.shift, "a float > 0")
         _require(0.0 < self.sigma_2 < 1.0, "RewardFinetuneConfig.sigma_2", self.sigma_2, "a float in (0, 1)")

@@ -8,8 +8,8 @@ from zray.config import WorldConfig
 from zray.data.corpus import generator_rows
 from zray.data.render import decode_png
 from zray.data.world import ALL_COMBOS
-from zray.evaluation.reward_hacking import (evaluation_record, gap, gsb_vs_first, judge_verdicts,
-                                            save_reward_vs_judge, widened, with_gaps, with_gsb)
+from zray.evaluation.reward_hacking import (alarm, decline, evaluation_record, gap, gsb_vs_first, judge_verdicts,
+                                            save_reward_vs_judge, widened, with_declines, with_gaps, with_gsb)
 
 
 def _record(step, student, judge):
@@ -28,6 +28,52 @@ def test_gap_is_relative_to_the_first_evaluation_by_hand():
     assert widened([_record(0, 3.0, 2.0), _record(1, 4.0, 3.0)], 0.5) is None
     with pytest.raises(ValueError, match="threshold=0 is not allowed"):
         widened(records, 0)
+
+
+def _judged(step, student, judge_B, colour_B):
+    return {"step": step, "student": {"alignment": student}, "student_reward": student,
+            "judge": {"alignment": float(np.mean(judge_B))},
+            "per_prompt": {"judge_alignment": list(judge_B), "judge_main_colour": list(colour_B)}}
+
+
+def test_judge_decline_by_hand():
+    start = _judged(0, 2.0, [1.0, 2.0, 1.0, 1.0], [1, 1, 1, 0])  # main colour 3 of 4
+    # alignment: 1 = 1, 2 > 1 bad, 1 = 1, 2 > 1 good -> net 0; main colour 3/4 -> 1/4: decline 0.5
+    later = _judged(1, 2.0, [1.0, 1.0, 1.0, 2.0], [1, 0, 0, 0])
+    assert decline(later, start) == pytest.approx(0.5)
+    # alignment: 3 bad of 4 -> net -0.75; main colour unchanged: decline 0.75
+    worse = _judged(2, 2.0, [1.0, 1.0, 1.0, 1.0], [1, 1, 1, 0])
+    worse["per_prompt"]["judge_alignment"] = [0.5, 2.0, 0.5, 0.5]
+    assert decline(worse, start) == pytest.approx(0.75)
+    better = _judged(3, 2.0, [2.0, 2.0, 2.0, 2.0], [1, 1, 1, 1])  # net +0.75, colour +0.25: negative decline
+    assert decline(better, start) == pytest.approx(-0.25)
+    assert [r["decline"] for r in with_declines([start, later])] == [0.0, pytest.approx(0.5)]
+    old = {**later, "per_prompt": {"judge_alignment": later["per_prompt"]["judge_alignment"]}}  # no colours kept
+    assert decline(old, start) == pytest.approx(0.0)  # the GSB alone
+
+
+def test_alarm_catches_a_judge_collapse_that_the_gap_misses():
+    """As in the dev run of 7 Dec 2026: the student's reward hardly moves, the judge's alignment starts near its
+    floor, and the main colour collapses; the gap stays under its threshold, the decline does not."""
+    n = 20
+    start = _judged(0, 1.80, [1.4] * n, [1] * 16 + [0] * 4)          # main colour 80%
+    mid = _judged(100, 1.85, [1.5] * n, [1] * 8 + [0] * 12)          # 40%: judge alignment even rose
+    end = _judged(200, 1.81, [1.1] * n, [1] * 1 + [0] * 19)          # 5%
+    records = [start, mid, end]
+    assert all(r["gap"] < 0.5 for r in with_gaps(records))
+    assert widened(records, 0.5) is None
+    hit, why = alarm(records, 0.5, 0.25)
+    assert hit["step"] == 100 and hit["decline"] == pytest.approx(0.4)
+    assert "fell by 0.400 of the prompts (threshold 0.25; net GSB vs step 0 +1.000, main colour 80.0% -> 40.0%)" in why
+    assert alarm(records, 0.5, 0.0) is None  # the decline unwatched
+    assert alarm(records[:2], 0.5, 0.5) is None  # 0.4 at step 100
+    gapped = [_judged(0, 2.0, [1.4] * n, [1] * n), _judged(1, 3.0, [1.4] * n, [1] * n)]
+    hit, why = alarm(gapped, 0.5, 0.25)
+    assert hit["step"] == 1 and why == "the gap reached +1.000 (threshold 0.5)"
+    with pytest.raises(ValueError, match="gap_threshold=0 is not allowed"):
+        alarm(records, 0, 0.25)
+    with pytest.raises(ValueError, match="decline_threshold=-1 is not allowed"):
+        alarm(records, 0.5, -1)
 
 
 def test_gsb_against_the_first_evaluation_by_hand():
@@ -85,3 +131,13 @@ def test_grid_labels_come_from_the_record(tmp_path, monkeypatch):
     verdicts = judge_verdicts({"per_prompt": {"judge_alignment": [4.0, 5.0], "judge_main_colour": [1.0, 1.0]}})
     save_variant_grid(tmp_path / "g.png", prompts, {"given": images, "new": images}, verdicts={"given": verdicts})
     assert judged == prompts and (tmp_path / "g.png").stat().st_size > 1000  # only the "new" column judged
+
+
+def test_reward_finetune_config_refuses_bad_thresholds():
+    from zray.config import ConfigError, RewardFinetuneConfig
+
+    with pytest.raises(ConfigError, match=r"RewardFinetuneConfig.decline_threshold.*1.5.*\[0, 1\]"):
+        RewardFinetuneConfig(decline_threshold=1.5)
+    with pytest.raises(ConfigError, match=r"RewardFinetuneConfig.gap_threshold.*0.*> 0"):
+        RewardFinetuneConfig(gap_threshold=0.0)
+    assert RewardFinetuneConfig(decline_threshold=0.0).decline_threshold == 0.0  # off

@@ -98,13 +98,16 @@ def test_tiny_cpu_job_end_to_end_resume_and_stop(tmp_path, inputs, ray_session, 
     assert [r["step"] for r in saved] == [0, 1, 2] and all("gap" in r for r in saved)
 
     # a widened gap stops the run before the next segment (here forced: the stop path, not the judge's verdict)
-    monkeypatch.setattr(job, "widened", lambda records, threshold: {**records[-1], "gap": 9.0})
+    monkeypatch.setattr(job, "alarm", lambda records, gap_threshold, decline_threshold:
+                        ({**records[-1], "gap": 9.0}, "the gap reached +9.000 (threshold 0.5)"))
     three = dataclasses.replace(cfg, reward_finetune=dataclasses.replace(
         cfg.reward_finetune, learner=dataclasses.replace(cfg.reward_finetune.learner, max_steps=3)))
     stopped = job.run_reward_finetune(three, resume=True)
     assert stopped["steps"] == 2 and stopped["stopped_by_gap"] and stopped["hacking"]["gap"] == 9.0
     summary = (root / "summary.md").read_text()
-    assert "the run stopped there" in summary and "the gap widened" in summary
+    assert "the gap reached +9.000 (threshold 0.5); the run stopped there" in summary and "reward hacking)" in summary
+    assert stopped["hacking"]["alarm"] == "the gap reached +9.000 (threshold 0.5)"
+    assert all("decline" in r for r in stopped["evaluations"])
     _check_gsb(stopped, json.loads((root / "metrics.json").read_text()))
     assert (root / "grid.png").stat().st_mtime_ns > grid_written  # rewritten: step 0 and 2 re-sampled on resume
 

@@ -9,7 +9,17 @@ independent judge (`zray.evaluation.generator.judge_many`: the world's true alig
 
 is how far the student's alignment has run ahead of the truth since the first evaluation (t = 0: before any
 update). A widening gap is reward hacking: the generator found what the student over-rates. `widened` says when it
-passes a threshold. Whether the updates helped in truth is the GSB of each evaluation against the first one
+passes a threshold.
+
+The gap misses hacking whose student reward hardly moves, or whose judge alignment starts near its floor of 1 (it
+cannot fall far): the images get worse by the judge while the gap stays small. So the judge's own decline is
+watched too:
+
+    decline_t = max(-net GSB_t vs the first evaluation, main-colour rate_0 - main-colour rate_t)
+
+both shares of the held-out prompts (net GSB on the judge's alignment, prompt by prompt; the main colour is the
+judge's per-prompt verdict that the prompt's main object has its colour). `alarm` says which of the two passed its
+threshold first. Whether the updates helped in truth is the GSB of each evaluation against the first one
 (`with_gsb`): prompt by prompt, on the judge's true alignment alone (the definition of `zray.evaluation.turbo.gsb`,
 as distill-generator's GSB against the teacher and naive 2-step). Numpy and matplotlib only (the images and scores
 come from the caller).
@@ -122,6 +132,47 @@ def with_gsb(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{**r, "gsb_vs_start": gsb_vs_first(r, records[0])} for r in records] if records else []
 
 
+def main_colour_rate(record: dict[str, Any]) -> float | None:
+    """The share of prompts whose image the judge finds with its main colour; None for a record without it."""
+    rates = record["per_prompt"].get("judge_main_colour")
+    return float(np.mean(rates)) if rates else None
+
+
+def decline(record: dict[str, Any], first: dict[str, Any]) -> float:
+    """decline_t of the module docstring: how far the judge's verdicts fell since `first` (a share of prompts;
+    0 or less: no decline)."""
+    drops = [-gsb_vs_first(record, first)["net"]]
+    now, then = main_colour_rate(record), main_colour_rate(first)
+    if now is not None and then is not None:
+        drops.append(then - now)
+    return max(drops)
+
+
+def with_declines(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records, each with its `decline` (relative to the first record)."""
+    return [{**r, "decline": decline(r, records[0])} for r in records] if records else []
+
+
+def alarm(records: Sequence[dict[str, Any]], gap_threshold: float,
+          decline_threshold: float) -> tuple[dict[str, Any], str] | None:
+    """(the first record past a threshold, why) or None: its gap above `gap_threshold`, or its judge decline
+    above `decline_threshold` (0 = not watched). The record carries its `gap` and `decline`."""
+    if gap_threshold <= 0:
+        raise ValueError(f"gap_threshold={gap_threshold} is not allowed: expected a float > 0")
+    if decline_threshold < 0:
+        raise ValueError(f"decline_threshold={decline_threshold} is not allowed: expected a float >= 0 (0 = off)")
+    for r in with_declines(with_gaps(records)):
+        if r["gap"] > gap_threshold:
+            return r, f"the gap reached {r['gap']:+.3f} (threshold {gap_threshold:g})"
+        if decline_threshold and r["decline"] > decline_threshold:
+            net = gsb_vs_first(r, records[0])["net"]
+            now, then = main_colour_rate(r), main_colour_rate(records[0])
+            colour = f", main colour {then:.1%} -> {now:.1%}" if now is not None and then is not None else ""
+            return r, (f"the judge's verdicts fell by {r['decline']:.3f} of the prompts (threshold "
+                       f"{decline_threshold:g}; net GSB vs step 0 {net:+.3f}{colour})")
+    return None
+
+
 def widened(records: Sequence[dict[str, Any]], threshold: float) -> dict[str, Any] | None:
     """The first record whose gap exceeds `threshold`, or None."""
     if threshold <= 0:
@@ -130,16 +181,16 @@ def widened(records: Sequence[dict[str, Any]], threshold: float) -> dict[str, An
 
 
 def save_reward_vs_judge(path: Path, records: Sequence[dict[str, Any]], threshold: float, title: str,
-                         history: Sequence[dict[str, float]] = ()) -> None:
+                         history: Sequence[dict[str, float]] = (), decline_threshold: float = 0.0) -> None:
     """Student reward R, student alignment mu and judge alignment against step (held-out prompts; with `history`,
-    the learner's logged training reward too); below, the gap and the threshold."""
+    the learner's logged training reward too); below, the gap and the judge's decline with their thresholds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     judged = all("judge" in r for r in records)  # False: an import's prompts, the student's reward alone
-    records = with_gaps(records) if judged else list(records)
+    records = with_declines(with_gaps(records)) if judged else list(records)
     steps = [r["step"] for r in records]
     if judged:
         fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.4, 5.2), sharex=True, height_ratios=(2, 1))
@@ -164,9 +215,14 @@ def save_reward_vs_judge(path: Path, records: Sequence[dict[str, Any]], threshol
         plt.close(fig)
         return
     bottom.plot(steps, [r["gap"] for r in records], "o-", color="tab:red", label="gap (relative to step 0)")
-    bottom.axhline(threshold, color="gray", linestyle=":", label=f"threshold {threshold:g}")
+    bottom.axhline(threshold, color="tab:red", alpha=0.5, linestyle=":", label=f"gap threshold {threshold:g}")
+    bottom.plot(steps, [r["decline"] for r in records], "s-", color="tab:purple",
+                label="judge decline (share of prompts)")
+    if decline_threshold:
+        bottom.axhline(decline_threshold, color="tab:purple", alpha=0.5, linestyle=":",
+                       label=f"decline threshold {decline_threshold:g}")
     bottom.set_xlabel("learner step")
-    bottom.set_ylabel("gap")
+    bottom.set_ylabel("gap / decline")
     bottom.legend(fontsize=7)
     bottom.grid(alpha=0.3)
     fig.tight_layout()
