@@ -7,7 +7,7 @@
     .venv/bin/python bench/rollout.py --text-stop                      # also time the detokenising stop
 
 The teacher is the tiny Qwen2.5-VL of the `tiny_cpu` recipe (random weights, built locally into a temporary
-folder; `--hidden` / `--layers` widen and deepen it, with head_dim 64 and a 4x MLP as in bench/weight_sync.py;
+folder; `--hidden` / `--layers` widen and deepen it as bench/weight_sync.py sizes its model, `scaled_vlm_config`;
 `--model DIR` uses a Hugging Face format dir instead). Each input is a 64x64 image, a prompt and a rubric
 dimension rendered as the teacher's generation prompt.
 
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import os
 import tempfile
 import time
@@ -91,12 +90,12 @@ def main() -> None:
     import torch
 
     from jobs.recipes import tiny_cpu
-    from zray.models.tiny import build_tiny_vlm
+    from zray.models.tiny import build_tiny_vlm, count_parameters, scaled_vlm_config
     from zray.models.vlm import load_vlm
 
     recipe = tiny_cpu()
     tmp = tempfile.TemporaryDirectory()
-    model_dir = args.model or str(build_tiny_vlm(teacher_config(recipe.teacher, args.hidden, args.layers),
+    model_dir = args.model or str(build_tiny_vlm(scaled_vlm_config(recipe.teacher, args.hidden, args.layers),
                                                  os.path.join(tmp.name, "teacher")))
     requests = make_requests(args.inputs)
     print(f"teacher {model_dir} ({count_parameters(model_dir) / 1e6:.1f}M parameters); {args.inputs} inputs x "
@@ -138,28 +137,6 @@ def main() -> None:
         print(f"ratio vLLM / transformers: {(vllm_tokens / vllm_s) / (hf_tokens / hf_s):.2f}x")
     print(f"engine start {engine.start_s:.1f} s, max_num_seqs {cfg.max_num_seqs}")
     engine.shutdown()
-
-
-def teacher_config(base, hidden: int, layers: int):
-    """`base` (a VLMConfig) widened to `hidden` and deepened to `layers` (0 keeps its own), as bench/weight_sync.py
-    sizes its model: head_dim 64, hidden // 256 key-value heads, a 4x MLP."""
-    import dataclasses
-
-    if hidden:
-        base = dataclasses.replace(base, hidden_size=hidden, num_heads=max(1, hidden // 64),
-                                   num_kv_heads=max(1, hidden // 256), head_dim=64, intermediate_size=4 * hidden)
-    return dataclasses.replace(base, num_layers=layers) if layers else base
-
-
-def count_parameters(model_dir: str) -> int:
-    from safetensors import safe_open
-
-    total = 0
-    for name in sorted(os.listdir(model_dir)):
-        if name.endswith(".safetensors"):
-            with safe_open(os.path.join(model_dir, name), "pt") as f:
-                total += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
-    return total
 
 
 def time_engine_calls(engine) -> list[float]:

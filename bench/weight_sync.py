@@ -54,12 +54,11 @@ def main() -> None:
     from actors.teacher_engine.weight_sync import _reload_from_bytes, encode_weights, receive_weights, reset_caches
     from zray.checksum import weights_checksum
     from zray.config import VLLMConfig, VLMConfig
-    from zray.models.tiny import build_tiny_vlm
+    from zray.models.tiny import build_tiny_vlm, scaled_vlm_config
     from zray.models.vlm import load_vlm
 
-    cfg = VLMConfig(hidden_size=args.hidden, num_layers=args.layers, num_heads=max(1, args.hidden // 64),
-                    num_kv_heads=max(1, args.hidden // 256), head_dim=64, intermediate_size=4 * args.hidden,
-                    vision_hidden_size=64, vision_depth=2, vision_num_heads=2, seed=0)
+    cfg = scaled_vlm_config(VLMConfig(vision_hidden_size=64, vision_depth=2, vision_num_heads=2, seed=0),
+                            args.hidden, args.layers)
     tmp = tempfile.TemporaryDirectory()
     model_dir = build_tiny_vlm(cfg, os.path.join(tmp.name, "teacher"))
     model, _ = load_vlm(model_dir)

@@ -55,7 +55,7 @@ import torch
 from zray.config import ConfigError, RunConfig, to_dict
 from zray.data import ensure_world, head_rows, read_ray_dataset
 from zray.evaluation.reward_hacking import (alarm, evaluation_record, judge_verdicts, judge_watch,
-                                            save_reward_vs_judge, student_record, with_declines, with_gaps, with_gsb)
+                                            save_reward_vs_judge, student_record, watched)
 from zray.evaluation.turbo import save_variant_grid
 from zray.models.generator import load_zimage, sample_images, to_pil
 from zray.training.runs import (export_final, has_checkpoint, latest_checkpoint, read_learner_state, trained_seconds,
@@ -182,7 +182,7 @@ def run_reward_finetune(cfg: RunConfig, generator: str = "base", *, generator_di
             write_text_atomic(root / RECORDS_FILE, json.dumps(records, indent=1))
             save_reward_vs_judge(root / "reward_vs_judge.png", records, rcfg.gap_threshold, title, history)
             return None
-        full = with_gsb(with_declines(with_gaps(records)))
+        full = watched(records)
         r, g = full[-1], full[-1]["gsb_vs_start"]
         print(f"[reward-finetune] step {r['step']}: student reward {r['student_reward']:.3f}, alignment student "
               f"{r['student']['alignment']:.3f} / judge {r['judge']['alignment']:.3f}, gap {r['gap']:+.3f}; GSB vs "
@@ -242,7 +242,7 @@ def run_reward_finetune(cfg: RunConfig, generator: str = "base", *, generator_di
         if watch else {}
     save_variant_grid(root / "grid.png", prompts, columns, NUM_GRID,  # labels of the evaluations, not judged again
                       verdicts={name: v for name, v in verdicts.items() if v is not None}, judged=watch)
-    evaluations = with_gsb(with_declines(with_gaps(records))) if watch else records
+    evaluations = watched(records) if watch else records
     record = {"generator": generator, "generator_dir": str(gen_dir), "pipeline_dir": str(pipeline_dir),
               "reward_dir": str(rew_dir), "final_dir": str(final_dir), "steps": step,
               "train_s": trained_seconds(history), "total_s": time.perf_counter() - started,

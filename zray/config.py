@@ -615,9 +615,10 @@ class RewardFinetuneConfig:
     `eval_every` steps and after each one judges held-out prompts: the student's reward beside the judge's true
     alignment; when the gap (student alignment minus judge alignment, relative to the first evaluation) exceeds
     `gap_threshold`, or the judge's verdicts fall by more than `decline_threshold` of the prompts (net GSB against
-    the first evaluation, or its main-colour rate), it stops (`on_gap="stop"`) or warns. With `data.dir` (a prompts import) the judge cannot score
-    the prompts: no watch, and `on_gap` must be "warn" (the job says so). A segment is one `fit` whose `max_steps` is the segment's
-    end, so the LR schedule must be "constant" (a cosine would decay within every segment).
+    the first evaluation, or its main-colour rate), it stops (`on_gap="stop"`) or warns. With `data.dir` (a prompts
+    import) the judge cannot score the prompts: no watch, and `on_gap` must be "warn" (the job says so). A segment
+    is one `fit` whose `max_steps` is the segment's end, so the LR schedule must be "constant" (a cosine would decay
+    within every segment).
     """
 
     learner: LearnerConfig = field(default_factory=lambda: LearnerConfig(max_steps=4, micro_batch_size=2,

@@ -83,7 +83,8 @@ class TeacherEngine:
         self.cfg = cfg
         self.model_dir = str(model_dir)
         self.llm = LLM(model=self.model_dir, enforce_eager=cfg.enforce_eager, max_model_len=cfg.max_model_len,
-                       max_num_seqs=cfg.max_num_seqs, block_size=cfg.block_size or None, gpu_memory_utilization=cfg.gpu_memory_utilization, limit_mm_per_prompt={"image": 1},
+                       max_num_seqs=cfg.max_num_seqs, block_size=cfg.block_size or None,
+                       gpu_memory_utilization=cfg.gpu_memory_utilization, limit_mm_per_prompt={"image": 1},
                        seed=seed, dtype=dtype, enable_chunked_prefill=cfg.chunked_prefill,
                        max_num_batched_tokens=None if cfg.chunked_prefill else max(cfg.max_model_len, 8192))
         self.start_s = time.perf_counter() - start

@@ -9,7 +9,7 @@ from zray.data.corpus import generator_rows
 from zray.data.render import decode_png
 from zray.data.world import ALL_COMBOS
 from zray.evaluation.reward_hacking import (alarm, decline, evaluation_record, gap, gsb_vs_first, judge_verdicts,
-                                            save_reward_vs_judge, widened, with_declines, with_gaps, with_gsb)
+                                            save_reward_vs_judge, watched, with_declines, with_gaps, with_gsb)
 
 
 def _record(step, student, judge):
@@ -21,13 +21,13 @@ def test_gap_is_relative_to_the_first_evaluation_by_hand():
     # raw gaps 1.0, 1.25, 2.5, 2.8 -> relative 0, 0.25, 1.5, 1.8
     assert [round(r["gap"], 6) for r in with_gaps(records)] == [0.0, 0.25, 1.5, 1.8]
     assert gap(records[1], records[0]) == pytest.approx(0.25)
-    assert widened(records, 1.0)["step"] == 20  # the first past the threshold
-    assert widened(records, 2.0) is None
-    assert widened(records[:1], 0.1) is None and with_gaps([]) == []
+    assert alarm(records, 1.0, 0)[0]["step"] == 20  # the first past the threshold
+    assert alarm(records, 2.0, 0) is None
+    assert alarm(records[:1], 0.1, 0) is None and with_gaps([]) == []
     # the judge rising with the student is no hacking
-    assert widened([_record(0, 3.0, 2.0), _record(1, 4.0, 3.0)], 0.5) is None
+    assert alarm([_record(0, 3.0, 2.0), _record(1, 4.0, 3.0)], 0.5, 0) is None
     with pytest.raises(ValueError, match="threshold=0 is not allowed"):
-        widened(records, 0)
+        alarm(records, 0, 0)
 
 
 def _judged(step, student, judge_B, colour_B):
@@ -48,6 +48,8 @@ def test_judge_decline_by_hand():
     better = _judged(3, 2.0, [2.0, 2.0, 2.0, 2.0], [1, 1, 1, 1])  # net +0.75, colour +0.25: negative decline
     assert decline(better, start) == pytest.approx(-0.25)
     assert [r["decline"] for r in with_declines([start, later])] == [0.0, pytest.approx(0.5)]
+    full = watched([start, later])[1]
+    assert full["decline"] == pytest.approx(0.5) and full["gap"] == 0.0 and full["gsb_vs_start"]["net"] == 0.0
     old = {**later, "per_prompt": {"judge_alignment": later["per_prompt"]["judge_alignment"]}}  # no colours kept
     assert decline(old, start) == pytest.approx(0.0)  # the GSB alone
 
@@ -61,7 +63,6 @@ def test_alarm_catches_a_judge_collapse_that_the_gap_misses():
     end = _judged(200, 1.81, [1.1] * n, [1] * 1 + [0] * 19)          # 5%
     records = [start, mid, end]
     assert all(r["gap"] < 0.5 for r in with_gaps(records))
-    assert widened(records, 0.5) is None
     hit, why = alarm(records, 0.5, 0.25)
     assert hit["step"] == 100 and hit["decline"] == pytest.approx(0.4)
     assert "fell by 0.400 of the prompts (threshold 0.25; net GSB vs step 0 +1.000, main colour 80.0% -> 40.0%)" in why

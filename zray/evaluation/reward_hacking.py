@@ -8,8 +8,7 @@ independent judge (`zray.evaluation.generator.judge_many`: the world's true alig
     gap_t = (mu_align_t - judge_align_t) - (mu_align_0 - judge_align_0)
 
 is how far the student's alignment has run ahead of the truth since the first evaluation (t = 0: before any
-update). A widening gap is reward hacking: the generator found what the student over-rates. `widened` says when it
-passes a threshold.
+update). A widening gap is reward hacking: the generator found what the student over-rates.
 
 The gap misses hacking whose student reward hardly moves, or whose judge alignment starts near its floor of 1 (it
 cannot fall far): the images get worse by the judge while the gap stays small. So the judge's own decline is
@@ -19,10 +18,11 @@ watched too:
 
 both shares of the held-out prompts (net GSB on the judge's alignment, prompt by prompt; the main colour is the
 judge's per-prompt verdict that the prompt's main object has its colour). `alarm` says which of the two passed its
-threshold first. Whether the updates helped in truth is the GSB of each evaluation against the first one
-(`with_gsb`): prompt by prompt, on the judge's true alignment alone (the definition of `zray.evaluation.turbo.gsb`,
-as distill-generator's GSB against the teacher and naive 2-step). Numpy and matplotlib only (the images and scores
-come from the caller).
+threshold first; `watched` is the records with both, and their GSB against the first.
+
+Whether the updates helped in truth is the GSB of each evaluation against the first one (`with_gsb`): prompt by
+prompt, on the judge's true alignment alone (the definition of `zray.evaluation.turbo.gsb`, as distill-generator's
+GSB against the teacher and naive 2-step). Numpy and matplotlib only (the images and scores come from the caller).
 
 On an import's prompts (`data.dir`) the judge cannot score (it recovers Shapes scenes only): `judge_watch` says the
 watch is off (and refuses `on_gap="stop"`, which would never fire), and each evaluation is `student_record` alone
@@ -153,31 +153,32 @@ def with_declines(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{**r, "decline": decline(r, records[0])} for r in records] if records else []
 
 
+def watched(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records, each with its `gap`, `decline` and `gsb_vs_start` (all relative to the first record)."""
+    return with_gsb(with_declines(with_gaps(records)))
+
+
 def alarm(records: Sequence[dict[str, Any]], gap_threshold: float,
           decline_threshold: float) -> tuple[dict[str, Any], str] | None:
     """(the first record past a threshold, why) or None: its gap above `gap_threshold`, or its judge decline
-    above `decline_threshold` (0 = not watched). The record carries its `gap` and `decline`."""
+    above `decline_threshold` (0 = not watched). The record carries its `gap`, and its `decline` when watched."""
     if gap_threshold <= 0:
         raise ValueError(f"gap_threshold={gap_threshold} is not allowed: expected a float > 0")
     if decline_threshold < 0:
         raise ValueError(f"decline_threshold={decline_threshold} is not allowed: expected a float >= 0 (0 = off)")
-    for r in with_declines(with_gaps(records)):
+    for r in with_gaps(records):
         if r["gap"] > gap_threshold:
             return r, f"the gap reached {r['gap']:+.3f} (threshold {gap_threshold:g})"
-        if decline_threshold and r["decline"] > decline_threshold:
+        if not decline_threshold:
+            continue
+        r = {**r, "decline": decline(r, records[0])}
+        if r["decline"] > decline_threshold:
             net = gsb_vs_first(r, records[0])["net"]
             now, then = main_colour_rate(r), main_colour_rate(records[0])
             colour = f", main colour {then:.1%} -> {now:.1%}" if now is not None and then is not None else ""
             return r, (f"the judge's verdicts fell by {r['decline']:.3f} of the prompts (threshold "
                        f"{decline_threshold:g}; net GSB vs step 0 {net:+.3f}{colour})")
     return None
-
-
-def widened(records: Sequence[dict[str, Any]], threshold: float) -> dict[str, Any] | None:
-    """The first record whose gap exceeds `threshold`, or None."""
-    if threshold <= 0:
-        raise ValueError(f"threshold={threshold} is not allowed: expected a float > 0")
-    return next((r for r in with_gaps(records) if r["gap"] > threshold), None)
 
 
 def save_reward_vs_judge(path: Path, records: Sequence[dict[str, Any]], threshold: float, title: str,

@@ -20,6 +20,7 @@ importable (PyPI's CUDA torchvision beside a +cpu torch needs the `torchvision::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -259,6 +260,16 @@ def vlm_hf_config(cfg: VLMConfig, tokenizer: Any, image_size: int = 64) -> Any:
     return Qwen2_5_VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=False, **ids)
 
 
+def scaled_vlm_config(base: VLMConfig, hidden: int = 0, layers: int = 0) -> VLMConfig:
+    """`base` widened to `hidden` (head_dim 64, hidden // 64 heads, hidden // 256 key-value heads, a 4x MLP) and
+    deepened to `layers`; 0 keeps its own. The larger teachers of the CPU benches (bench/weight_sync.py,
+    bench/rollout.py) are built with it."""
+    if hidden:
+        base = dataclasses.replace(base, hidden_size=hidden, num_heads=max(1, hidden // 64),
+                                   num_kv_heads=max(1, hidden // 256), head_dim=64, intermediate_size=4 * hidden)
+    return dataclasses.replace(base, num_layers=layers) if layers else base
+
+
 def build_tiny_vlm(cfg: VLMConfig, out_dir: str | Path, image_size: int = 64) -> Path:
     """Build a tiny seeded VLM of `cfg.arch` with processor + tokenizer, save it under `out_dir`, return it."""
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
@@ -377,7 +388,6 @@ def build_once(cfg: Any, path: str | Path, builder: Any, image_size: int = 64) -
     wrong ids (score tokens, image placeholders) without an error. Returns {"path", "num_params", "build_s",
     "built"}.
     """
-    import dataclasses
     import shutil
 
     if cfg.checkpoint:
