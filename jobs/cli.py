@@ -11,6 +11,9 @@
     zray config [--recipe NAME] [--set key=value ...]   print the resolved config as JSON
     zray evaluate --model DIR [--form auto|reasoning|direct] [--name NAME] [--recipe NAME] [--set ...]
                                                         HPA, Margin HPA, PLCC, SRCC of a reward model
+    zray evaluate --curve RUN [RUN ...] [--model BASE] [--name NAME] [--recipe NAME] [--set ...]
+                                                        HPA against training pairs seen, every checkpoint of
+                                                        each run (--model: the point at 0 pairs), plotted
                                                         (train-teacher, evaluate, train-student: --set
                                                         data.dir=IMPORT for your own data, README "Your own data")
     zray train-teacher --method gdso|grpo|sft|zero_shot|all [--resume] [--recipe NAME] [--set ...]
@@ -87,7 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
                      "latest checkpoint")
     ev = sub.add_parser("evaluate", parents=[parent], help="HPA, Margin HPA, PLCC, SRCC of a reward model on the "
                         "Shapes test pairs")
-    ev.add_argument("--model", required=True, help="Hugging Face format Qwen-VL dir (a checkpoint's hf/ dir)")
+    ev.add_argument("--model", default=None, help="Hugging Face format Qwen-VL dir (a checkpoint's hf/ dir); with "
+                    "--curve, the base model: the point at 0 pairs")
+    ev.add_argument("--curve", nargs="+", default=None, metavar="RUN",
+                    help="HPA against training pairs seen: evaluate every checkpoint of each training run's folder "
+                    "(e.g. <out_dir>/train_teacher/gdso) in turn, then plot them (<out_dir>/evaluate/NAME)")
     ev.add_argument("--form", choices=("auto", "reasoning", "direct"), default="auto",
                     help="reasoning (teacher) or direct (student); auto: <model>/zray_scoring.json, else reasoning")
     ev.add_argument("--name", default=None, help="output folder <out_dir>/evaluate/NAME (default: from the model)")
@@ -176,11 +183,18 @@ def main(argv: list[str] | None = None) -> int:
         run_pretrain_generator(cfg, resume=args.resume)
         return 0
     if args.command == "evaluate":
-        from jobs.evaluate import run_evaluate
+        from jobs.evaluate import run_curve, run_evaluate
         from zray.data.parquet import DataError
 
+        if args.model is None and not args.curve:
+            print("zray: error: evaluate needs --model DIR (a model) or --curve RUN [RUN ...] (training runs)",
+                  file=sys.stderr)
+            return 2
         try:
-            run_evaluate(cfg, args.model, form=args.form, name=args.name)
+            if args.curve:
+                run_curve(cfg, args.curve, base=args.model, name=args.name or "curve")
+            else:
+                run_evaluate(cfg, args.model, form=args.form, name=args.name)
         except (ConfigError, FileNotFoundError, DataError) as err:  # DataError: a bad table in data.dir
             print(f"zray: error: {err}", file=sys.stderr)
             return 2

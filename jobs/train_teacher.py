@@ -15,7 +15,8 @@ pairs of the train split (a hash of prompt_id, `zray.data.imported`), scored wit
 dimensions and anchors); the evaluation is on the import's test split. Worked example: README, "Your own data".
 
 - zero-shot: no training; the base model scores in the reasoning form.
-- SFT: `ScoreSFTTask` on the generic learner (Ray Train + DeepSpeed): CE on the label bin, no reasoning.
+- SFT: `ScoreSFTTask` on the generic learner (Ray Train + DeepSpeed): CE on the label bin, no reasoning (with
+  `train_teacher.sft_rationales`, a diagnostic: each candidate's true rationale in context before the score).
 - GRPO / GDSO: `zray.tasks.gdso.GDSOTask` on the same learner, with `vllm.num_engines` TeacherEngine actors for
   the rollouts and a verified weight sync before every rollout (see that module for the loop of methods.md §2).
 
@@ -74,6 +75,10 @@ def run_train_teacher(cfg: RunConfig, method: str | None = None, resume: bool = 
     methods = TEACHER_METHODS[::-1] if method == "all" else (method or cfg.train_teacher.method,)
     if any(m not in TEACHER_METHODS for m in methods):
         raise ConfigError(f"--method {method!r} is not allowed: expected one of {', '.join(TEACHER_METHODS)}, all")
+    rationales = cfg.train_teacher.sft_rationales and "sft" in methods
+    if rationales and cfg.data.dir:
+        raise ConfigError(f"train_teacher.sft_rationales=True is not allowed with data.dir={cfg.data.dir!r}: the true "
+                          "rationales come from the Shapes world's scenes (an import has none)")
     out = Path(cfg.out_dir).resolve()
     root = out / "train_teacher"
     base = base_model_dir(cfg)
@@ -81,7 +86,7 @@ def run_train_teacher(cfg: RunConfig, method: str | None = None, resume: bool = 
     dims = select_dimensions(cfg.train_teacher.dimensions, rubric, "train_teacher.dimensions")
     # the same rows for every method; read (and checked) before any actor starts
     pairs = (imported_pairs(cfg.data, "train", dims) if cfg.data.dir
-             else pair_examples(ensure_world(cfg.world, out / "data"), "train", dims))
+             else pair_examples(ensure_world(cfg.world, out / "data"), "train", dims, rationales=rationales))
     eval_rows = evaluation_rows(cfg)
     lcfg = cfg.train_teacher.learner
     init_ray(lcfg.num_workers * lcfg.cpus_per_worker + cfg.vllm.num_engines * cfg.vllm.cpus_per_engine + 1)
@@ -104,7 +109,7 @@ def run_train_teacher(cfg: RunConfig, method: str | None = None, resume: bool = 
                 final_dir = base
             else:
                 train = ray.data.from_arrow(pairs)
-                task = (ScoreSFTTask(model_dir=str(base), rubric=rubric) if name == "sft"
+                task = (ScoreSFTTask(model_dir=str(base), rubric=rubric, rationales=rationales) if name == "sft"
                         else GDSOTask(model_dir=str(base), cfg=tcfg, rollouts=EnginePool(engines), seed=cfg.seed,
                                       name=f"teacher_{name}", rubric=rubric))
                 fitted = fit(task, tcfg.learner, datasets={"train": train}, storage_path=root, name=name,

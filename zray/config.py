@@ -541,6 +541,8 @@ class TrainTeacherConfig:
     clip_eps: float = 0.2
     aggregation: Literal["sum", "mean"] = "sum"
     format_penalty: float = 0.5  # subtracted from the reward of a malformed output (no score prefix written)
+    # SFT only, a diagnostic: q read after each candidate's true rationale in context (the Shapes world's splits)
+    sft_rationales: bool = False
     # the pairs trained on; empty = every dimension of the rubric (the four built-in ones, or data.dir's rubric)
     dimensions: tuple[str, ...] = ()
 
@@ -712,9 +714,14 @@ class EvaluateConfig:
     num_prompts: int = 0  # 0 = every prompt of the split
     max_reasoning_tokens: int = 48  # greedy reasoning before the score prefix (reasoning form)
     num_plot_images: int = 4  # predicted distributions drawn in the PNG
+    # reasoning form: "model" = the model's own greedy reasoning; "truth" = each candidate's ground-truth rationale
+    # (the Shapes world's; a diagnostic of the score given right reasoning)
+    reasoning: Literal["model", "truth"] = "model"
 
     def __post_init__(self) -> None:
         _require(self.split in ("test", "heldout"), "EvaluateConfig.split", self.split, "'test' or 'heldout'")
+        _require(self.reasoning in ("model", "truth"), "EvaluateConfig.reasoning", self.reasoning,
+                 "'model' or 'truth'")
         _require(self.num_prompts >= 0, "EvaluateConfig.num_prompts", self.num_prompts, "an integer >= 0 (0 = all)")
         _positive(self, "max_reasoning_tokens", "num_plot_images")
 

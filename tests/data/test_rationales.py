@@ -64,3 +64,30 @@ def test_corpus_is_fresh_deterministic_and_never_holds_a_score():
 
     distill = set(distill_inputs(WORLD, 4, progress=False).column("image").to_pylist())
     assert not distill & set(table.column("image").to_pylist())  # its own stream: other images than distillation's
+
+
+def test_a_labelled_candidate_s_rationale_is_its_scene_s_and_pairs_carry_both_sides(small_world):
+    """`candidate_rationale` from a candidates row (prompt, scene_json, defects_json) is the rationale of the parsed
+    prompt, the drawn scene and the realised defects; `pair_examples(..., rationales=True)` adds each side's."""
+    from zray.data import read_table
+    from zray.data.pair_examples import COLUMNS, pair_examples
+    from zray.data.prompt_grammar import parse_prompt
+    from zray.data.rationales import candidate_rationale
+
+    out, _ = small_world
+    cands = {r["candidate_id"]: r for r in read_table(out / "candidates_train.parquet", "candidates").to_pylist()}
+    row = next(r for r in cands.values() if Defects.from_json(r["defects_json"]).present())
+    for dim in ("alignment", "realism", "aesthetics", "plausibility"):
+        assert candidate_rationale(row["prompt"], row["scene_json"], row["defects_json"], dim) == rationale(
+            parse_prompt(row["prompt"]), Scene.from_json(row["scene_json"]), Defects.from_json(row["defects_json"]),
+            dim)
+    plain, full = pair_examples(out, "train"), pair_examples(out, "train", rationales=True)
+    assert tuple(plain.column_names) == COLUMNS
+    assert full.column_names == [*COLUMNS, "winner_rationale", "loser_rationale"] and full.num_rows == plain.num_rows
+    pairs = read_table(out / "pairs_train.parquet", "pairs").to_pylist()
+    for pair, got in list(zip(pairs, full.to_pylist()))[:20]:
+        for side in ("winner", "loser"):
+            c = cands[pair[f"{side}_id"]]
+            assert got[f"{side}_rationale"] == candidate_rationale(c["prompt"], c["scene_json"], c["defects_json"],
+                                                                   pair["dimension"])
+    assert len({r["winner_rationale"] for r in full.to_pylist()}) > 1

@@ -135,3 +135,23 @@ def test_form_resolution(tmp_path):
     assert resolve_form(tmp_path, "reasoning") == ("reasoning", "gdso")  # an explicit form wins over the file
     with pytest.raises(ConfigError, match="form='both' is not allowed"):
         resolve_form(tmp_path, "both")
+
+
+@pytest.mark.slow
+def test_truth_reasoning_scores_after_each_candidate_s_true_rationale(cfg, sharp_teacher_dir, teacher_engine):
+    from zray.data.rationales import candidate_rationale
+
+    truth = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, reasoning="truth"))
+    record = evaluate_reward_model(truth, sharp_teacher_dir, teacher_engine, form="reasoning")
+    assert record["name"].endswith("-truth") and record["reasoning"] == "truth"
+    preds = pq.read_table(f"{cfg.out_dir}/evaluate/{record['name']}/predictions.parquet").to_pylist()
+    rows = {r["candidate_id"]: r for r in read_table(cfg.out_dir + "/data/candidates_test.parquet",
+                                                     "candidates").to_pylist()}
+    assert len(preds) == NUM_PROMPTS * cfg.world.candidates_per_prompt * len(DIMENSIONS)
+    for p in preds:
+        r = rows[p["candidate_id"]]
+        assert p["reasoning"] == candidate_rationale(r["prompt"], r["scene_json"], r["defects_json"], p["dimension"])
+    with pytest.raises(ConfigError, match="evaluate.reasoning='truth' is not allowed with form='direct'"):
+        evaluate_reward_model(truth, sharp_teacher_dir, teacher_engine, form="direct")
+    with pytest.raises(ConfigError, match=r"EvaluateConfig.reasoning='sideways' is not allowed"):
+        EvaluateConfig(reasoning="sideways")

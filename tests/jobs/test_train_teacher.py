@@ -21,6 +21,18 @@ def test_missing_base_model_is_a_clear_error(tmp_path):
         base_model_dir(dataclasses.replace(tiny_cpu(), out_dir=str(tmp_path)))
 
 
+def test_sft_rationales_on_imported_data_is_refused_before_any_work(tmp_path):
+    from jobs.train_teacher import run_train_teacher
+    from zray.config import DataConfig
+
+    base = tiny_cpu()
+    cfg = dataclasses.replace(base, out_dir=str(tmp_path / "run"), data=DataConfig(dir=str(tmp_path / "import")),
+                              train_teacher=dataclasses.replace(base.train_teacher, sft_rationales=True))
+    with pytest.raises(ConfigError, match=r"train_teacher.sft_rationales=True is not allowed with data.dir="):
+        run_train_teacher(cfg, method="sft")
+    assert not (tmp_path / "run").exists()
+
+
 def test_rollout_engines_evaluate_the_final_model_only_in_the_dtype_a_fresh_engine_would_serve(tiny_zoo, tmp_path):
     from jobs.train_teacher import serve_final_weights
     from zray.checksum import weights_checksum

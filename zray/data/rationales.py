@@ -11,6 +11,10 @@ baseline: the base learns to look and to talk, not to score). Rationales use the
     aesthetics:    defects: blur mild; off_centre severe
     plausibility:  defects: cut_by_frame mild
 
+`candidate_rationale` gives a labelled candidate's rationale from its row (prompt, scene_json, defects_json): a
+diagnostic input (SFT with the true rationale in context, `train_teacher.sft_rationales`; scoring after it,
+`evaluate.reasoning = "truth"`), never used by the instruction phase.
+
 Alignment compares what is drawn with what the prompt asks: the drawn objects and background, the (colour,
 shape) objects the prompt asks for and the image lacks (`missing`), those drawn beyond it (`extra`), a wrong
 background, and for a relation prompt whether the relation holds. The other dimensions list that dimension's
@@ -32,7 +36,7 @@ import pyarrow as pa
 from zray.config import WorldConfig
 from zray.data.captions import VISIBLE_MIN, severity_level
 from zray.data.distill_inputs import fresh_candidates
-from zray.data.prompt_grammar import PromptSpec, canonical_groups, content_phrase, prompt_text
+from zray.data.prompt_grammar import PromptSpec, canonical_groups, content_phrase, parse_prompt, prompt_text
 from zray.data.render import png_bytes
 from zray.data.scene import DEFECT_DIMENSION, Defects, Relation, Scene
 from zray.rubric import DIMENSIONS, check_dimension, check_dimensions
@@ -83,6 +87,12 @@ def rationale(spec: PromptSpec, scene: Scene, defects: Defects, dimension: str) 
     if check_dimension(dimension) == "alignment":
         return alignment_rationale(spec, scene)
     return defects_rationale(defects, dimension)
+
+
+def candidate_rationale(prompt: str, scene_json: str, defects_json: str, dimension: str) -> str:
+    """The rationale of a labelled candidate (a `candidates_<split>.parquet` row's prompt, scene_json and
+    defects_json) in `dimension`: the world's ground truth about that image, as the instruction phase words it."""
+    return rationale(parse_prompt(prompt), Scene.from_json(scene_json), Defects.from_json(defects_json), dimension)
 
 
 def instruct_corpus(world: WorldConfig, num_prompts: int, dimensions: Sequence[str] = DIMENSIONS, *,

@@ -38,6 +38,7 @@ import numpy as np
 from zray.config import ConfigError, RunConfig, to_dict
 from zray.data import ensure_world, read_table
 from zray.data.imported import data_rubric, imported_rows
+from zray.data.rationales import candidate_rationale
 from zray.data.render import decode_png
 from zray.metrics import hpa_table, plcc, srcc
 from zray.models.vlm import SCORING_FILE
@@ -97,8 +98,12 @@ def evaluate_reward_model(cfg: RunConfig, model_dir: str | Path, scorer: Any, *,
     clock = time.perf_counter()
     model_dir = check_model_dir(model_dir)
     form, method = resolve_form(model_dir, form)
-    name = name or default_name(model_dir, form, method)
     ecfg = cfg.evaluate
+    if ecfg.reasoning == "truth" and (form != "reasoning" or cfg.data.dir):
+        raise ConfigError(f"evaluate.reasoning='truth' is not allowed with form={form!r}, data.dir={cfg.data.dir!r}: "
+                          "the true rationale replaces reasoning (the reasoning form) and needs the Shapes world's "
+                          "candidates (their scenes and defects); use evaluate.reasoning='model'")
+    name = name or default_name(model_dir, form, method) + ("-truth" if ecfg.reasoning == "truth" else "")
     out = Path(cfg.out_dir).resolve()
     rows = evaluation_rows(cfg) if rows is None else rows
     rubric = data_rubric(cfg.data)
@@ -106,9 +111,11 @@ def evaluate_reward_model(cfg: RunConfig, model_dir: str | Path, scorer: Any, *,
     run_dir = out / "evaluate" / name
     run_dir.mkdir(parents=True, exist_ok=True)
     scoring = time.perf_counter()
-    preds = score_candidates(scorer, rows, form, ecfg.max_reasoning_tokens, model_dir, rubric)
+    preds = score_candidates(scorer, rows, form, ecfg.max_reasoning_tokens, model_dir, rubric,
+                             truth=ecfg.reasoning == "truth")
     score_s = time.perf_counter() - scoring
     record = {"name": name, "model_dir": str(model_dir), "form": form, "method": method, "split": ecfg.split,
+              "reasoning": ecfg.reasoning if form == "reasoning" else None,
               "data": cfg.data.dir or "shapes world", "dimensions": list(rubric.dimensions),
               "num_prompts": len(keep), "num_candidates": len(rows), "num_queries": len(preds),
               "mean_output_tokens": float(np.mean([p["num_output_tokens"] for p in preds])),
@@ -148,9 +155,10 @@ def evaluation_rows(cfg: RunConfig) -> list[dict[str, Any]]:
 
 
 def score_candidates(scorer: Any, rows: list[dict[str, Any]], form: str, max_reasoning_tokens: int,
-                     model_dir: Path, rubric: Rubric = BUILTIN_RUBRIC) -> list[dict[str, Any]]:
+                     model_dir: Path, rubric: Rubric = BUILTIN_RUBRIC, *, truth: bool = False) -> list[dict[str, Any]]:
     """One prediction per (candidate, rubric dimension), in that order: ids, mu, q, human, reasoning, output
-    tokens. Each query carries its dimension's anchors from `rubric` (the scoring prompt of that rubric)."""
+    tokens. Each query carries its dimension's anchors from `rubric` (the scoring prompt of that rubric). With
+    `truth` (reasoning form), the reasoning is each candidate's ground-truth rationale instead of the model's."""
     import torch
     from tqdm import tqdm
 
@@ -169,7 +177,10 @@ def score_candidates(scorer: Any, rows: list[dict[str, Any]], form: str, max_rea
         reqs = [ScoreRequest(r["prompt"], images[r["candidate_id"]], d, anchors=rubric.anchors_for(d))
                 for r, d in chunk]
         reasonings: list[str | None] = [None] * len(reqs)
-        if form == "reasoning":
+        if form == "reasoning" and truth:
+            reasonings = [candidate_rationale(r["prompt"], r["scene_json"], r["defects_json"], d) for r, d in chunk]
+            reqs = [dataclasses.replace(q, reasoning=t) for q, t in zip(reqs, reasonings, strict=True)]
+        elif form == "reasoning":
             texts = scorer.generate_texts(reqs, max_tokens=max_reasoning_tokens, temperature=0.0, n=1)
             reasonings = [t[0] for t in texts]
             reqs = [dataclasses.replace(q, reasoning=t) for q, t in zip(reqs, reasonings, strict=True)]

@@ -1,4 +1,5 @@
-"""SFT baseline of the reward teacher (methods.md §2 baselines): `(p, I, d) -> score token`, no reasoning.
+"""SFT baseline of the reward teacher (methods.md §2 baselines): `(p, I, d) -> score token`, no reasoning (or, as a
+diagnostic, the true rationale given in context: `rationales`).
 
 Each pair row (`zray.data.pair_examples`) gives two examples, winner and loser, with their labels. The context
 is the student form of `zray.rubric` (the score is the first answer token); the loss is the cross-entropy of
@@ -23,27 +24,35 @@ from zray.models.vlm import (cached_processor, load_vlm_weights, save_vlm, score
                             write_scoring_file)
 from zray.scores import label_index, score_bins, score_token_ids
 
-def pair_requests(rows: dict[str, Any], *, reasoning: str | None = None, rubric: Rubric = BUILTIN_RUBRIC
-                  ) -> tuple[list[ScoreRequest], torch.Tensor]:
+def pair_requests(rows: dict[str, Any], *, reasoning: str | None = None, rubric: Rubric = BUILTIN_RUBRIC,
+                  rationales: bool = False) -> tuple[list[ScoreRequest], torch.Tensor]:
     """[winner, loser] ScoreRequests per pair row (each dimension with its anchors in `rubric`: an import's rubric
-    for imported data), and labels_P2 (float32)."""
+    for imported data), and labels_P2 (float32). The reasoning of every request is `reasoning`, or with
+    `rationales` each side's own `<side>_rationale` column (`pair_examples(..., rationales=True)`)."""
     requests, labels = [], []
     for p in range(len(rows["prompt"])):
         dim = str(rows["dimension"][p])
         for side in ("winner", "loser"):
+            text = str(rows[f"{side}_rationale"][p]) if rationales else reasoning
             requests.append(ScoreRequest(str(rows["prompt"][p]), decode_png(bytes(rows[f"{side}_image"][p])),
-                                         dim, reasoning, rubric.anchors_for(dim)))
+                                         dim, text, rubric.anchors_for(dim)))
         labels.append([float(rows["winner_label"][p]), float(rows["loser_label"][p])])
     return requests, torch.tensor(labels, dtype=torch.float32)
 
 
 @dataclass(frozen=True, kw_only=True)
 class ScoreSFTTask:
-    """Cross-entropy on the label bin of q at the student-form score position (a `LearnerTask`)."""
+    """Cross-entropy on the label bin of q at the student-form score position (a `LearnerTask`).
+
+    With `rationales`, the rows carry each candidate's ground-truth rationale (`pair_examples(...,
+    rationales=True)`) and q is read after it, at the reasoning form's score position (the rationale in context,
+    not trained): a diagnostic of how well the model scores when its reasoning is right. The saved model then
+    scores in the reasoning form (its own greedy reasoning, or the truth with `evaluate.reasoning = "truth"`)."""
 
     model_dir: str
     name: str = "teacher_sft"
     rubric: Rubric = BUILTIN_RUBRIC  # the dimensions' anchors in the scoring prompt (an import's rubric)
+    rationales: bool = False
 
     @property
     def processor(self) -> Any:
@@ -53,7 +62,7 @@ class ScoreSFTTask:
         return trainable_vlm(self.model_dir)
 
     def collate(self, rows: dict[str, Any]) -> dict[str, torch.Tensor]:
-        requests, labels_P2 = pair_requests(rows, rubric=self.rubric)
+        requests, labels_P2 = pair_requests(rows, rubric=self.rubric, rationales=self.rationales)
         # left padding (score_inputs): the last position of every row is its score position
         batch = {k: v for k, v in score_inputs(self.processor, requests).items() if isinstance(v, torch.Tensor)}
         batch["label_index"] = torch.tensor([label_index(float(s)) for s in labels_P2.flatten()], dtype=torch.int64)
@@ -73,7 +82,8 @@ class ScoreSFTTask:
                       "mu_mean": float(mu_B.mean())}
 
     def save_pretrained(self, model: torch.nn.Module, out_dir: Path) -> None:
-        write_scoring_file(save_vlm(model, self.model_dir, out_dir), form="direct", method="sft")
+        write_scoring_file(save_vlm(model, self.model_dir, out_dir), form="reasoning" if self.rationales else "direct",
+                           method="sft_rationales" if self.rationales else "sft")
 
     def load_pretrained(self, model: torch.nn.Module, ckpt_dir: Path) -> None:
         load_vlm_weights(model, ckpt_dir)
