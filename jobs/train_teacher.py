@@ -20,6 +20,10 @@ dimensions and anchors); the evaluation is on the import's test split. Worked ex
 - GRPO / GDSO: `zray.tasks.gdso.GDSOTask` on the same learner, with `vllm.num_engines` TeacherEngine actors for
   the rollouts and a verified weight sync before every rollout (see that module for the loop of methods.md §2).
 
+Seeds: with `train_teacher.seeds = n`, each RL method runs n times, with seeds `seed`, `seed + 1`, ... (rollout
+sampling, and the learner's data order and init from `learner.seed + k`): the first in `<method>/`, the others in
+`<method>_seed<k>/`. The table then gives their mean ± standard error, and the ordering intervals use their mean.
+
 Outputs under `<out_dir>/train_teacher/<method>/`: Ray Train checkpoints (HF format + optimizer state),
 `tensorboard/` (every logged metric: rewards, advantages, each loss term, KL, format failures, rollout / sync /
 update times), `final/` (the trained model with `zray_scoring.json`), `training.png` (curves), `metrics.json`
@@ -44,6 +48,13 @@ from zray.training.curves import save_curves
 from zray.training.runs import export_final, has_checkpoint, pretrained_vlm_dir, write_text_atomic
 
 METHOD_NAMES = {"zero_shot": "zero-shot", "sft": "SFT", "grpo": "GRPO", "gdso": "GDSO"}
+RL_METHODS = ("grpo", "gdso")  # run train_teacher.seeds times each
+
+
+def run_name(method: str, k: int) -> str:
+    """The folder of a method's k-th seed under <out_dir>/train_teacher: the method itself for the first, so what
+    reads `<method>/final` (the student's teacher) reads the run of `seed`."""
+    return method if k == 0 else f"{method}_seed{k}"
 CURVES = ("loss", "reward_mean", "kl", "ce_loss", "pw_loss", "format_fail_frac", "pair_acc", "step_time_s")
 
 
@@ -91,6 +102,7 @@ def run_train_teacher(cfg: RunConfig, method: str | None = None, resume: bool = 
     lcfg = cfg.train_teacher.learner
     init_ray(lcfg.num_workers * lcfg.cpus_per_worker + cfg.vllm.num_engines * cfg.vllm.cpus_per_engine + 1)
     records = {}
+    runs = [(name, k) for name in methods for k in range(cfg.train_teacher.seeds if name in RL_METHODS else 1)]
     # One engine set for the whole job, started on the base model when a method first needs it: the RL methods'
     # rollouts (their weights are synced before every rollout) and every evaluation (the model to evaluate loaded
     # and verified). An engine is an actor: an in-process vLLM engine in the driver would share (and on shutdown
@@ -98,10 +110,13 @@ def run_train_teacher(cfg: RunConfig, method: str | None = None, resume: bool = 
     engines: list[Any] = []
     serving = {"dir": base, "version": 0}  # what the engines serve
     try:
-        for name in methods:
-            tcfg = dataclasses.replace(cfg.train_teacher, method=name, dimensions=dims)
-            run_dir = root / name
-            print(f"[train-teacher] {METHOD_NAMES[name]} from {base}")
+        for name, k in runs:
+            seed = cfg.seed + k
+            tcfg = dataclasses.replace(cfg.train_teacher, method=name, dimensions=dims,
+                                       learner=dataclasses.replace(lcfg, seed=lcfg.seed + k))
+            run = run_name(name, k)
+            run_dir = root / run
+            print(f"[train-teacher] {METHOD_NAMES[name]}{f' (seed {seed})' if k else ''} from {base}")
             fitted = None
             if name in ("gdso", "grpo") and not engines:
                 engines = start_engines(base, cfg.vllm, seed=cfg.seed, role="teacher engines")
@@ -110,9 +125,9 @@ def run_train_teacher(cfg: RunConfig, method: str | None = None, resume: bool = 
             else:
                 train = ray.data.from_arrow(pairs)
                 task = (ScoreSFTTask(model_dir=str(base), rubric=rubric, rationales=rationales) if name == "sft"
-                        else GDSOTask(model_dir=str(base), cfg=tcfg, rollouts=EnginePool(engines), seed=cfg.seed,
+                        else GDSOTask(model_dir=str(base), cfg=tcfg, rollouts=EnginePool(engines), seed=seed,
                                       name=f"teacher_{name}", rubric=rubric))
-                fitted = fit(task, tcfg.learner, datasets={"train": train}, storage_path=root, name=name,
+                fitted = fit(task, tcfg.learner, datasets={"train": train}, storage_path=root, name=run,
                              resume=resume and has_checkpoint(run_dir),  # --resume: the methods that started
                              time_budget_s=tcfg.time_budget_s)
                 final_dir = export_final(fitted.hf_dir, run_dir)
@@ -133,18 +148,18 @@ def run_train_teacher(cfg: RunConfig, method: str | None = None, resume: bool = 
                     serving = {"dir": None, "version": 0}  # not the base's: reloaded before the next method
             evaluation = evaluate_reward_model(cfg, final_dir, EnginePool(engines[:1]),
                                                form="auto" if name != "zero_shot" else "reasoning",
-                                               name=f"teacher_{name}", rows=eval_rows)
-            if serving["dir"] is None and engines and name != methods[-1]:  # a dtype-changed engine: start anew
+                                               name=f"teacher_{run}", rows=eval_rows)
+            if serving["dir"] is None and engines and (name, k) != runs[-1]:  # a dtype-changed engine: start anew
                 EnginePool(engines).shutdown()
                 engines = []
             summary = training_summary(fitted.history, fitted.final_step, fitted.wall_s) if fitted else None
-            record = {"method": name, "model_dir": str(final_dir), "evaluation": evaluation, "training": summary,
-                      "config": to_dict(tcfg)}
+            record = {"method": name, "seed": seed, "model_dir": str(final_dir), "evaluation": evaluation,
+                      "training": summary, "config": to_dict(tcfg)}
             run_dir.mkdir(parents=True, exist_ok=True)
             write_text_atomic(run_dir / "metrics.json", json.dumps(record, indent=2, default=str))
             if fitted is not None:
                 save_curves(run_dir / "training.png", fitted.history, CURVES, f"teacher {METHOD_NAMES[name]}")
-            records[name] = record
+            records[run] = record
             print(f"[train-teacher] {METHOD_NAMES[name]}: pooled HPA {evaluation['pooled']['hpa']:.4f} -> {run_dir}")
     finally:
         if engines:
@@ -190,12 +205,17 @@ def write_results(cfg: RunConfig, root: Path) -> str:
     Imported data (`data.dir`) has neither true scores nor a Shapes scene to judge: no reference rows."""
     from zray.evaluation.rewards import judge_predictions, oracle_predictions, reference_record
 
-    rows = []
+    from zray.evaluation.rewards import seed_mean_record
+
+    rows, found = [], {}
     for name in TEACHER_METHODS[::-1]:
-        path = root / name / "metrics.json"
-        if path.exists():
-            rows.append((METHOD_NAMES[name], json.loads(path.read_text())["evaluation"]))
-    ordering = ordering_lines(root.parent, [n for n in TEACHER_METHODS[::-1] if (root / n / "metrics.json").exists()])
+        runs = seed_runs(root, name)
+        if runs:
+            found[name] = runs
+            label = METHOD_NAMES[name] + (f" ({len(runs)} seeds)" if len(runs) > 1 else "")
+            rows.append((label, seed_mean_record([json.loads((root / r / "metrics.json").read_text())["evaluation"]
+                                                  for r in runs])))
+    ordering = ordering_lines(root.parent, found)
     if cfg.data.dir:
         table = results_table(rows) + ordering
         root.mkdir(parents=True, exist_ok=True)
@@ -217,15 +237,28 @@ def write_results(cfg: RunConfig, root: Path) -> str:
     return table
 
 
-def ordering_lines(out: Path, methods: list[str]) -> str:
+def seed_runs(root: Path, method: str) -> list[str]:
+    """The run folders of `method` under `root` with an evaluation: `<method>`, then `<method>_seed<k>` in order."""
+    suffixes = (p.name.removeprefix(f"{method}_seed") for p in root.glob(f"{method}_seed*"))
+    seeds = sorted(int(k) for k in suffixes if k.isdigit())
+    return [n for n in [method, *(run_name(method, k) for k in seeds)] if (root / n / "metrics.json").exists()]
+
+
+def ordering_lines(out: Path, methods: dict[str, list[str]]) -> str:
     """The paired bootstrap of each adjacent pooled-HPA difference, in the order the methods are expected to rank
-    (zero-shot < SFT < GRPO < GDSO), from the evaluations' saved predictions; empty with fewer than two."""
+    (zero-shot < SFT < GRPO < GDSO), from the evaluations' saved predictions ({method: its run folders}; several
+    seeds: their mean); empty with fewer than two."""
     from zray.data.parquet import read_parquet_file
     from zray.evaluation.rewards import ordering_intervals, ordering_markdown
 
-    paths = [(m, out / "evaluate" / f"teacher_{m}" / "predictions.parquet") for m in methods]
-    found = [(METHOD_NAMES[m], read_parquet_file(p).to_pylist()) for m, p in paths if p.exists()]
+    found = []
+    for m, runs in methods.items():
+        paths = [out / "evaluate" / f"teacher_{r}" / "predictions.parquet" for r in runs]
+        sets = [read_parquet_file(p).to_pylist() for p in paths if p.exists()]
+        if sets:
+            found.append((METHOD_NAMES[m], sets if len(sets) > 1 else sets[0]))
     if len(found) < 2:
         return ""
-    return ("\nPooled HPA differences in the expected order, paired bootstrap over test prompts (95%, 2,000 "
+    seeds = " (methods with several seeds: their mean)" if any(isinstance(p[0], list) for _, p in found) else ""
+    return (f"\nPooled HPA differences in the expected order, paired bootstrap over test prompts{seeds} (95%, 2,000 "
             "samples):\n\n" + ordering_markdown(ordering_intervals(found)) + "\n")

@@ -543,13 +543,16 @@ class TrainTeacherConfig:
     format_penalty: float = 0.5  # subtracted from the reward of a malformed output (no score prefix written)
     # SFT only, a diagnostic: q read after each candidate's true rationale in context (the Shapes world's splits)
     sft_rationales: bool = False
+    # runs of each RL method (GRPO, GDSO), with seeds seed, seed + 1, ... (rollout sampling and data order); the
+    # results table gives their mean and standard error
+    seeds: int = 1
     # the pairs trained on; empty = every dimension of the rubric (the four built-in ones, or data.dir's rubric)
     dimensions: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _require(self.method in TEACHER_METHODS, "TrainTeacherConfig.method", self.method,
                  f"one of {', '.join(TEACHER_METHODS)}")
-        _positive(self, "group_size", "max_reasoning_tokens", "inner_steps", "updates_per_rollout")
+        _positive(self, "group_size", "max_reasoning_tokens", "inner_steps", "updates_per_rollout", "seeds")
         _require(self.group_size >= 2, "TrainTeacherConfig.group_size", self.group_size,
                  "an integer >= 2 (advantages are normalised within a group)")
         _require(self.temperature > 0, "TrainTeacherConfig.temperature", self.temperature, "a float > 0")

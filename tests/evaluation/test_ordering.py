@@ -3,7 +3,8 @@ differences, on cases with a known answer."""
 
 import pytest
 
-from zray.evaluation.rewards import compute_metrics, ordering_intervals, ordering_markdown, pair_outcomes
+from zray.evaluation.rewards import (compute_metrics, markdown_row, ordering_intervals, ordering_markdown,
+                                    pair_outcomes, seed_mean_record, seed_outcomes)
 
 
 def _preds(mus, humans, prompt="p", dim="alignment"):
@@ -48,3 +49,25 @@ def test_equal_methods_are_not_resolved_and_a_reversal_is_named():
 def test_methods_on_other_candidates_are_refused():
     with pytest.raises(ValueError, match="'a' and 'b' scored no common pair"):
         ordering_intervals([("a", _preds([1.0, 2.0], [1.0, 2.0], "x")), ("b", _preds([1.0, 2.0], [1.0, 2.0], "y"))])
+
+
+def test_seeds_average_their_outcomes_and_their_metrics():
+    """Two seeds, one always right and one always wrong, against an always-right method: each item is right for
+    half the seeds, so the seeds' mean HPA is 0.5 and the difference to the right method is exactly +0.5."""
+    humans = [1.0, 2.0, 3.0]
+    right = [p for k in range(6) for p in _preds([1.0, 2.0, 3.0], humans, f"q{k}")]
+    wrong = [p for k in range(6) for p in _preds([3.0, 2.0, 1.0], humans, f"q{k}")]
+    out = seed_outcomes([right, wrong])
+    assert set(out.values()) == {0.5} and len(out) == 18
+    (row,) = ordering_intervals([("seeds", [right, wrong]), ("right", right)], num_samples=200)
+    assert row["diff"] == row["lo"] == row["hi"] == 0.5
+    records = [{"name": "gdso", "pooled": {"hpa": h, "margin_hpa": h, "plcc": 0.1, "srcc": None},
+                "dimensions": {"alignment": {"hpa": h, "margin_hpa": h, "plcc": 0.1, "srcc": 0.2}},
+                "mean_output_tokens": t} for h, t in ((0.5, 4.0), (0.6, 6.0), (0.7, 8.0))]
+    mean = seed_mean_record(records)
+    assert mean["num_seeds"] == 3 and mean["pooled"]["hpa"] == pytest.approx(0.6)
+    assert mean["pooled_se"]["hpa"] == pytest.approx(0.1 / 3 ** 0.5)  # sd 0.1 over 3 seeds
+    assert mean["pooled"]["srcc"] is None and mean["dimensions"]["alignment"]["hpa"] == pytest.approx(0.6)
+    assert mean["mean_output_tokens"] == 6.0 and seed_mean_record(records[:1]) is records[0]
+    row = markdown_row("GDSO (3 seeds)", mean)
+    assert row.startswith("| teacher | GDSO (3 seeds) | 0.6000 ± 0.0577 | 0.6000 ± 0.0577 | 0.1000 ± 0.0000 | n/a")

@@ -33,6 +33,33 @@ def test_sft_rationales_on_imported_data_is_refused_before_any_work(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_seed_runs_are_found_in_order_and_their_mean_ordered(tmp_path):
+    """`<method>`, `<method>_seed1`, ... with an evaluation are one method's seeds; the ordering lines use their
+    mean (a method with one run: that run)."""
+    from jobs.train_teacher import ordering_lines, run_name, seed_runs
+    from zray.evaluation.rewards import save_predictions
+
+    root = tmp_path / "train_teacher"
+    humans = [1.0, 2.0, 3.0]
+    for run, mus in (("gdso", [1.0, 2.0, 3.0]), ("gdso_seed2", [3.0, 2.0, 1.0]), ("gdso_seed10", [1.0, 2.0, 3.0]),
+                     ("sft", [3.0, 2.0, 1.0])):
+        (root / run).mkdir(parents=True)
+        (root / run / "metrics.json").write_text("{}")
+        preds = [{"candidate_id": f"q{k}-{i}", "prompt_id": f"q{k}", "dimension": "alignment", "mu": mu, "human": h,
+                  "q": [], "reasoning": None, "num_output_tokens": 1}
+                 for k in range(4) for i, (mu, h) in enumerate(zip(mus, humans))]
+        (tmp_path / "evaluate" / f"teacher_{run}").mkdir(parents=True)
+        save_predictions(tmp_path / "evaluate" / f"teacher_{run}" / "predictions.parquet", preds)
+    (root / "gdso_seed3").mkdir()  # no evaluation: not a run of the table
+    assert seed_runs(root, "gdso") == ["gdso", "gdso_seed2", "gdso_seed10"] and seed_runs(root, "grpo") == []
+    assert (run_name("gdso", 0), run_name("gdso", 2)) == ("gdso", "gdso_seed2")
+    lines = ordering_lines(tmp_path, {"sft": ["sft"], "gdso": seed_runs(root, "gdso")})
+    assert "(methods with several seeds: their mean)" in lines
+    assert "- GDSO - SFT: +0.667 [+0.667, +0.667] (holds" in lines  # 2 of 3 seeds right on every pair, SFT never
+    with pytest.raises(ConfigError, match=r"TrainTeacherConfig.seeds=0 is not allowed"):
+        dataclasses.replace(tiny_cpu().train_teacher, seeds=0)
+
+
 def test_rollout_engines_evaluate_the_final_model_only_in_the_dtype_a_fresh_engine_would_serve(tiny_zoo, tmp_path):
     from jobs.train_teacher import serve_final_weights
     from zray.checksum import weights_checksum

@@ -262,14 +262,24 @@ def pair_outcomes(preds: list[dict[str, Any]]) -> dict[tuple[str, str, str, str]
     return out
 
 
-def ordering_intervals(named_preds: list[tuple[str, list[dict[str, Any]]]], *, num_samples: int = 2000,
+def seed_outcomes(pred_sets: list[list[dict[str, Any]]]) -> dict[tuple[str, str, str, str], float]:
+    """`pair_outcomes` averaged over runs (seeds) of one method, on the pairs every run scored: each item is the
+    fraction of seeds that order it right, so its mean is the seeds' mean pooled HPA."""
+    sets = [pair_outcomes(preds) for preds in pred_sets]
+    return {k: sum(s[k] for s in sets) / len(sets) for k in sets[0] if all(k in s for s in sets[1:])}
+
+
+def ordering_intervals(named_preds: list[tuple[str, list[Any]]], *, num_samples: int = 2000,
                        level: float = 0.95, seed: int = 0) -> list[dict[str, Any]]:
     """For each adjacent pair in `named_preds` (listed from the expected worst to the expected best), the paired
     cluster bootstrap (`zray.metrics.paired_bootstrap`; the clusters are prompts) of pooled HPA(next) - HPA(this)
-    on the HPA pairs both scored: [{"lower", "higher", "diff", "lo", "hi", "num_items", "num_clusters"}]."""
+    on the HPA pairs both scored: [{"lower", "higher", "diff", "lo", "hi", "num_items", "num_clusters"}]. A
+    method's predictions are one list of prediction records, or a list of such lists (its seeds: `seed_outcomes`,
+    so the difference is of the seeds' mean HPA, resampled over prompts)."""
     from zray.metrics import paired_bootstrap
 
-    outcomes = [(name, pair_outcomes(preds)) for name, preds in named_preds]
+    outcomes = [(name, seed_outcomes(preds) if preds and isinstance(preds[0], list) else pair_outcomes(preds))
+                for name, preds in named_preds]
     rows = []
     for (low_name, low), (high_name, high) in itertools.pairwise(outcomes):
         keys = [k for k in high if k in low]
@@ -323,10 +333,35 @@ def markdown_table(record: dict[str, Any]) -> str:
 
 
 def markdown_row(method_name: str, metrics: dict[str, Any], *, model: str = "teacher") -> str:
-    """`| teacher | <method> | HPA | Margin HPA | PLCC | SRCC | output tokens |` from the pooled metrics."""
-    p = metrics["pooled"]
-    return (f"| {model} | {method_name} | {_num(p['hpa'])} | {_num(p['margin_hpa'])} | {_num(p['plcc'])} "
-            f"| {_num(p['srcc'])} | {_num(metrics['mean_output_tokens'], 1)} |")
+    """`| teacher | <method> | HPA | Margin HPA | PLCC | SRCC | output tokens |` from the pooled metrics; a record of
+    several seeds (`seed_mean_record`) gives each value as mean ± standard error."""
+    p, se = metrics["pooled"], metrics.get("pooled_se") or {}
+
+    def cell(key: str) -> str:
+        return _num(p[key]) + (f" ± {_num(se[key])}" if se.get(key) is not None else "")
+
+    return (f"| {model} | {method_name} | {cell('hpa')} | {cell('margin_hpa')} | {cell('plcc')} "
+            f"| {cell('srcc')} | {_num(metrics['mean_output_tokens'], 1)} |")
+
+
+def seed_mean_record(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """One method's evaluation records over seeds -> the mean of each pooled and per-dimension metric, with
+    `pooled_se` (standard error of the mean, sample sd / sqrt(n)) and `num_seeds`; one record is returned as it is."""
+    if len(records) == 1:
+        return records[0]
+
+    def mean_se(values: list[Any]) -> tuple[float, float]:
+        arr = np.array([math.nan if v is None else float(v) for v in values])
+        return float(arr.mean()), float(arr.std(ddof=1) / math.sqrt(len(arr)))
+
+    keys = ("hpa", "margin_hpa", "plcc", "srcc")
+    pooled = {k: mean_se([r["pooled"][k] for r in records]) for k in keys}
+    dims = {d: {k: mean_se([r["dimensions"][d][k] for r in records])[0] for k in keys}
+            for d in records[0].get("dimensions", {})}
+    return _json_ready({**records[0], "name": f"{records[0]['name']} (mean of {len(records)} seeds)",
+                        "num_seeds": len(records), "pooled": {k: m for k, (m, _) in pooled.items()},
+                        "pooled_se": {k: se for k, (_, se) in pooled.items()}, "dimensions": dims,
+                        "mean_output_tokens": float(np.mean([r["mean_output_tokens"] for r in records]))})
 
 
 def results_table(rows: list[tuple[str, dict[str, Any]]], *, model: str = "teacher") -> str:
