@@ -25,3 +25,15 @@ def test_cli_bad_model_or_scoring_file_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "form='sideways' is not allowed" in err[0]
     assert not (tmp_path / "run").exists()  # refused before building data or starting an engine
+
+
+def test_cli_needs_a_model_or_a_curve_and_names_a_bad_run_folder(tmp_path, capsys):
+    assert main(["evaluate"]) == 2
+    assert "evaluate needs --model DIR (a model) or --curve RUN" in capsys.readouterr().err
+    assert main(["evaluate", "--curve", str(tmp_path / "nothing"), "--set", f"out_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a folder" in err[0] and "train_teacher/gdso" in err[0]
+    (tmp_path / "empty").mkdir()
+    assert main(["evaluate", "--curve", str(tmp_path / "empty"), "--set", f"out_dir={tmp_path / 'run'}"]) == 2
+    assert "keep_checkpoints" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before building data or starting an engine
