@@ -31,11 +31,11 @@ from typing import Any
 
 import torch
 
-from actors.teacher_engine.rollouts import forced_logprobs, generate_rollouts
+from actors.teacher_engine.rollouts import StopRule, forced_logprobs, generate_rollouts, reasoning_text
 from actors.teacher_engine.weight_sync import apply_weights, receive_weights
 from zray.config import VLLMConfig
 from zray.models.vlm import checkpoint_dtype
-from zray.rubric import SCORE_PREFIX, ScoreRequest, render_generation_prompt, render_score_context
+from zray.rubric import ScoreRequest, render_generation_prompt, render_score_context
 from zray.scores import distribution_from_logprobs, score_token_ids
 from zray.types import ForcedSequence, RolloutBatch, WeightSyncReport, WeightVersionError
 
@@ -131,7 +131,9 @@ class TeacherEngine:
 
     def generate_texts(self, requests: Sequence[ScoreRequest | tuple], *, max_tokens: int = 64,
                        temperature: float = 1.0, n: int = 1, seed: int | None = None) -> list[list[str]]:
-        """Reasoning texts only: `n` samples per request, each stopped before the fixed score prefix.
+        """Reasoning texts only: `n` samples per request, each stopped and cut before the score prefix exactly as a
+        training rollout is (`StopRule`, `reasoning_text`: on a tokenizer with the word "Score" whole, the word
+        starts the prefix, whatever follows it).
 
         Pass one back as `reasoning` to `score`. For training rollouts use `generate` (token ids, log-probs).
         """
@@ -141,10 +143,16 @@ class TeacherEngine:
         reqs = [r if isinstance(r, ScoreRequest) else ScoreRequest(*r) for r in requests]
         texts = [render_generation_prompt(self.tokenizer, r.prompt, r.dimension, reasoning=True,
                                           anchors=r.anchors) for r in reqs]
+        stop = StopRule(self.tokenizer)
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, n=n, seed=seed,
-                                stop=[SCORE_PREFIX.strip()])
+                                **stop.sampling_kwargs())
         outputs = self.llm.generate(self._inputs(texts, [r.image for r in reqs]), params, use_tqdm=False)
-        return [[c.text.strip() for c in out.outputs] for out in outputs]
+
+        def decode(ids: list[int]) -> str:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+        return [[reasoning_text(c, decode, stop.token_ids) for c in sorted(out.outputs, key=lambda c: c.index)]
+                for out in outputs]
 
     # ------------------------------------------------------------------------------------------ scoring
     def token_logprobs(self, sequences: Sequence[ForcedSequence]) -> list[torch.Tensor]:

@@ -149,6 +149,14 @@ def split_sample(completion: Any, decode: Callable[[list[int]], str],
     return len(ids), FINISH_LENGTH
 
 
+def reasoning_text(completion: Any, decode: Callable[[list[int]], str], stop_ids: Sequence[int] = ()) -> str:
+    """The reasoning of one sampled completion as a rollout keeps it (`split_sample`): its text before the score
+    prefix (or before the word "Score" where a "Score" token stopped it), without an end-of-turn token. The
+    evaluation's reasoning (`TeacherEngine.generate_texts`) ends where a training rollout's does."""
+    keep, _ = split_sample(completion, decode, stop_ids)
+    return decode([int(t) for t in completion.token_ids[:keep]]).strip()
+
+
 MULTIMODAL_TOKENS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 BANNED_BIAS = -100.0
 

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 
 from actors.teacher_engine.rollouts import (PrefixIds, StopRule, as_requests, collapse_placeholders, cut_before,
-                                            split_sample)
+                                            reasoning_text, split_sample)
 from zray.types import FINISH_EOS, FINISH_LENGTH, FINISH_PREFIX
 
 
@@ -108,6 +108,22 @@ def test_split_sample_on_a_stop_token(tok):
     assert split_sample(c, dec, rule.token_ids) == (len(_ids(tok, "red")), FINISH_PREFIX)
     c = _completion(tok, "red", "stop", None, extra=[tok.eos_token_id])  # eos, not a stop token
     assert split_sample(c, dec, rule.token_ids) == (len(c.token_ids) - 1, FINISH_EOS)
+
+
+def test_evaluation_reasoning_ends_where_a_rollout_s_does(tok):
+    """`reasoning_text` (the engine's `generate_texts`) keeps the text `split_sample` keeps: a sample stopped by
+    the word "Score" loses it whatever would have followed (a rollout forces "Score: " there), a text prefix cuts,
+    an end-of-turn token goes, a length stop keeps everything."""
+    dec, rule = _decode(tok), StopRule(tok)
+    score = _ids(tok, " Score")[0]
+    cases = [(_completion(tok, "defects: none", "stop", score, extra=[score]), "defects: none"),
+             (_completion(tok, "red Score: blue", "length"), "red"),
+             (_completion(tok, "red", "stop", None, extra=[tok.eos_token_id]), "red"),
+             (_completion(tok, "red red", "length"), "red red")]
+    for c, text in cases:
+        assert reasoning_text(c, dec, rule.token_ids) == text
+        keep, _ = split_sample(c, dec, rule.token_ids)
+        assert dec(c.token_ids[:keep]).strip() == text
 
 
 def test_requests_must_not_carry_reasoning():
