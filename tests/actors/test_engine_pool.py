@@ -1,10 +1,13 @@
 """Teacher engines as Ray actors: the pool spreads requests, merges in order, syncs and verifies weights."""
 
+import os
+import time
+
 import pytest
 import ray
 import torch
 
-from actors.engine_pool import EnginePool, TeacherEngineActor, chunk_bounds
+from actors.engine_pool import EnginePool, chunk_bounds
 from zray.checksum import weights_checksum
 from zray.config import VLLMConfig
 from zray.rubric import ScoreRequest
@@ -76,18 +79,22 @@ def test_pool_refuses_mixed_versions(fakes):
         pool.generate(list(range(4)), group_size=2, max_reasoning_tokens=4)
 
 
-def test_engine_actor_generates_and_syncs(ray_session, sharp_teacher_dir):
-    """One real vLLM engine in a Ray actor: rollouts, scores, a verified weight sync, a refused checksum."""
+def test_engine_actor_generates_syncs_and_without_restarts_dies_with_a_clear_error(ray_session, sharp_teacher_dir):
+    """One real vLLM engine in a Ray actor: rollouts, scores, a verified weight sync, a refused checksum; then,
+    started with `max_engine_restarts=0`, killed: the next call is a clear error (one engine start for both)."""
     from PIL import Image
 
+    from actors.engine_pool import EngineRestartError, start_engines
     from zray.models.vlm import load_vlm
     from zray.scores import score_token_ids
 
-    actor = TeacherEngineActor.options(num_cpus=1).remote(str(sharp_teacher_dir), VLLMConfig(max_model_len=1024))
+    (actor,) = start_engines(sharp_teacher_dir, VLLMConfig(max_model_len=1024, num_engines=1,
+                                                           max_engine_restarts=0))
     pool = EnginePool([actor])
     try:
         image = Image.new("RGB", (64, 64), (30, 70, 230))
-        requests = [ScoreRequest("two blue squares", image, "realism"), ScoreRequest("a red circle", image, "alignment")]
+        requests = [ScoreRequest("two blue squares", image, "realism"),
+                    ScoreRequest("a red circle", image, "alignment")]
         batch = pool.generate(requests, group_size=2, max_reasoning_tokens=4, seed=1)
         assert batch.num_inputs == 2 and batch.weights_version == 0
         model, processor = load_vlm(sharp_teacher_dir)
@@ -99,5 +106,17 @@ def test_engine_actor_generates_and_syncs(ray_session, sharp_teacher_dir):
         with pytest.raises(WeightVersionError, match="nothing was loaded"):
             pool.load_weights(state, version=8, checksum="f" * 32)
         assert pool.version() == 7
+
+        ray.kill(actor, no_restart=False)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # ray.kill is asynchronous: until the process no longer answers
+            try:
+                ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
+            except ray.exceptions.RayActorError:
+                break
+            time.sleep(0.05)
+        with pytest.raises(EngineRestartError, match=r"engine 0 of 1 died during generate and Ray will not restart "
+                                                     r"it \(started with VLLMConfig.max_engine_restarts=0"):
+            pool.generate(requests, group_size=2, max_reasoning_tokens=4, seed=5)
     finally:
         pool.shutdown()
