@@ -49,13 +49,13 @@ from zray.training.runs import export_final, has_checkpoint, pretrained_vlm_dir,
 
 METHOD_NAMES = {"zero_shot": "zero-shot", "sft": "SFT", "grpo": "GRPO", "gdso": "GDSO"}
 RL_METHODS = ("grpo", "gdso")  # run train_teacher.seeds times each
+CURVES = ("loss", "reward_mean", "kl", "ce_loss", "pw_loss", "format_fail_frac", "pair_acc", "step_time_s")
 
 
 def run_name(method: str, k: int) -> str:
     """The folder of a method's k-th seed under <out_dir>/train_teacher: the method itself for the first, so what
     reads `<method>/final` (the student's teacher) reads the run of `seed`."""
     return method if k == 0 else f"{method}_seed{k}"
-CURVES = ("loss", "reward_mean", "kl", "ce_loss", "pw_loss", "format_fail_frac", "pair_acc", "step_time_s")
 
 
 def base_model_dir(cfg: RunConfig) -> Path:
@@ -203,9 +203,7 @@ def write_results(cfg: RunConfig, root: Path) -> str:
     reference rows on the same candidates: the oracle (the world's true scores, the ceiling) and the independent
     judge (alignment only, not learned). The judge's predictions are kept in `root/judge_predictions.json`.
     Imported data (`data.dir`) has neither true scores nor a Shapes scene to judge: no reference rows."""
-    from zray.evaluation.rewards import judge_predictions, oracle_predictions, reference_record
-
-    from zray.evaluation.rewards import seed_mean_record
+    from zray.evaluation.rewards import judge_predictions, oracle_predictions, reference_record, seed_mean_record
 
     rows, found = [], {}
     for name in TEACHER_METHODS[::-1]:
