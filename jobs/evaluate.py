@@ -50,11 +50,9 @@ def run_curve(cfg: RunConfig, runs: list[str], *, base: str | None = None, name:
     from actors.learner import init_ray
     from zray.evaluation.hpa_curves import curve_points, evaluate_curve
 
-    if base is not None:
-        check_model_dir(base)
     labels = _run_labels(runs)
     points = [curve_points(run, label=label, base_dir=base) for run, label in zip(runs, labels)]
-    for run_points in points:
+    for run_points in points:  # the base (first of every run) and every checkpoint's export
         for p in run_points:
             check_model_dir(p.model_dir)
     rows = evaluation_rows(cfg)

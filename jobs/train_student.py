@@ -171,12 +171,12 @@ class JobEngines:
 
     def serve_student(self, model_dir: Path) -> Any:
         """The student engines serving the weights of `model_dir` (a new version, verified by checksum readback)."""
-        from zray.models.vlm import served_dtype, trainable_vlm
-        from zray.tasks.gdso import send_weights
+        from zray.models.vlm import served_dtype
+        from zray.tasks.gdso import serve_model
 
         pool = self.student()
         self.version = max(self.version, pool.version()) + 1
-        send_weights(pool, trainable_vlm(model_dir).state_dict(), dtype=served_dtype(self.base), version=self.version)
+        serve_model(pool, model_dir, dtype=served_dtype(self.base), version=self.version)
         return pool
 
     def shutdown(self) -> None:

@@ -173,14 +173,13 @@ def serve_final_weights(pool: Any, base: Path, final_dir: Path, version: int) ->
     """Have the rollout engines (started on `base`) serve the trained model of `final_dir`, verified, so that the
     evaluation needs no second engine start-up. Only when they would serve exactly what a fresh engine on
     `final_dir` serves: the same dtype (engines keep the dtype they were started with). Returns whether they do."""
-    from zray.models.vlm import served_dtype, trainable_vlm
-    from zray.tasks.gdso import send_weights
+    from zray.models.vlm import served_dtype
+    from zray.tasks.gdso import serve_model
 
     served = served_dtype(base)
     if served != served_dtype(final_dir):
         return False
-    # the names and layout the learner syncs every rollout
-    send_weights(pool, trainable_vlm(final_dir).state_dict(), dtype=served, version=version)
+    serve_model(pool, final_dir, dtype=served, version=version)
     return True
 
 

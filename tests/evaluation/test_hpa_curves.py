@@ -9,15 +9,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.recipes import tiny_cpu
-from zray.checksum import weights_checksum
 from zray.config import ConfigError, EvaluateConfig
-from zray.evaluation.hpa_curves import curve_points, curve_table, evaluate_curve, hf_state_dict, pairs_seen
+from zray.evaluation.hpa_curves import curve_points, curve_table, evaluate_curve, pairs_seen
 from zray.evaluation.rewards import evaluate_reward_model
+from zray.tasks.gdso import serve_model
+from zray.training.runs import LEARNER_STATE_FILE, SNAPSHOT_FILE
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def _checkpoint(run, step, consumed, *, micro=4, workers=1, model=None):
+    """A checkpoint dir with hf/ and learner.json, registered in the run's Ray Train snapshot as its latest."""
     ckpt = run / f"checkpoint_{step:06d}"
     (ckpt / "hf").mkdir(parents=True)
     if model is None:
@@ -26,7 +28,11 @@ def _checkpoint(run, step, consumed, *, micro=4, workers=1, model=None):
         shutil.copytree(model, ckpt / "hf", dirs_exist_ok=True)
     state = {"step": step, "consumed_micro_batches": consumed, "world_size": workers,
              "config": {"micro_batch_size": micro, "num_workers": workers}}
-    (ckpt / "learner.json").write_text(json.dumps(state))
+    (ckpt / LEARNER_STATE_FILE).write_text(json.dumps(state))
+    snapshot = run / SNAPSHOT_FILE
+    entries = json.loads(snapshot.read_text())["checkpoint_results"] if snapshot.exists() else []
+    entries.append({"checkpoint_dir_name": ckpt.name, "metrics": {}})
+    snapshot.write_text(json.dumps({"checkpoint_results": entries, "latest_checkpoint_result": entries[-1]}))
     return ckpt
 
 
@@ -40,7 +46,7 @@ def test_curve_points_in_step_order_with_the_base_at_zero(tmp_path):
     run = tmp_path / "gdso"
     for step in (100, 50, 150):  # listed out of order on purpose
         _checkpoint(run, step, step)
-    (run / "checkpoint_000200").mkdir()  # cut while saving: no learner.json, skipped
+    (run / "checkpoint_000200").mkdir()  # cut while saving: never registered, skipped
     base = tmp_path / "base"
     points = curve_points(run, base_dir=base)
     assert [(p.step, p.pairs) for p in points] == [(0, 0), (50, 200), (100, 400), (150, 600)]
@@ -74,8 +80,7 @@ def cfg(tmp_path_factory):
 @pytest.fixture(scope="module")
 def engine(teacher_engine, sharp_teacher_dir):
     yield teacher_engine
-    original = hf_state_dict(sharp_teacher_dir)
-    teacher_engine.load_weights(original, version=2000, checksum=weights_checksum(original))  # restore
+    serve_model(teacher_engine, sharp_teacher_dir, dtype=None, version=2000)  # restore
 
 
 @pytest.mark.slow

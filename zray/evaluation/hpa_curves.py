@@ -1,16 +1,17 @@
 """HPA against training pairs seen: every saved checkpoint of one or more teacher runs, evaluated in turn.
 
 A run is the folder a training task writes (`<out_dir>/train_teacher/<method>`, or any learner run): its
-`checkpoint_*/` each hold `learner.json` (the step, the micro-batches consumed, the learner config) and `hf/` (the
-model in Hugging Face format). `curve_points(run)` lists them as (pairs seen, model dir); pairs seen = micro-batches
-consumed x micro-batch size x workers (a GDSO / GRPO micro-batch is a rollout's pairs, consumed once however many
-updates reuse it; an SFT one is its pairs). A base model, if given, is the point at 0 pairs.
+registered checkpoints each hold `learner.json` (the step, the micro-batches consumed, the learner config) and
+`hf/` (the model in Hugging Face format). `curve_points(run)` lists them as (pairs seen, model dir); pairs seen =
+micro-batches consumed x micro-batch size x workers (a GDSO / GRPO micro-batch is a rollout's pairs, consumed once
+however many updates reuse it; an SFT one is its pairs). A base model, if given, is the point at 0 pairs.
 
-`evaluate_curve(cfg, runs, scorer, ...)` loads each point's weights into the one `scorer` (`load_weights`, the
-path of a GDSO step's sync: an `EnginePool` or a `TeacherEngine`) and evaluates it with `evaluate_reward_model`, so
-a point costs its scoring, not an engine start. It writes `<out_dir>/evaluate/<name>/curve.json` (every point's
-pooled and per-dimension metrics), `curve.md` and `hpa_vs_pairs.png` (pooled HPA against pairs, one line per run;
-the oracle's ceiling where the rows carry the world's true scores). The scorer is left serving the last point's weights.
+`evaluate_curve(cfg, runs, scorer, ...)` has the one `scorer` serve each point's weights in turn (`serve_model`,
+the path of a GDSO step's sync: an `EnginePool` or a `TeacherEngine`) and evaluates it with
+`evaluate_reward_model`, so a point costs its scoring, not an engine start. It writes
+`<out_dir>/evaluate/<name>/curve.json` (every point's pooled and per-dimension metrics), `curve.md` and
+`hpa_vs_pairs.png` (pooled HPA against pairs, one line per run; the oracle's ceiling on the Shapes world). The
+scorer is left serving the last point's weights.
 """
 
 from __future__ import annotations
@@ -22,10 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from zray.config import ConfigError
-from zray.rubric import DIMENSIONS
-
-LEARNER_FILE = "learner.json"
-ORACLE_KEYS = tuple(f"true_{d}" for d in DIMENSIONS)
 
 
 @dataclass(frozen=True)
@@ -47,44 +44,39 @@ def pairs_seen(learner_state: Mapping[str, Any]) -> int:
 
 def curve_points(run_dir: str | Path, *, label: str | None = None,
                  base_dir: str | Path | None = None) -> list[CurvePoint]:
-    """The checkpoints of `run_dir` in step order (the base first, at 0 pairs, if `base_dir` is given); a clear
-    error if the folder has none with a Hugging Face export."""
+    """The checkpoints Ray Train registered for `run_dir` in step order (`zray.training.runs.checkpoints`; the base
+    first, at 0 pairs, if `base_dir` is given); a clear error if the folder has none."""
+    from zray.training.runs import checkpoints, read_learner_state
+
     run_dir = Path(run_dir)
     label = label or run_dir.name
     if not run_dir.is_dir():
         raise ConfigError(f"curve run {str(run_dir)!r} is not a folder: a training run's folder is expected "
                           "(e.g. <out_dir>/train_teacher/gdso)")
-    points = [CurvePoint(label, 0, 0, Path(base_dir))] if base_dir is not None else []
     found = []
-    for ckpt in sorted(run_dir.glob("checkpoint_*")):
-        state_file, hf = ckpt / LEARNER_FILE, ckpt / "hf"
-        if not (state_file.is_file() and (hf / "config.json").is_file()):
-            continue
-        state = json.loads(state_file.read_text())
-        found.append(CurvePoint(label, int(state["step"]), pairs_seen(state), hf))
+    for ckpt in checkpoints(run_dir):
+        state = read_learner_state(ckpt)
+        found.append(CurvePoint(label, int(state["step"]), pairs_seen(state), ckpt / "hf"))
     if not found:
-        raise ConfigError(f"curve run {str(run_dir)!r} has no checkpoint_*/ with {LEARNER_FILE} and hf/: keep more "
+        raise ConfigError(f"curve run {str(run_dir)!r} has no checkpoint_*/ that Ray Train registered: keep more "
                           "checkpoints (learner.keep_checkpoints) or point at a training run's folder")
-    return points + sorted(found, key=lambda p: p.step)
+    base = [CurvePoint(label, 0, 0, Path(base_dir))] if base_dir is not None else []
+    return base + sorted(found, key=lambda p: p.step)
 
 
 def evaluate_curve(cfg: Any, runs: Sequence[Sequence[CurvePoint]], scorer: Any, *, name: str = "curve",
-                   load: Any = None, rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Evaluate every point of every run on `cfg.evaluate.split` with `scorer`; returns the curve record.
-
-    `load(model_dir) -> {name: tensor}` reads a point's weights as the scorer expects them (default: the HF
-    model's state dict, the names a learner syncs, in the dtype an engine on the first point serves: the caller
-    starts the scorer on that point's model)."""
-    from zray.checksum import weights_checksum
+                   rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Evaluate every point of every run on `cfg.evaluate.split` with `scorer`, each point's model served by it in
+    turn (`zray.tasks.gdso.serve_model`, in the dtype an engine on the first point serves: the caller starts the
+    scorer on that point's model); returns the curve record."""
     from zray.evaluation.rewards import compute_metrics, evaluate_reward_model, evaluation_rows, oracle_predictions
-    from zray.training.runs import write_text_atomic
-
     from zray.models.vlm import served_dtype
+    from zray.tasks.gdso import serve_model
+    from zray.training.runs import write_text_atomic
 
     if not runs or not all(runs):
         raise ConfigError("evaluate_curve needs at least one run with at least one point")
     dtype = served_dtype(runs[0][0].model_dir)
-    load = load or (lambda model_dir: hf_state_dict(model_dir, dtype=dtype))
     rows = evaluation_rows(cfg) if rows is None else rows
     out = Path(cfg.out_dir).resolve() / "evaluate" / name
     out.mkdir(parents=True, exist_ok=True)
@@ -92,8 +84,7 @@ def evaluate_curve(cfg: Any, runs: Sequence[Sequence[CurvePoint]], scorer: Any, 
     curves: dict[str, list[dict[str, Any]]] = {}
     for points in runs:
         for p in points:
-            weights = load(p.model_dir)
-            scorer.load_weights(weights, version=version, checksum=weights_checksum(weights))
+            serve_model(scorer, p.model_dir, dtype=dtype, version=version)
             version += 1
             record = evaluate_reward_model(cfg, p.model_dir, scorer, name=f"{name}/{p.label}/step_{p.step:06d}",
                                            rows=rows)
@@ -101,23 +92,14 @@ def evaluate_curve(cfg: Any, runs: Sequence[Sequence[CurvePoint]], scorer: Any, 
                 {"step": p.step, "pairs": p.pairs, "model_dir": str(p.model_dir), "form": record["form"],
                  "pooled": record["pooled"], "dimensions": record["dimensions"],
                  "mean_output_tokens": record["mean_output_tokens"]})
-    oracle = (compute_metrics(oracle_predictions(rows))["pooled"]["hpa"]  # the Shapes world's true scores
-              if rows and all(k in rows[0] for k in ORACLE_KEYS) else None)
+    # the oracle row as train-teacher's table has it: the Shapes world's true scores (an import has none)
+    oracle = None if cfg.data.dir else compute_metrics(oracle_predictions(rows))["pooled"]["hpa"]
     result = {"split": cfg.evaluate.split, "oracle_hpa": oracle, "curves": curves}
     write_text_atomic(out / "curve.json", json.dumps(result, indent=2, default=float))
     write_text_atomic(out / "curve.md", curve_table(result))
     save_curve_plot(out / "hpa_vs_pairs.png", result)
     print(curve_table(result) + f"\n[evaluate] curve -> {out}")
     return result
-
-
-def hf_state_dict(model_dir: str | Path, *, dtype: Any = None) -> dict[str, Any]:
-    """The state dict of the VLM saved in `model_dir` under the names the model itself uses, in `dtype` (None: as
-    saved)."""
-    from transformers import AutoModelForImageTextToText
-
-    model = AutoModelForImageTextToText.from_pretrained(str(model_dir), dtype=dtype or "auto")
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def curve_table(result: Mapping[str, Any]) -> str:

@@ -177,12 +177,13 @@ def score_candidates(scorer: Any, rows: list[dict[str, Any]], form: str, max_rea
         reqs = [ScoreRequest(r["prompt"], images[r["candidate_id"]], d, anchors=rubric.anchors_for(d))
                 for r, d in chunk]
         reasonings: list[str | None] = [None] * len(reqs)
-        if form == "reasoning" and truth:
-            reasonings = [candidate_rationale(r["prompt"], r["scene_json"], r["defects_json"], d) for r, d in chunk]
-            reqs = [dataclasses.replace(q, reasoning=t) for q, t in zip(reqs, reasonings, strict=True)]
-        elif form == "reasoning":
-            texts = scorer.generate_texts(reqs, max_tokens=max_reasoning_tokens, temperature=0.0, n=1)
-            reasonings = [t[0] for t in texts]
+        if form == "reasoning":
+            if truth:
+                reasonings = [candidate_rationale(r["prompt"], r["scene_json"], r["defects_json"], d)
+                              for r, d in chunk]
+            else:
+                texts = scorer.generate_texts(reqs, max_tokens=max_reasoning_tokens, temperature=0.0, n=1)
+                reasonings = [t[0] for t in texts]
             reqs = [dataclasses.replace(q, reasoning=t) for q, t in zip(reqs, reasonings, strict=True)]
         q_BK = torch.as_tensor(scorer.score(reqs), dtype=torch.float32)
         mu_B = expected_score(q_BK)

@@ -67,6 +67,12 @@ def send_weights(source: RolloutSource, weights: dict[str, torch.Tensor], *, dty
     return source.load_weights(sent, version=version, checksum=weights_checksum(sent))
 
 
+def serve_model(source: RolloutSource, model_dir: str | Path, *, dtype: torch.dtype | None, version: int) -> Any:
+    """Have the engines of `source` serve the VLM saved in `model_dir` as `version` (`send_weights` of its state
+    dict: the names and layout the learner syncs every rollout); returns their reports."""
+    return send_weights(source, trainable_vlm(model_dir).state_dict(), dtype=dtype, version=version)
+
+
 @dataclass
 class PolicyState:
     """A worker's mutable side of the task (built in `GDSOTask.build_model`, never pickled)."""
