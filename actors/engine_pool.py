@@ -3,7 +3,8 @@
     engines = start_engines(model_dir, cfg.vllm)               # cfg.vllm.num_engines actors, one placement group
     pool = EnginePool(engines)                                 # shutdown() stops them and frees the group
     batch = pool.generate(requests, group_size=8, max_reasoning_tokens=128, seed=step)   # one RolloutBatch
-    pool.load_weights(state_dict, version=step, checksum=weights_checksum(state_dict))   # every engine, verified
+    pool.load_weights(state_dict, version=step,                                         # every engine, verified
+                      checksum=sync_checksum(state_dict, columns=pool.verify_columns, version=step))
 
 Each actor hosts one `TeacherEngine` (a vLLM engine; its environment is set before vllm is imported, inside
 the actor). The engines of one `start_engines` call share a placement group (actors/placement.py): one bundle per
@@ -68,6 +69,7 @@ class Engines(list):
     made from it removes the group on shutdown (a slice is a plain list: its pool leaves the group alone)."""
 
     placement_group: Any = None
+    verify_columns: int = 0  # VLLMConfig.verify_columns of the engines: how their weight syncs are checked
 
 
 def start_engines(model_dir: str | Path, cfg: VLLMConfig, *, seed: int = 0, dtype: str | None = None,
@@ -88,7 +90,7 @@ def start_engines(model_dir: str | Path, cfg: VLLMConfig, *, seed: int = 0, dtyp
                                           resources=dict(cfg.resources), max_restarts=cfg.max_engine_restarts,
                                           **in_bundle(pg, i))
                       .remote(str(model_dir), cfg, seed=seed + i, dtype=dtype) for i in range(count))
-    engines.placement_group = pg
+    engines.placement_group, engines.verify_columns = pg, cfg.verify_columns
     try:
         ray.get([e.version.remote() for e in engines])
     except BaseException:
@@ -148,7 +150,7 @@ class EnginePool:
     """
 
     def __init__(self, engines: Sequence[Any], *, chunk_size: int | None = None,
-                 restart_timeout_s: float = 600.0) -> None:
+                 restart_timeout_s: float = 600.0, verify_columns: int | None = None) -> None:
         if not engines:
             raise ValueError("engines is empty: expected at least one engine actor")
         if not isinstance(restart_timeout_s, (int, float)) or restart_timeout_s <= 0:
@@ -156,6 +158,11 @@ class EnginePool:
         self.engines = list(engines)
         self.placement_group = getattr(engines, "placement_group", None)  # from start_engines; removed on shutdown
         self.chunk_size = chunk_size
+        # how senders checksum weight updates for these engines (zray.checksum.sync_checksum); None: what
+        # start_engines set from VLLMConfig.verify_columns (a plain list of engines: 0, every bit)
+        self.verify_columns = getattr(engines, "verify_columns", 0) if verify_columns is None else verify_columns
+        if not isinstance(self.verify_columns, int) or isinstance(self.verify_columns, bool) or self.verify_columns < 0:
+            raise ValueError(f"verify_columns={self.verify_columns!r} is not allowed: expected an integer >= 0")
         self.restart_timeout_s = float(restart_timeout_s)
         self.loaded: LoadedWeights | None = None  # set by load_weights once every engine verified
         self._base_version: int | None = None  # without `loaded`: the newest version served since they agreed

@@ -19,6 +19,9 @@ the weights.
   unverified) is timed each round, and so is the transport check alone (`receive_weights`: checksum of the
   received tensors, loads nothing); verification = transport check + readback/verify (the report's `verify_s`),
   printed as a ratio to vLLM alone (issue 15's target: at most 0.25).
+- both checksum forms, in the same rounds: full (`weights_checksum`: every bit) and sampled
+  (`sampled_checksum` over `--verify-columns` columns, `VLLMConfig.verify_columns`' default 16: every row on k
+  columns drawn from the version; the readback runs each repacked layer's kernel on k identity rows).
 
 Rounds interleave all of them (after one warm-up round) so that drifting CPU load hits each alike. Printed:
 median seconds and GB/s over `--rounds` of each, and the ratio candidate / baseline. The machine is
@@ -44,6 +47,8 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--verify-columns", type=int, default=16,
+                        help="columns of the sampled checksum (VLLMConfig.verify_columns)")
     parser.add_argument("--multiprocess", action="store_true",
                         help="engine core in its own process (weights travel as safetensors bytes)")
     args = parser.parse_args()
@@ -52,7 +57,7 @@ def main() -> None:
 
     from actors.teacher_engine import TeacherEngine
     from actors.teacher_engine.weight_sync import _reload_from_bytes, encode_weights, receive_weights, reset_caches
-    from zray.checksum import weights_checksum
+    from zray.checksum import sampled_checksum, weights_checksum
     from zray.config import VLLMConfig, VLMConfig
     from zray.models.tiny import build_tiny_vlm, scaled_vlm_config
     from zray.models.vlm import load_vlm
@@ -92,21 +97,29 @@ def main() -> None:
 
     # Rounds interleave every method, so that drifting CPU load (a shared machine) hits them alike.
     # Round 0 is a warm-up (page faults of the copy target, first reload) and is not counted.
-    rows: dict[str, list[float]] = {k: [] for k in ("copy", "checksum", "encode", "sync", "sync_bytes", "load",
-                                                    "verify", "vllm", "transport")}
+    k = args.verify_columns
+    rows: dict[str, list[float]] = {key: [] for key in (
+        "copy", "checksum", "encode", "sync", "sync_bytes", "load", "verify", "vllm", "transport",
+        "s_checksum", "s_transport", "s_sync", "s_load", "s_verify")}
     for r in range(args.rounds + 1):
         st, blob = states[r % len(states)], blobs[r % len(states)]
         copy_s, _ = timed(lambda: [dst[k].copy_(v) for k, v in st.items()])
         checksum_s, checksum = timed(lambda: weights_checksum(st))
         encode_s, _ = timed(lambda: encode_weights(st))
         vllm_s, _ = timed(lambda: vllm_alone(states[(r + 1) % len(states)], blobs[(r + 1) % len(states)]))
-        transport_s, _ = timed(lambda: receive_weights(engine.llm, st, version=2 * r + 1, checksum=checksum))
-        sync_s, report = timed(lambda: engine.load_weights(st, version=2 * r + 1, checksum=checksum))
-        bytes_s, _ = timed(lambda: engine.load_weights(blob, version=2 * r + 2, checksum=checksum))
+        transport_s, _ = timed(lambda: receive_weights(engine.llm, st, version=3 * r + 1, checksum=checksum))
+        sync_s, report = timed(lambda: engine.load_weights(st, version=3 * r + 1, checksum=checksum))
+        bytes_s, _ = timed(lambda: engine.load_weights(blob, version=3 * r + 2, checksum=checksum))
+        st = states[(r + 1) % len(states)]  # the sampled sync changes the weights too
+        s_checksum_s, sampled = timed(lambda: sampled_checksum(st, columns=k, seed=3 * r + 3))
+        s_transport_s, _ = timed(lambda: receive_weights(engine.llm, st, version=3 * r + 3, checksum=sampled))
+        s_sync_s, s_report = timed(lambda: engine.load_weights(st, version=3 * r + 3, checksum=sampled))
         if r:
             for key, value in (("copy", copy_s), ("checksum", checksum_s), ("encode", encode_s), ("sync", sync_s),
                                ("sync_bytes", bytes_s), ("load", report.load_s), ("verify", report.verify_s),
-                               ("vllm", vllm_s), ("transport", transport_s)):
+                               ("vllm", vllm_s), ("transport", transport_s), ("s_checksum", s_checksum_s),
+                               ("s_transport", s_transport_s), ("s_sync", s_sync_s), ("s_load", s_report.load_s),
+                               ("s_verify", s_report.verify_s)):
                 rows[key].append(value)
     engine.shutdown()
     med = {k: statistics.median(v) for k, v in rows.items()}
@@ -126,6 +139,15 @@ def main() -> None:
     print(f"ratio engine sync / plain copy: {sync_s / copy_s:.1f}x the time")
     print(f"ratio verification / vLLM alone: {(transport_s + verify_s) / vllm_s:.2f} (readback/verify alone "
           f"{verify_s / vllm_s:.2f}; issue 15's target: at most 0.25)")
+    s_sync_s, s_transport_s, s_verify_s = med["s_sync"], med["s_transport"], med["s_verify"]
+    print(f"sampled checksum, {k} columns (VLLMConfig.verify_columns):")
+    print(f"candidate engine.load_weights (sampled):  {s_sync_s * 1e3:8.1f} ms  {gb / s_sync_s:6.2f} GB/s"
+          f"  = reload + cache resets {med['s_load'] * 1e3:.1f} ms + readback/verify {s_verify_s * 1e3:.1f} ms")
+    print(f"          learner-side checksum:          {med['s_checksum'] * 1e3:8.1f} ms; verification = transport "
+          f"check {s_transport_s * 1e3:.1f} ms + readback/verify {s_verify_s * 1e3:.1f} ms")
+    print(f"ratio sampled sync / plain copy: {s_sync_s / copy_s:.1f}x the time; / full sync: {s_sync_s / sync_s:.2f}")
+    print(f"ratio sampled verification / vLLM alone: {(s_transport_s + s_verify_s) / vllm_s:.2f} (issue 15's "
+          "target: at most 0.25)")
 
 
 if __name__ == "__main__":

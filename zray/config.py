@@ -198,6 +198,12 @@ class VLLMConfig:
     # 7B engine on a GPU), so a few absorb the rare OOM kill, crash or preempted node of a long run, while an
     # engine that keeps dying (a deterministic crash) fails the job after 3 tries instead of looping forever.
     max_engine_restarts: int = 3
+    # How a weight sync is verified (actors/teacher_engine/weight_sync.py, zray/checksum.py): 0 = every bit of
+    # every tensor (on CPU engines the readback of repacked layers then costs 5-7x vLLM's own reload); k > 0 =
+    # every row of each tensor on k columns drawn afresh each update (1-D tensors whole): a stale, missing, swapped,
+    # shifted or wrongly fused tensor is still caught, one changed element with probability k / its width. At 4
+    # the verification adds about a fifth to vLLM's reload on CPU (docs/experiments.md §2, bench/weight_sync.py).
+    verify_columns: int = 4
     # Placement (actors/placement.py): one placement group per engine set, one bundle per engine holding its CPUs,
     # GPUs and these custom resources (e.g. {"engine_node": 1}: only nodes started with that resource take
     # engines; `--set vllm.resources=engine_node=1`). The strategy says how engines share nodes: STRICT_SPREAD one
@@ -213,6 +219,9 @@ class VLLMConfig:
                  and self.max_engine_restarts >= 0, "VLLMConfig.max_engine_restarts", self.max_engine_restarts,
                  "an integer >= 0 (0: a dead engine is not restarted; Ray's -1, restart forever, is not allowed)")
         _positive(self, "kv_cache_gib", "max_model_len", "max_num_seqs", "num_engines")
+        _require(isinstance(self.verify_columns, int) and not isinstance(self.verify_columns, bool)
+                 and self.verify_columns >= 0, "VLLMConfig.verify_columns", self.verify_columns,
+                 "an integer >= 0 (0: verify every bit; k: every row on k sampled columns)")
         _require(isinstance(self.block_size, int) and self.block_size >= 0 and self.block_size % 16 == 0,
                  "VLLMConfig.block_size", self.block_size, "0 (vLLM's default) or a multiple of 16")
         _require(0.0 < self.gpu_memory_utilization <= 1.0, "VLLMConfig.gpu_memory_utilization",

@@ -189,6 +189,11 @@ class TeacherEngine:
         return result
 
     # ------------------------------------------------------------------------------------------ weights
+    @property
+    def verify_columns(self) -> int:
+        """How senders checksum weight updates for this engine (`VLLMConfig.verify_columns`, `sync_checksum`)."""
+        return self.cfg.verify_columns
+
     def load_weights(self, weights: Mapping[str, torch.Tensor] | bytes, *, version: int, checksum: str,
                      reload: Any = None, keep: Sequence[Any] | None = None) -> WeightSyncReport:
         """Serve new weights in place and verify them; see `actors/teacher_engine/weight_sync.py`.

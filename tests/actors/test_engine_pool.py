@@ -8,8 +8,8 @@ import ray
 import torch
 
 from actors.engine_pool import EnginePool, chunk_bounds
-from zray.checksum import weights_checksum
-from zray.config import VLLMConfig
+from zray.checksum import sync_checksum
+from zray.config import ConfigError, VLLMConfig
 from zray.rubric import ScoreRequest
 from zray.types import RolloutBatch, WeightVersionError
 
@@ -88,9 +88,10 @@ def test_engine_actor_generates_syncs_and_without_restarts_dies_with_a_clear_err
     from zray.models.vlm import load_vlm
     from zray.scores import score_token_ids
 
-    (actor,) = start_engines(sharp_teacher_dir, VLLMConfig(max_model_len=1024, num_engines=1,
-                                                           max_engine_restarts=0))
-    pool = EnginePool([actor])
+    engines = start_engines(sharp_teacher_dir, VLLMConfig(max_model_len=1024, num_engines=1, max_engine_restarts=0))
+    (actor,) = engines
+    pool = EnginePool(engines)
+    assert pool.verify_columns == VLLMConfig().verify_columns == 4  # sampled checksums, from the engines' config
     try:
         image = Image.new("RGB", (64, 64), (30, 70, 230))
         requests = [ScoreRequest("two blue squares", image, "realism"),
@@ -100,8 +101,8 @@ def test_engine_actor_generates_syncs_and_without_restarts_dies_with_a_clear_err
         model, processor = load_vlm(sharp_teacher_dir)
         state = {k: v.clone() for k, v in model.state_dict().items()}
         state["lm_head.weight"][score_token_ids(processor)] = 0.0  # every score token gets logit 0: q uniform
-        (report,) = pool.load_weights(state, version=7, checksum=weights_checksum(state))
-        assert report.version == 7 and pool.versions() == [7]
+        (report,) = pool.load_weights(state, version=7, checksum=sync_checksum(state, columns=4, version=7))
+        assert report.version == 7 and pool.versions() == [7] and report.checksum.startswith("cols4-seed7-")
         assert torch.allclose(pool.score(requests), torch.full((2, 9), 1 / 9), atol=1e-6)
         with pytest.raises(WeightVersionError, match="nothing was loaded"):
             pool.load_weights(state, version=8, checksum="f" * 32)
@@ -120,3 +121,12 @@ def test_engine_actor_generates_syncs_and_without_restarts_dies_with_a_clear_err
             pool.generate(requests, group_size=2, max_reasoning_tokens=4, seed=5)
     finally:
         pool.shutdown()
+
+
+def test_verify_columns_is_validated():
+    assert EnginePool(["e"]).verify_columns == 0 and EnginePool(["e"], verify_columns=8).verify_columns == 8
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ConfigError, match=r"VLLMConfig.verify_columns=.* is not allowed: expected an integer"):
+            VLLMConfig(verify_columns=bad)
+        with pytest.raises(ValueError, match="verify_columns=.* is not allowed"):
+            EnginePool(["e"], verify_columns=bad)

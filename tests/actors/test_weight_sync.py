@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from actors.teacher_engine.weight_sync import encode_weights
-from zray.checksum import weights_checksum
+from zray.checksum import sample_columns, sampled_checksum, weights_checksum
 from zray.models.vlm import load_vlm, score_distributions_hf
 from zray.rubric import ScoreRequest
 from zray.types import FINISH_LENGTH, FINISH_PREFIX, WeightVersionError
@@ -140,6 +140,8 @@ def test_wrong_checksum_or_dtype_loads_nothing(engine, serve, original, formatte
     before = engine.score(score_requests)
     with pytest.raises(WeightVersionError, match="nothing was loaded"):
         engine.load_weights(original, version=next(_VERSIONS), checksum="0" * 32)
+    with pytest.raises(ValueError, match="checksum='cols4-0'.*32 hex digits"):
+        engine.load_weights(original, version=next(_VERSIONS), checksum="cols4-0")
     half = {k: v.to(torch.bfloat16) for k, v in original.items()}
     with pytest.raises(ValueError, match="dtype"):
         engine.load_weights(half, version=next(_VERSIONS), checksum=weights_checksum(half))
@@ -184,3 +186,37 @@ def test_readback_reads_each_shard_of_a_fused_weight_at_its_offset(engine, serve
     with pytest.raises(WeightVersionError, match=rf"1 tensors differ, e.g. \['{prefix}.k_proj.weight'\]"):
         engine.load_weights(changed, version=next(_VERSIONS), checksum=weights_checksum(changed), reload=skip_k_proj)
     serve(changed)  # all three shards loaded: verified
+
+
+def test_sampled_checksum_reads_back_k_columns_and_still_names_a_stale_shard(engine, serve, original,
+                                                                              score_requests):
+    """The sampled form (VLLMConfig.verify_columns): the readback runs each repacked layer's kernel on 4 identity
+    rows; a k_proj that was not loaded is still named, and a load of everything verifies and is served."""
+    serve(original)
+    prefix = "model.language_model.layers.0.self_attn"
+    changed = dict(original)
+    changed[f"{prefix}.k_proj.weight"] = original[f"{prefix}.k_proj.weight"] + 0.01
+
+    def skip_k_proj(llm, state, data):
+        kept = [(k, v) for k, v in state.items() if k != f"{prefix}.k_proj.weight"]
+        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(kept)})
+
+    version = next(_VERSIONS)
+    with pytest.raises(WeightVersionError, match=rf"1 tensors differ, e.g. \['{prefix}.k_proj.weight'\]"):
+        engine.load_weights(changed, version=version, checksum=sampled_checksum(changed, columns=4, seed=version),
+                            reload=skip_k_proj)
+    version = next(_VERSIONS)
+    checksum = sampled_checksum(changed, columns=4, seed=version)
+    report = engine.load_weights(changed, version=version, checksum=checksum)
+    assert (report.checksum, engine.checksum(), engine.version()) == (checksum, checksum, version)
+    # no transport check: a sampled column changed in transit is loaded, caught by the readback, and not served
+    width = changed[f"{prefix}.q_proj.weight"].shape[1]
+    column = int(sample_columns(width, 4, version + 1)[0])
+    sent = sampled_checksum(changed, columns=4, seed=version + 1)
+    tampered = dict(changed)
+    tampered[f"{prefix}.q_proj.weight"] = changed[f"{prefix}.q_proj.weight"].clone()
+    tampered[f"{prefix}.q_proj.weight"][0, column] += 1.0
+    with pytest.raises(WeightVersionError, match="changed in transit"):
+        engine.load_weights(tampered, version=version + 1, checksum=sent)
+    with pytest.raises(WeightVersionError, match="failed to verify"):
+        engine.score(score_requests)

@@ -66,6 +66,7 @@ def test_rollout_engines_evaluate_the_final_model_only_in_the_dtype_a_fresh_engi
 
     class Pool:
         loads = []
+        verify_columns = 0
 
         def load_weights(self, weights, *, version, checksum):
             assert weights_checksum(weights) == checksum

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from jobs.recipes import tiny_cpu
-from zray.checksum import weights_checksum
+from zray.checksum import checksum_like
 from zray.models.teacher_forcing import PolicyModel
 from zray.models.vlm import cached_processor
 from zray.tasks.gdso import REF_PREFIX, ROLLOUT_METRICS, GDSOTask
@@ -46,8 +46,10 @@ class FakeRollouts:
     def __getstate__(self):  # a real source ships actor handles; this one ships no rollout builder
         return {**self.__dict__, "make_rollout": None}
 
+    verify_columns = 4  # sampled checksums, as the dev and full recipes' engines verify
+
     def load_weights(self, weights, *, version, checksum):
-        assert weights_checksum(weights) == checksum
+        assert checksum.startswith(f"cols4-seed{version}-") and checksum_like(weights, checksum) == checksum
         self.loads.append((version, checksum, {v.dtype for v in weights.values()}))
         self.version = version
 
@@ -139,7 +141,7 @@ def test_before_rollout_resets_pi_ref_at_outer_iterations_only(make_task):
             assert _same(_ref(task), before) and not _same(_ref(task), model.state_dict()), i
         version, checksum, dtypes = task.rollouts.loads[-1]
         assert version == i + 1 and task.policy.version == i + 1 and dtypes == {torch.float32}
-        assert checksum == weights_checksum(model.state_dict())  # the engines get pi_theta under HF names
+        assert checksum == checksum_like(model.state_dict(), checksum)  # the engines get pi_theta under HF names
         _nudge(model)
     state = task.task_state()
     assert set(state) == {REF_PREFIX + k for k in _ref(task)}

@@ -1,10 +1,14 @@
 """Weight checksums: stable, order-independent, sensitive to every name, dtype, shape and bit; one ulp or a swap of
-two elements changes a tensor's digest; a tensor read in column blocks digests as the whole."""
+two elements changes a tensor's digest; a tensor read in column blocks digests as the whole. Sampled checksums:
+every row on k columns drawn from the seed and the width, each form parsed and recomputed as it was written."""
 
 import torch
 
-from zray.checksum import (_words, bit_sums, combine_digests, digest_of_sums, tensor_digest, weights_checksum,
-                           weights_digests)
+import pytest
+
+from zray.checksum import (_words, bit_sums, checksum_like, combine_digests, digest_of_sums, parse_checksum,
+                           sample_columns, sampled_checksum, sampled_digest, sync_checksum, tensor_digest,
+                           weights_checksum, weights_digests)
 
 
 def _state():
@@ -73,8 +77,55 @@ def test_digest_from_column_blocks_and_on_any_device():
     assert digest_of_sums("w", w.dtype, (5, 12), rows, torch.cat(columns)) == tensor_digest("w", w[3:8])
     # the CPU path (numpy) and the device path (torch's reductions) compute the same exact sums
     for t in (w, w.T, w.to(torch.bfloat16), torch.randn(3, 4, 5, dtype=torch.float64), torch.tensor(2.5),
-              torch.ones(4, dtype=torch.bool), torch.zeros(0, 3)):
+              torch.ones(4, dtype=torch.bool), torch.zeros(0, 3), torch.randn(40, 3, dtype=torch.float64)):
         words = _words(t)
         expected = (words.sum(dim=1, dtype=torch.int64), words.sum(dim=0, dtype=torch.int64))
         assert all(torch.equal(a, b) for a, b in zip(bit_sums(t), expected))
         assert tensor_digest("t", t) == tensor_digest("t", t.contiguous())
+
+
+def test_sampled_columns_depend_on_the_seed_and_the_width_only():
+    a, b = sample_columns(100, 8, seed=3), sample_columns(100, 8, seed=3)
+    assert a.tolist() == b.tolist() and len(set(a.tolist())) == 8 and list(a) == sorted(a) and a.max() < 100
+    assert sample_columns(100, 8, seed=4).tolist() != a.tolist()
+    assert sample_columns(101, 8, seed=3).tolist() != a.tolist()
+    assert sample_columns(8, 8, seed=3) is None and sample_columns(5, 8, seed=3) is None  # every column
+
+
+def test_sampled_digest_sees_every_row_on_its_columns_and_nothing_else():
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(6, 40, generator=gen)
+    picked = sample_columns(40, 4, seed=9).tolist()
+    other = next(c for c in range(40) if c not in picked)
+    base = sampled_digest("w", w, 4, 9)
+    for row in range(6):
+        assert sampled_digest("w", _one_ulp_up(w, (row, picked[row % 4])), 4, 9) != base, row
+    assert sampled_digest("w", _one_ulp_up(w, (2, other)), 4, 9) == base  # the weaker guarantee, as documented
+    assert sampled_digest("w", w + 1e-3, 4, 9) != base  # a stale tensor
+    assert sampled_digest("w", w.roll(1, dims=1), 4, 9) != base  # shifted columns
+    assert sampled_digest("w", w.flip(0), 4, 9) != base  # swapped rows
+    assert sampled_digest("v", w, 4, 9) != base and sampled_digest("w", w.double(), 4, 9) != base
+    v = torch.randn(7, generator=gen)  # width 1: whole, the same digest as the full one
+    assert sampled_digest("b", v, 4, 9) == tensor_digest("b", v)
+    # the engine's readback of a repacked layer: the sampled columns W[:, J]^T as one block, a shard at row 2
+    block = w[:, torch.tensor(picked)].T.contiguous()
+    rows, columns = bit_sums(block[:, 2:5].T)
+    assert digest_of_sums("w", w.dtype, (3, 40), rows, columns) == sampled_digest("w", w[2:5], 4, 9)
+    conv = torch.randn(4, 3, 2, 2, generator=gen)  # more than 2 dims: columns of the (rows, rest) layout
+    assert sampled_digest("c", conv, 4, 9) == sampled_digest("c", conv.contiguous(), 4, 9)
+
+
+def test_checksum_forms_parse_and_recompute_as_written():
+    s = _state()
+    full, sampled = weights_checksum(s), sampled_checksum(s, columns=2, seed=11)
+    assert parse_checksum(full) == (None, full)
+    assert sampled.startswith("cols2-seed11-") and parse_checksum(sampled) == ((2, 11), sampled[-32:])
+    assert checksum_like(s, full) == full and checksum_like(s, sampled) == sampled
+    assert sync_checksum(s, columns=0, version=11) == full and sync_checksum(s, columns=2, version=11) == sampled
+    assert sampled_checksum(s, columns=2, seed=12) != sampled  # each version checks other columns
+    assert sampled_checksum(dict(s, **{"a.weight": s["a.weight"] + 1}), columns=2, seed=11) != sampled
+    for bad in ("xyz", "0" * 31, "cols0-seed1-" + "0" * 32, "cols2-seedx-" + "0" * 32, None):
+        with pytest.raises(ValueError, match="checksum=.*32 hex digits"):
+            parse_checksum(bad)
+    with pytest.raises(ValueError, match="columns=0"):
+        sampled_checksum(s, columns=0, seed=1)

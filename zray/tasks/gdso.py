@@ -35,7 +35,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
-from zray.checksum import weights_checksum
+from zray.checksum import sync_checksum
 from zray.config import TrainTeacherConfig
 from zray.losses.gdso import gdso_loss, gdso_rewards, penalize_malformed, side_advantages
 from zray.models.teacher_forcing import PolicyModel, forced_logprobs, rollout_inputs
@@ -56,15 +56,19 @@ class RolloutSource(Protocol):
     def generate(self, requests: list[ScoreRequest], *, group_size: int, max_reasoning_tokens: int,
                  temperature: float, seed: int | None) -> RolloutBatch: ...
 
+    verify_columns: int  # how the engines check a weight update: zray.checksum.sync_checksum's `columns`
+
     def load_weights(self, weights: dict[str, torch.Tensor], *, version: int, checksum: str) -> Any: ...
 
 
 def send_weights(source: RolloutSource, weights: dict[str, torch.Tensor], *, dtype: torch.dtype | None,
                  version: int) -> Any:
     """Have the engines of `source` serve `weights` as `version`, sent in the dtype they serve (`dtype`; None: as
-    they are) with the checksum of what is sent (the engines verify it by readback); returns their reports."""
+    they are) with the checksum of what is sent, full or sampled as `source.verify_columns` says (the engines
+    verify it by readback); returns their reports."""
     sent = {k: v.to(dtype) for k, v in weights.items()} if dtype is not None else weights
-    return source.load_weights(sent, version=version, checksum=weights_checksum(sent))
+    return source.load_weights(sent, version=version,
+                               checksum=sync_checksum(sent, columns=source.verify_columns, version=version))
 
 
 def serve_model(source: RolloutSource, model_dir: str | Path, *, dtype: torch.dtype | None, version: int) -> Any:
