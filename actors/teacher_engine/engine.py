@@ -55,11 +55,27 @@ class SkippedSetNumThreadsFilter(logging.Filter):
         return record.getMessage() != SKIPPED_SET_NUM_THREADS
 
 
-def quiet_skipped_set_num_threads() -> None:
-    """Install `SkippedSetNumThreadsFilter` on vLLM's CPU-worker logger of this process (once)."""
-    logger = logging.getLogger(CPU_WORKER_LOGGER)
-    if not any(isinstance(f, SkippedSetNumThreadsFilter) for f in logger.filters):
-        logger.addFilter(SkippedSetNumThreadsFilter())
+# vLLM loggers whose only INFO records come once per weight sync ("Successfully reset prefix cache", "Reloading
+# and processing weights took ... seconds": two lines a GDSO step, 3,000 in a 3-seed table) and say nothing the
+# WeightSyncReport does not; their warnings still pass.
+PER_SYNC_INFO_LOGGERS = ("vllm.v1.core.block_pool", "vllm.model_executor.model_loader.reload.inplace")
+
+
+class WarningsOnlyFilter(logging.Filter):
+    """Drops records below WARNING (a filter, not a level: vLLM's logging setup resets its loggers' levels)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
+
+
+def quiet_per_call_logs() -> None:
+    """In this process, once: `SkippedSetNumThreadsFilter` on vLLM's CPU-worker logger, `WarningsOnlyFilter` on
+    the `PER_SYNC_INFO_LOGGERS`."""
+    for name, kind in ((CPU_WORKER_LOGGER, SkippedSetNumThreadsFilter),
+                       *((n, WarningsOnlyFilter) for n in PER_SYNC_INFO_LOGGERS)):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, kind) for f in logger.filters):
+            logger.addFilter(kind())
 
 
 def _set_vllm_env(cfg: VLLMConfig) -> None:
@@ -78,7 +94,7 @@ class TeacherEngine:
         dtype = dtype or checkpoint_dtype(model_dir)
         from vllm import LLM  # after the environment is set
 
-        quiet_skipped_set_num_threads()  # the in-process worker's warning (a separate worker process keeps its own)
+        quiet_per_call_logs()  # the in-process worker's records (a separate worker process keeps its own)
         start = time.perf_counter()
         self.cfg = cfg
         self.model_dir = str(model_dir)

@@ -5,6 +5,7 @@ order; the checkpoint's weights are restored at the end, so that other modules s
 """
 
 import itertools
+import logging
 
 import numpy as np
 import pytest
@@ -220,3 +221,21 @@ def test_sampled_checksum_reads_back_k_columns_and_still_names_a_stale_shard(eng
         engine.load_weights(tampered, version=version + 1, checksum=sent)
     with pytest.raises(WeightVersionError, match="failed to verify"):
         engine.score(score_requests)
+
+
+def test_a_sync_logs_no_per_call_info_and_keeps_warnings(engine, serve, original):
+    """vLLM's two INFO lines per reload (prefix cache reset, weights reprocessed) are kept out of the log; a
+    warning from the same loggers still gets through."""
+    from actors.teacher_engine.engine import PER_SYNC_INFO_LOGGERS
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("vllm").addHandler(handler)
+    try:
+        serve(original)
+        assert [r.getMessage() for r in records if r.name in PER_SYNC_INFO_LOGGERS] == []
+        logging.getLogger(PER_SYNC_INFO_LOGGERS[0]).warning("a block pool warning")
+        assert [r.getMessage() for r in records if r.name in PER_SYNC_INFO_LOGGERS] == ["a block pool warning"]
+    finally:
+        logging.getLogger("vllm").removeHandler(handler)
