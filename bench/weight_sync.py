@@ -20,7 +20,7 @@ the weights.
   received tensors, loads nothing); verification = transport check + readback/verify (the report's `verify_s`),
   printed as a ratio to vLLM alone (issue 15's target: at most 0.25).
 - both checksum forms, in the same rounds: full (`weights_checksum`: every bit) and sampled
-  (`sampled_checksum` over `--verify-columns` columns, `VLLMConfig.verify_columns`' default 16: every row on k
+  (`sampled_checksum` over `--verify-columns` columns, by default `VLLMConfig.verify_columns`: every row on k
   columns drawn from the version; the readback runs each repacked layer's kernel on k identity rows).
 
 Rounds interleave all of them (after one warm-up round) so that drifting CPU load hits each alike. Printed:
@@ -43,12 +43,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def main() -> None:
+    from zray.config import VLLMConfig
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--verify-columns", type=int, default=16,
-                        help="columns of the sampled checksum (VLLMConfig.verify_columns)")
+    parser.add_argument("--verify-columns", type=int, default=VLLMConfig().verify_columns,
+                        help="columns of the sampled checksum (default: VLLMConfig.verify_columns)")
     parser.add_argument("--multiprocess", action="store_true",
                         help="engine core in its own process (weights travel as safetensors bytes)")
     args = parser.parse_args()
@@ -58,7 +60,7 @@ def main() -> None:
     from actors.teacher_engine import TeacherEngine
     from actors.teacher_engine.weight_sync import _reload_from_bytes, encode_weights, receive_weights, reset_caches
     from zray.checksum import sampled_checksum, weights_checksum
-    from zray.config import VLLMConfig, VLMConfig
+    from zray.config import VLMConfig
     from zray.models.tiny import build_tiny_vlm, scaled_vlm_config
     from zray.models.vlm import load_vlm
 
@@ -97,7 +99,7 @@ def main() -> None:
 
     # Rounds interleave every method, so that drifting CPU load (a shared machine) hits them alike.
     # Round 0 is a warm-up (page faults of the copy target, first reload) and is not counted.
-    k = args.verify_columns
+    columns = args.verify_columns
     rows: dict[str, list[float]] = {key: [] for key in (
         "copy", "checksum", "encode", "sync", "sync_bytes", "load", "verify", "vllm", "transport",
         "s_checksum", "s_transport", "s_sync", "s_load", "s_verify")}
@@ -111,7 +113,7 @@ def main() -> None:
         sync_s, report = timed(lambda: engine.load_weights(st, version=3 * r + 1, checksum=checksum))
         bytes_s, _ = timed(lambda: engine.load_weights(blob, version=3 * r + 2, checksum=checksum))
         st = states[(r + 1) % len(states)]  # the sampled sync changes the weights too
-        s_checksum_s, sampled = timed(lambda: sampled_checksum(st, columns=k, seed=3 * r + 3))
+        s_checksum_s, sampled = timed(lambda: sampled_checksum(st, columns=columns, seed=3 * r + 3))
         s_transport_s, _ = timed(lambda: receive_weights(engine.llm, st, version=3 * r + 3, checksum=sampled))
         s_sync_s, s_report = timed(lambda: engine.load_weights(st, version=3 * r + 3, checksum=sampled))
         if r:
@@ -140,7 +142,7 @@ def main() -> None:
     print(f"ratio verification / vLLM alone: {(transport_s + verify_s) / vllm_s:.2f} (readback/verify alone "
           f"{verify_s / vllm_s:.2f}; issue 15's target: at most 0.25)")
     s_sync_s, s_transport_s, s_verify_s = med["s_sync"], med["s_transport"], med["s_verify"]
-    print(f"sampled checksum, {k} columns (VLLMConfig.verify_columns):")
+    print(f"sampled checksum, {columns} columns (VLLMConfig.verify_columns):")
     print(f"candidate engine.load_weights (sampled):  {s_sync_s * 1e3:8.1f} ms  {gb / s_sync_s:6.2f} GB/s"
           f"  = reload + cache resets {med['s_load'] * 1e3:.1f} ms + readback/verify {s_verify_s * 1e3:.1f} ms")
     print(f"          learner-side checksum:          {med['s_checksum'] * 1e3:8.1f} ms; verification = transport "

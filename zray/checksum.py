@@ -49,7 +49,7 @@ import functools
 import hashlib
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -123,15 +123,15 @@ def combine_digests(digests: Mapping[str, str]) -> str:
     return h.hexdigest()
 
 
-def weights_digests(named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
-                    ) -> dict[str, str]:
-    """{name: tensor_digest} for a state dict or an iterable of (name, tensor)."""
+def weights_digests(named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+                    digest: Callable[[str, torch.Tensor], str] = tensor_digest) -> dict[str, str]:
+    """{name: digest(name, tensor)} (`tensor_digest` unless told) for a state dict or an iterable of (name, tensor)."""
     items = named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors
     out: dict[str, str] = {}
     for name, tensor in items:
         if name in out:
             raise ValueError(f"tensor name {name!r} appears twice")
-        out[name] = tensor_digest(name, tensor)
+        out[name] = digest(name, tensor)
     return out
 
 
@@ -171,19 +171,18 @@ def sampled_checksum(named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[
         raise ValueError(f"columns={columns!r} is not allowed: expected an integer >= 1")
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed={seed!r} is not allowed: expected an integer >= 0")
-    return f"cols{columns}-seed{seed}-{combine_digests(sampled_digests(named_tensors, columns, seed))}"
+    return _written((columns, seed), combine_digests(sampled_digests(named_tensors, columns, seed)))
 
 
 def sampled_digests(named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], columns: int,
                     seed: int) -> dict[str, str]:
     """{name: sampled_digest} for a state dict or an iterable of (name, tensor)."""
-    items = named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors
-    out: dict[str, str] = {}
-    for name, tensor in items:
-        if name in out:
-            raise ValueError(f"tensor name {name!r} appears twice")
-        out[name] = sampled_digest(name, tensor, columns, seed)
-    return out
+    return weights_digests(named_tensors, lambda name, tensor: sampled_digest(name, tensor, columns, seed))
+
+
+def _written(sample: tuple[int, int] | None, combined: str) -> str:
+    """A checksum as it is written: the 32 hex digits, after "cols{k}-seed{s}-" for a sampled one."""
+    return combined if sample is None else f"cols{sample[0]}-seed{sample[1]}-{combined}"
 
 
 def parse_checksum(checksum: str) -> tuple[tuple[int, int] | None, str]:
@@ -207,9 +206,7 @@ def checksum_digests(named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[
 
 def format_checksum(digests: Mapping[str, str], like: str) -> str:
     """The checksum of per-tensor `digests` written in the form of the checksum `like`."""
-    sample, _ = parse_checksum(like)
-    combined = combine_digests(digests)
-    return combined if sample is None else f"cols{sample[0]}-seed{sample[1]}-{combined}"
+    return _written(parse_checksum(like)[0], combine_digests(digests))
 
 
 def checksum_like(named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],

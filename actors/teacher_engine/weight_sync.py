@@ -176,9 +176,9 @@ _LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {l
 
 
 def _served_layout(model: Any, layout: tuple[tuple[str, tuple[int, ...]], ...]
-                   ) -> tuple[list[tuple[Any, str, str, list[tuple[str, tuple[int, ...], int]]]], list[str]]:
-    """Where the sent tensors of `layout` live in vLLM's model: [(module, its path, parameter name, [(HF name,
-    shape, row offset)])], and the engine parameters that none of them writes. Kept per model and layout (a
+                   ) -> tuple[list[tuple[Any, str, list[tuple[str, tuple[int, ...], int]]]], list[str]]:
+    """Where the sent tensors of `layout` live in vLLM's model: [(module, parameter name, [(HF name, shape, row
+    offset)])], and the engine parameters that none of them writes. Kept per model and layout (a
     learner sends the same names and shapes every update; an in-place reload keeps the modules)."""
     known = _LAYOUTS.setdefault(model, {})
     if layout in known:
@@ -196,8 +196,8 @@ def _served_layout(model: Any, layout: tuple[tuple[str, tuple[int, ...]], ...]
         served.setdefault((module_path, param_name), []).append((name, tuple(shape), offset))
     touched = {f"{module_path}.{param_name}" for module_path, param_name in served}
     uncovered = sorted({n for n, _ in model.named_parameters()} - touched)
-    known[layout] = ([(model.get_submodule(path), path, param_name, parts) for (path, param_name), parts
-                      in served.items()], uncovered)
+    known[layout] = ([(model.get_submodule(path), param_name, parts) for (path, param_name), parts in served.items()],
+                     uncovered)
     return known[layout]
 
 
@@ -212,7 +212,7 @@ def served_digests(model: Any, layout: list[tuple[str, tuple[int, ...]]], sample
     digests: dict[str, str] = {}
     identities: dict[tuple, torch.Tensor] = {}
     with torch.inference_mode():
-        for module, _, param_name, parts in served:
+        for module, param_name, parts in served:
             repacked = _served_column_blocks(module, param_name, identities, sample)
             if repacked is not None:
                 digests.update(_digest_blocks(*repacked, parts))
@@ -277,11 +277,12 @@ def receive_weights(llm: Any, weights: Mapping[str, torch.Tensor] | bytes, *, ve
     state = decode_weights(weights)
     if not state:
         raise ValueError("weights is empty: expected the full state dict")
-    sample, _ = parse_checksum(checksum)
-    received = checksum_like(state, checksum) if sample is None else checksum  # sampled: the readback alone
-    if received != checksum:
-        raise WeightVersionError(f"weights for version {version} arrived with checksum {received}, but the learner "
-                                 f"sent {checksum}: nothing was loaded")
+    sample, _ = parse_checksum(checksum)  # a malformed checksum is refused here, before anything is loaded
+    if sample is None:  # a sampled checksum is left to the readback
+        received = checksum_like(state, checksum)
+        if received != checksum:
+            raise WeightVersionError(f"weights for version {version} arrived with checksum {received}, but the "
+                                     f"learner sent {checksum}: nothing was loaded")
     dtype = served_dtype(llm)
     wrong_dtype = sorted(n for n, t in state.items() if t.is_floating_point() and t.dtype != dtype)
     if wrong_dtype:
