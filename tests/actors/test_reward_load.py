@@ -236,7 +236,10 @@ def test_a_replica_killed_under_load_fails_few_requests_and_recovers(service):
     assert after_recovery and all(o.status == 200 for o in after_recovery)
     assert {o.version for o in outcomes if o.status == 200} == {service.version}
     check = run_load(service.url, concurrency=8, num_requests=200)
-    assert {o.status for o in check} == {200} and scorer_healthy()
+    assert {o.status for o in check} == {200}
+    # Serve's status is polled, not pushed: on a loaded machine a health check can lag the 200 answers above, so the
+    # service must be (or become) fully healthy again, not be so at one read.
+    wait_for(scorer_healthy, 60, "every scorer replica healthy after the check")
 
 
 def test_hot_swap_under_load_fails_nothing(service):
