@@ -7,15 +7,17 @@
 Steps: resolve the world and the teacher (`distill_generator.teacher_dir`, default this run's
 `pretrain_generator/pipeline`); precompute `num_teacher_samples` teacher samples into Parquet
 (`zray.data.teacher_samples`; resumable) unless `teacher_samples="online"`; judge the held-out prompts sampled by
-the teacher with 8 steps and naively with 2 steps (the references); then for each variant
+the teacher with 8 steps and naively with 2 steps (the references, kept for later runs with the same inputs:
+`zray.evaluation.turbo_references`); then for each variant
 (`zray.config.turbo_variant`) train the student with the generic learner (`zray.tasks.turbo.TurboTask`: Ray Train
 + DeepSpeed, checkpoints, TensorBoard, resume) and judge it on the same prompts from the same noise.
 
 Outputs under `<out_dir>/distill_generator/`: `teacher_samples/` (Parquet), `<variant>/` (the Ray Train run:
 checkpoints, `tensorboard/`, `final/` in `TwoStepStudent` layout, `phase.json`, `training.png` (its curves), and
 `pipeline/`: the student as a folder diffusers alone samples, with its two-step recipe in `pipeline/README.md`),
-`references.json`, `metrics.json`, `results.md` (the table: `zray.evaluation.turbo`), `samples.png` (teacher |
-naive 2-step | variants, same noise). Experiment records: docs/experiments.md.
+`references.json` and `references.parquet` (their figures and images), `metrics.json`, `results.md` (the table:
+`zray.evaluation.turbo`), `samples.png` (teacher | naive 2-step | variants, same noise).
+Experiment records: docs/experiments.md.
 
 With `data.dir` (a `zray data import --kind prompts` folder) the prompts are the import's: the teacher samples come
 from its train split (`zray.data.imported.prompt_rows`), the held-out prompts from its test split. The judge cannot
@@ -39,6 +41,7 @@ from zray.data.render import decode_png
 from zray.evaluation.turbo import (NO_JUDGE_NOTE, compare_to_references, frechet_intervals, gap_closed_to_teacher,
                                    interval_notes, judge_generator, results_markdown, save_variant_grid,
                                    unjudged_metrics)
+from zray.evaluation.turbo_references import load_references, reference_key, save_references
 from zray.models.generator import initial_noise, load_zimage, sample_images, to_pil
 from zray.models.turbo import TwoStepStudent, sample_two_step_images
 from zray.models.turbo_export import export_two_step_pipeline
@@ -137,16 +140,23 @@ def run_distill_generator(cfg: RunConfig, resume: bool = False,
     renders = [decode_png(r["image"]) for r in eval_rows] if judged else []
     noise = initial_noise(pipe, len(eval_rows), cfg.seed + 1, height=cfg.world.image_size,
                           width=cfg.world.image_size)
-    images: dict[str, list[Any]] = {}
-    references: dict[str, dict[str, Any]] = {}
-    for key, steps in (("teacher", dcfg.turbo.teacher_steps), ("two_step", 2)):
-        images[key] = [im for i in range(0, len(prompts), 50) for im in to_pil(sample_images(
-            pipe, prompts[i:i + 50], noise[i:i + 50], steps, dcfg.turbo.teacher_shift))]
-    for key, steps in (("teacher", dcfg.turbo.teacher_steps), ("two_step", 2)):
-        metrics, alignment = judge_generator(images[key], prompts, renders=renders, teacher_images=images["teacher"]) \
-            if judged else (unjudged_metrics(images[key], images["teacher"]), None)
-        references[key] = {"metrics": {**metrics, "steps": steps}, "alignment": alignment}
-    write_text_atomic(root / "references.json", json.dumps(references, indent=1))
+    ref_key = reference_key(teacher_dir, prompts, seed=cfg.seed + 1, steps=dcfg.turbo.teacher_steps,
+                            shift=dcfg.turbo.teacher_shift, image_size=cfg.world.image_size, judged=judged)
+    kept = load_references(root, ref_key, prompts)
+    if kept:
+        references, images = kept
+        print(f"[distill-generator] references kept from {root / 'references.json'} (same teacher, prompts, noise)")
+    else:
+        images, references = {}, {}
+        for key, steps in (("teacher", dcfg.turbo.teacher_steps), ("two_step", 2)):
+            images[key] = [im for i in range(0, len(prompts), 50) for im in to_pil(sample_images(
+                pipe, prompts[i:i + 50], noise[i:i + 50], steps, dcfg.turbo.teacher_shift))]
+        for key, steps in (("teacher", dcfg.turbo.teacher_steps), ("two_step", 2)):
+            metrics, alignment = judge_generator(images[key], prompts, renders=renders,
+                                                 teacher_images=images["teacher"]) \
+                if judged else (unjudged_metrics(images[key], images["teacher"]), None)
+            references[key] = {"metrics": {**metrics, "steps": steps}, "alignment": alignment}
+        save_references(root, ref_key, references, images, prompts)
 
     # 3. Each variant: train (resumable), then judge from the same noise.
     init_ray(dcfg.learner.num_workers * dcfg.learner.cpus_per_worker + 1)

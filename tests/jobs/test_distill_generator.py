@@ -42,9 +42,10 @@ def test_variants_and_their_errors():
     assert set(TURBO_VARIANTS) == {"turbo", "shared", "detached", "renders", "no_step1"}
 
 
-def test_the_pipeline_run_end_to_end_and_resume(readme_pipeline, tmp_path, ray_session):
+def test_the_pipeline_run_end_to_end_and_resume(readme_pipeline, tmp_path, ray_session, capsys):
     """The README run's Turbo++ stage (the recipe's variant, trained through Ray Train), then `--resume` on a copy:
-    the finished variant and the collected teacher samples are kept as they are (same student, same figures)."""
+    the finished variant, the collected teacher samples and the judged references are kept as they are (same
+    student, same figures)."""
     import shutil
 
     from jobs.distill_generator import run_distill_generator
@@ -52,7 +53,8 @@ def test_the_pipeline_run_end_to_end_and_resume(readme_pipeline, tmp_path, ray_s
     run = readme_pipeline["run_dir"]
     root = run / "distill_generator"
     (variant,) = tiny_cpu().distill_generator.variants
-    for name in ("metrics.json", "results.md", "samples.png", "references.json", "teacher_samples/manifest.json",
+    for name in ("metrics.json", "results.md", "samples.png", "references.json", "references.parquet",
+                 "teacher_samples/manifest.json",
                  f"{variant}/final/turbo_student.json", f"{variant}/pipeline/README.md",
                  f"{variant}/pipeline/transformer_2/config.json"):
         assert (root / name).is_file(), name
@@ -74,5 +76,7 @@ def test_the_pipeline_run_end_to_end_and_resume(readme_pipeline, tmp_path, ray_s
     cfg = dataclasses.replace(tiny_cpu(), out_dir=str(copy))  # the same teacher: the samples' manifest names it
     cfg = dataclasses.replace(cfg, distill_generator=dataclasses.replace(
         cfg.distill_generator, teacher_dir=str(run / "pretrain_generator" / "pipeline")))
+    capsys.readouterr()
     again = run_distill_generator(cfg, resume=True)
     assert json.dumps(again["rows"], sort_keys=True) == json.dumps(rows, sort_keys=True)  # nan-safe
+    assert "references kept from" in capsys.readouterr().out  # not sampled and judged again
