@@ -147,7 +147,8 @@ def dev() -> RunConfig:
             num_distill_prompts=400, max_reasoning_tokens=48,
         ),
         # LoRA on the 8-step base generator (or --generator turbo), ReFL over the whole schedule; judged every 100
-        # steps on 64 held-out prompts. Not calibrated yet (no dev run recorded).
+        # steps on 64 held-out prompts. Dev runs (docs/experiments.md §10): the RISD reward is hacked at this lr and
+        # its alignment does not track the judge's on generated images; no setting has raised true alignment yet.
         reward_finetune=RewardFinetuneConfig(
             learner=LearnerConfig(cpus_per_worker=1, max_steps=600, micro_batch_size=8, lr=3e-4, warmup_steps=20,
                                   checkpoint_every=100, keep_checkpoints=2, log_every=10),
@@ -157,10 +158,11 @@ def dev() -> RunConfig:
         # student), then 300 steps of batch 32 per variant (about 9 minutes each on one core; the same steps for every
         # variant, not the same time). lam_1 = 16 = 1 / (1 - sigma_2)^2 makes the step-1 regression of x_s2 as strong
         # as a regression of step 1's x0 estimate (x_s2 carries x0_1 at weight 1 - sigma_2 = 0.25). The adversarial
-        # term alone at lr 1e-4 diverged (docs/experiments.md §8): the paired regression anchors it, lr 2e-5.
+        # term alone at lr 1e-4 diverged (docs/experiments.md §8): the paired regression anchors it. lr 2e-4 (with
+        # it): 89% of naive 2-step's Frechet gap closed against 70% at 2e-5 on the same base (§8, 7 Dec).
         distill_generator=DistillGeneratorConfig(
             turbo=TurboConfig(disc_lr=2e-4, lam_1=16.0, lam_adv=0.1, lam_reg=1.0),
-            learner=LearnerConfig(cpus_per_worker=1, micro_batch_size=32, lr=2e-5, warmup_steps=20, max_steps=300,
+            learner=LearnerConfig(cpus_per_worker=1, micro_batch_size=32, lr=2e-4, warmup_steps=20, max_steps=300,
                                   checkpoint_every=100, keep_checkpoints=2, log_every=25),
             num_teacher_samples=4000, num_eval_prompts=200,
             variants=("turbo", "shared", "detached", "renders", "no_step1"),
