@@ -49,7 +49,9 @@ def test_saved_references_come_back_exactly_for_the_same_key(tmp_path):
         assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(got_images[k], images[k]))
 
 
-def test_the_key_follows_every_input(tmp_path):
+def test_the_key_follows_every_input(tmp_path, monkeypatch):
+    from zray.evaluation import turbo_references
+
     teacher = _teacher(tmp_path)
     key = _key(teacher)
     assert _key(teacher) == key
@@ -59,6 +61,12 @@ def test_the_key_follows_every_input(tmp_path):
     weights = teacher / "transformer" / "model.safetensors"
     weights.write_bytes(b"retrained")  # another size
     assert _key(teacher) != key
+    key = _key(teacher)
+    code = turbo_references.code_fingerprint()
+    assert set(code) == {*turbo_references.CODE_MODULES, "torch", "diffusers"}
+    monkeypatch.setattr(turbo_references, "code_fingerprint", lambda: {**code, "zray.data.judge": "changed"})
+    assert _key(teacher) != key  # another judge: judged again
+    monkeypatch.undo()
     stat = weights.stat()
     key = _key(teacher)
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # same size, rewritten later

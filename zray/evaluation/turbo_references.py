@@ -8,8 +8,9 @@ samples and judges again and replaces them.
 
 The key (`reference_key`) is a SHA-256 over what the references depend on: the teacher pipeline's files (relative
 name, size and modification time of each, as `make` judges staleness: a retrained or replaced teacher changes
-it), the held-out prompts in order, the noise seed, the teacher's steps and shift, the image size and whether the
-judge scores them.
+it), the held-out prompts in order, the noise seed, the teacher's steps and shift, the image size, whether the
+judge scores them, and the code that samples and judges them (the source of `CODE_MODULES` and the installed
+torch and diffusers versions): a changed judge or sampler never leaves old figures beside new ones.
 """
 
 from __future__ import annotations
@@ -23,6 +24,18 @@ from typing import Any
 REFERENCES_JSON = "references.json"
 REFERENCES_IMAGES = "references.parquet"
 KEYS = ("teacher", "two_step")
+CODE_MODULES = ("zray.sampling", "zray.models.generator", "zray.data.judge", "zray.data.prompt_grammar",
+                "zray.evaluation.generator", "zray.evaluation.turbo", "zray.metrics")  # what samples and judges the references
+
+
+def code_fingerprint() -> dict[str, str]:
+    """SHA-256 of each of `CODE_MODULES`' source file, and the torch and diffusers versions installed."""
+    import importlib.metadata
+    import importlib.util
+
+    out = {name: hashlib.sha256(Path(importlib.util.find_spec(name).origin).read_bytes()).hexdigest()
+           for name in CODE_MODULES}
+    return {**out, **{pkg: importlib.metadata.version(pkg) for pkg in ("torch", "diffusers")}}
 
 
 def reference_key(teacher_dir: str | Path, prompts: Sequence[str], *, seed: int, steps: int, shift: float,
@@ -32,7 +45,7 @@ def reference_key(teacher_dir: str | Path, prompts: Sequence[str], *, seed: int,
     files = [[str(p.relative_to(teacher_dir)), p.stat().st_size, p.stat().st_mtime_ns]
              for p in sorted(teacher_dir.rglob("*")) if p.is_file()]
     payload = {"teacher": files, "prompts": list(prompts), "seed": seed, "steps": steps, "shift": shift,
-               "image_size": image_size, "judged": judged}
+               "image_size": image_size, "judged": judged, "code": code_fingerprint()}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
