@@ -145,7 +145,8 @@ def run_distill_generator(cfg: RunConfig, resume: bool = False,
     kept = load_references(root, ref_key, prompts)
     if kept:
         references, images = kept
-        print(f"[distill-generator] references kept from {root / 'references.json'} (same teacher, prompts, noise and code)")
+        print(f"[distill-generator] references kept from {root / 'references.json'} (same teacher, prompts, noise "
+              "and code)")
     else:
         images, references = {}, {}
         for key, steps in (("teacher", dcfg.turbo.teacher_steps), ("two_step", 2)):
