@@ -41,7 +41,7 @@ from zray.data.render import decode_png
 from zray.evaluation.turbo import (NO_JUDGE_NOTE, compare_to_references, frechet_intervals, gap_closed_to_teacher,
                                    interval_notes, judge_generator, results_markdown, save_variant_grid,
                                    unjudged_metrics)
-from zray.evaluation.turbo_references import load_references, reference_key, save_references
+from zray.evaluation.turbo_references import REFERENCES_JSON, load_references, reference_key, save_references
 from zray.models.generator import initial_noise, load_zimage, sample_images, to_pil
 from zray.models.turbo import TwoStepStudent, sample_two_step_images
 from zray.models.turbo_export import export_two_step_pipeline
@@ -138,21 +138,20 @@ def run_distill_generator(cfg: RunConfig, resume: bool = False,
     pipe = load_zimage(teacher_dir)
     prompts = [r["prompt"] for r in eval_rows]
     renders = [decode_png(r["image"]) for r in eval_rows] if judged else []
-    noise = initial_noise(pipe, len(eval_rows), cfg.seed + 1, height=cfg.world.image_size,
-                          width=cfg.world.image_size)
-    ref_key = reference_key(teacher_dir, prompts, seed=cfg.seed + 1, steps=dcfg.turbo.teacher_steps,
+    noise_seed = cfg.seed + 1
+    noise = initial_noise(pipe, len(eval_rows), noise_seed, height=cfg.world.image_size, width=cfg.world.image_size)
+    ref_key = reference_key(teacher_dir, prompts, seed=noise_seed, steps=dcfg.turbo.teacher_steps,
                             shift=dcfg.turbo.teacher_shift, image_size=cfg.world.image_size, judged=judged)
     kept = load_references(root, ref_key, prompts)
     if kept:
         references, images = kept
-        print(f"[distill-generator] references kept from {root / 'references.json'} (same teacher, prompts, noise "
+        print(f"[distill-generator] references kept from {root / REFERENCES_JSON} (same teacher, prompts, noise "
               "and code)")
     else:
         images, references = {}, {}
-        for key, steps in (("teacher", dcfg.turbo.teacher_steps), ("two_step", 2)):
+        for key, steps in (("teacher", dcfg.turbo.teacher_steps), ("two_step", 2)):  # the teacher's first
             images[key] = [im for i in range(0, len(prompts), 50) for im in to_pil(sample_images(
                 pipe, prompts[i:i + 50], noise[i:i + 50], steps, dcfg.turbo.teacher_shift))]
-        for key, steps in (("teacher", dcfg.turbo.teacher_steps), ("two_step", 2)):
             metrics, alignment = judge_generator(images[key], prompts, renders=renders,
                                                  teacher_images=images["teacher"]) \
                 if judged else (unjudged_metrics(images[key], images["teacher"]), None)

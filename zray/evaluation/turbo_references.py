@@ -24,8 +24,9 @@ from typing import Any
 REFERENCES_JSON = "references.json"
 REFERENCES_IMAGES = "references.parquet"
 KEYS = ("teacher", "two_step")
+# what samples and judges the references
 CODE_MODULES = ("zray.sampling", "zray.models.generator", "zray.data.judge", "zray.data.prompt_grammar",
-                "zray.evaluation.generator", "zray.evaluation.turbo", "zray.metrics")  # what samples and judges the references
+                "zray.evaluation.generator", "zray.evaluation.turbo", "zray.metrics")
 
 
 def code_fingerprint() -> dict[str, str]:
@@ -42,8 +43,8 @@ def reference_key(teacher_dir: str | Path, prompts: Sequence[str], *, seed: int,
                   image_size: int, judged: bool) -> str:
     """SHA-256 (hex) of the references' inputs (module docstring)."""
     teacher_dir = Path(teacher_dir)
-    files = [[str(p.relative_to(teacher_dir)), p.stat().st_size, p.stat().st_mtime_ns]
-             for p in sorted(teacher_dir.rglob("*")) if p.is_file()]
+    files = [[str(p.relative_to(teacher_dir)), st.st_size, st.st_mtime_ns]
+             for p in sorted(teacher_dir.rglob("*")) if p.is_file() for st in [p.stat()]]
     payload = {"teacher": files, "prompts": list(prompts), "seed": seed, "steps": steps, "shift": shift,
                "image_size": image_size, "judged": judged, "code": code_fingerprint()}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -54,17 +55,19 @@ def save_references(root: str | Path, key: str, references: dict[str, Any], imag
     """Write the images (`references.parquet`) and then the figures with `key` (`references.json`), each atomically:
     the JSON, which carries the key, is written last, so a cut write never leaves a key beside other images."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
+    from zray.data.parquet import write_table
     from zray.data.render import png_bytes
-    from zray.training.runs import atomic_path, write_text_atomic
+    from zray.training.runs import write_text_atomic
 
     root = Path(root)
     (root / REFERENCES_JSON).unlink(missing_ok=True)  # the old key goes before the images it described
-    columns = {"prompt": pa.array(list(prompts), pa.string()),
-               **{k: pa.array([png_bytes(im) for im in images[k]], pa.binary()) for k in KEYS}}
-    with atomic_path(root / REFERENCES_IMAGES) as tmp:
-        pq.write_table(pa.table(columns), str(tmp))
+    schema = pa.schema([pa.field("prompt", pa.string(), nullable=False),
+                        *(pa.field(k, pa.binary(), nullable=False) for k in KEYS)],
+                       metadata={"zray_table": "turbo_references"})
+    pngs = {k: [png_bytes(im) for im in images[k]] for k in KEYS}
+    write_table([{"prompt": p, **{k: pngs[k][i] for k in KEYS}} for i, p in enumerate(prompts)], schema,
+                root / REFERENCES_IMAGES)
     write_text_atomic(root / REFERENCES_JSON, json.dumps({"key": key, **references}, indent=1))
 
 
