@@ -81,51 +81,47 @@ def test_max_engine_restarts_is_validated():
             VLLMConfig(max_engine_restarts=bad)
 
 
-def test_killed_engine_is_restarted_restored_and_its_chunk_retried(ray_session, sharp_teacher_dir, requests_3,
-                                                                   capsys):
+@pytest.fixture(scope="module")
+def two_engines(ray_session, sharp_teacher_dir):
+    """Two real engine actors shared by this module's real-vLLM tests (an engine start is what these tests cost),
+    each restartable twice; every test kills one engine once. The killed-engine test runs first (file order): it
+    reads the base weights' scores before loading its own; the GDSO fit loads its weights before its first rollout."""
     engines = start_engines(sharp_teacher_dir, VLLMConfig(max_model_len=1024, num_engines=2, max_engine_restarts=2))
+    yield engines
+    EnginePool(engines).shutdown()
+
+
+def test_killed_engine_is_restarted_restored_and_its_chunk_retried(two_engines, sharp_teacher_dir, requests_3,
+                                                                   capsys):
+    engines = two_engines
     pool = EnginePool(engines, restart_timeout_s=240)
-    try:
-        base_q = pool.score(requests_3)
-        state = _perturbed(sharp_teacher_dir)
-        checksum = weights_checksum(state)
-        pool.load_weights(state, version=1, checksum=checksum)
-        assert pool.loaded.weights is state  # remembered by reference
-        version, kept_checksum, (kept_ref,) = ray.get(engines[1].kept.remote())
-        assert (version, kept_checksum) == (1, checksum) and kept_ref == pool.loaded.ref  # the engines keep the copy
-        current_q = pool.score(requests_3)
-        assert (current_q - base_q).abs().max() > 1e-3  # a restarted engine (base weights) would answer otherwise
-        kwargs = dict(group_size=2, max_reasoning_tokens=4, seed=5)
-        healthy = pool.generate(requests_3, **kwargs)  # chunks [0, 2) on engine 0, [2, 3) on engine 1
-        assert healthy.weights_version == 1
+    base_q = pool.score(requests_3)
+    state = _perturbed(sharp_teacher_dir)
+    checksum = weights_checksum(state)
+    pool.load_weights(state, version=1, checksum=checksum)
+    assert pool.loaded.weights is state  # remembered by reference
+    version, kept_checksum, (kept_ref,) = ray.get(engines[1].kept.remote())
+    assert (version, kept_checksum) == (1, checksum) and kept_ref == pool.loaded.ref  # the engines keep the copy
+    current_q = pool.score(requests_3)
+    assert (current_q - base_q).abs().max() > 1e-3  # a restarted engine (base weights) would answer otherwise
+    kwargs = dict(group_size=2, max_reasoning_tokens=4, seed=5)
+    healthy = pool.generate(requests_3, **kwargs)  # chunks [0, 2) on engine 0, [2, 3) on engine 1
+    assert healthy.weights_version == 1
 
-        # 1. engine 1 killed: the next generate finds it dead or restarting, waits, restores, retries its chunk
-        pid = _pid(engines[1])
-        ray.kill(engines[1], no_restart=False)
-        _wait_until_down(engines[1], pid)
-        _same_batch(pool.generate(requests_3, **kwargs), healthy)
-        (entry,) = pool.restarts
-        assert entry["engine"] == 1 and entry["method"] == "generate" and entry["version"] == 1
-        assert entry["verified"] and entry["checksum"] == checksum and entry["cause"] == "ActorUnavailableError"
-        assert entry["source"] == "this pool"
-        assert _pid(engines[1]) != pid and pool.versions() == [1, 1]
-        assert ray.get(engines[1].checksum.remote()) == checksum
-        out = capsys.readouterr().out
-        assert "[engine-pool] engine 1 back after" in out and "restored weights version 1, verify ok" in out
-
-        # 2. engine 0 killed and back (on base weights, version 0) before the next call: the pool sees the old
-        # version after the call, restores, and reruns the chunk
-        pid = _pid(engines[0])
-        ray.kill(engines[0], no_restart=False)
-        _wait_until_down(engines[0], pid)
-        assert _wait_until_back(engines[0]) == 0
-        assert torch.equal(pool.score(requests_3), current_q)
-        assert [(e["engine"], e["cause"], e["version"], e["verified"]) for e in pool.restarts[1:]] == [
-            (0, "served version 0", 1, True)]
-        assert pool.versions() == [1, 1]
-        print(capsys.readouterr().out)
-    finally:
-        pool.shutdown()
+    # 1. engine 1 killed: the next generate finds it dead or restarting, waits, restores, retries its chunk
+    pid = _pid(engines[1])
+    ray.kill(engines[1], no_restart=False)
+    _wait_until_down(engines[1], pid)
+    _same_batch(pool.generate(requests_3, **kwargs), healthy)
+    (entry,) = pool.restarts
+    assert entry["engine"] == 1 and entry["method"] == "generate" and entry["version"] == 1
+    assert entry["verified"] and entry["checksum"] == checksum and entry["cause"] == "ActorUnavailableError"
+    assert entry["source"] == "this pool"
+    assert _pid(engines[1]) != pid and pool.versions() == [1, 1]
+    assert ray.get(engines[1].checksum.remote()) == checksum
+    out = capsys.readouterr().out
+    assert "[engine-pool] engine 1 back after" in out and "restored weights version 1, verify ok" in out
+    assert torch.equal(pool.score(requests_3), current_q)  # the restored engine scores as before its death
 
 
 # ------------------------------------------------------------------------------------------ stand-in engines
@@ -237,8 +233,8 @@ def _pair_rows(num_pairs: int) -> list[dict]:
              "dimension": "alignment", "winner_label": 4.0, "loser_label": 1.5} for p in range(num_pairs)]
 
 
-def test_gdso_fit_completes_when_an_engine_is_killed_after_step_1(ray_session, sharp_teacher_dir, tmp_path):
-    """The hook (a thread of the test) kills the engine as soon as it serves version 2 (synced after step 1): the
+def test_gdso_fit_completes_when_an_engine_is_killed_after_step_1(two_engines, sharp_teacher_dir, tmp_path):
+    """The hook (a thread of the test) kills engine 0 as soon as it serves version 2 (synced after step 1): the
     learner's pool restores version 2 (or loads version 3 into the restarted engine) and the fit completes."""
     import threading
 
@@ -250,7 +246,7 @@ def test_gdso_fit_completes_when_an_engine_is_killed_after_step_1(ray_session, s
     learner = dataclasses.replace(base.learner, num_workers=1, backend="ddp", precision="fp32", micro_batch_size=1,
                                   max_steps=3, checkpoint_every=3, log_every=1)
     tcfg = dataclasses.replace(base, learner=learner, group_size=2, max_reasoning_tokens=4, inner_steps=2)
-    engines = start_engines(sharp_teacher_dir, VLLMConfig(max_model_len=1024, num_engines=1, max_engine_restarts=1))
+    engines = two_engines
     pool = EnginePool(engines, restart_timeout_s=240)
     killed, stop = {}, threading.Event()
 
@@ -275,10 +271,9 @@ def test_gdso_fit_completes_when_an_engine_is_killed_after_step_1(ray_session, s
         assert "pid" in killed, "the hook did not kill the engine"
         assert fitted.final_step == learner.max_steps
         assert [h["weights_version"] for h in fitted.history] == [1.0, 2.0, 3.0]
-        assert _pid(engines[0]) != killed["pid"] and pool.versions() == [learner.max_steps]  # restarted, restored
+        assert _pid(engines[0]) != killed["pid"] and pool.versions() == [learner.max_steps] * 2  # restarted, restored
     finally:
         stop.set()
-        pool.shutdown()
 
 
 def test_an_engine_dead_during_load_weights_gets_the_new_weights(fake_actor):
@@ -342,6 +337,17 @@ def test_a_pool_that_did_not_load_restores_from_a_peer_engine(fake_actor, capsys
     _kill(engines[1])
     assert pool_b.generate(list(range(4)), group_size=2, max_reasoning_tokens=4, seed=0).weights_version == 2
     assert [(e["engine"], e["version"], e["source"]) for e in pool_b.restarts[2:]] == [(1, 2, "peer engine 0")]
+
+    # an engine killed and back (on its base weights, version 0) before the next call: the call's answer names the
+    # old version, so the pool restores (the loading pool: its own copy) and reruns that chunk
+    pid = _pid(engines[0])
+    ray.kill(engines[0], no_restart=False)
+    _wait_until_down(engines[0], pid)
+    assert _wait_until_back(engines[0]) == 0
+    assert pool_a.generate(list(range(4)), group_size=2, max_reasoning_tokens=4, seed=0).weights_version == 2
+    assert [(e["engine"], e["cause"], e["version"], e["verified"], e["source"]) for e in pool_a.restarts] == [
+        (0, "served version 0", 2, True, "this pool")]
+    assert pool_a.versions() == [2, 2]
 
 
 @pytest.mark.parametrize("num_engines", [1, 2])

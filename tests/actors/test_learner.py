@@ -362,11 +362,11 @@ print(len(logger.filters),
 
 
 # ------------------------------------------------------------------------------ fault tolerance: a worker dies
-# A worker process that dies mid-run is restarted by Ray Train (`LearnerConfig.max_failures`) from the run's latest
-# registered checkpoint, and the run ends with exactly the parameters of the uninterrupted one (the `uninterrupted`
-# fixture above, the same ZERO2 run); with max_failures=0 the same death ends the fit with a clear error. The death
-# is deterministic: the test hook `extra_config={"_exit_after_step": ...}` makes one worker's process call
-# `os._exit(1)` once Ray Train has registered checkpoint 3 (a marker file makes it happen once).
+# A worker process that dies mid-run ends the fit with a clear error when LearnerConfig.max_failures=0; with
+# max_failures >= 1 Ray Train restarts the worker group from the run's latest registered checkpoint. Either way the
+# run ends with exactly the parameters of the uninterrupted one (the `uninterrupted` fixture above, the same ZERO2
+# run). The deaths are deterministic: the test hook `extra_config={"_exit_after_step": ...}` makes one worker's
+# process call `os._exit(1)` once Ray Train has registered checkpoint N (a marker file makes it happen once).
 
 
 def test_max_failures_defaults_to_2_and_is_validated():
@@ -393,24 +393,43 @@ def _attempts(run_dir: Path) -> list[dict]:
 
 
 
-def test_a_dead_worker_is_restarted_from_the_last_checkpoint_and_the_run_matches_an_uninterrupted_one(
+def test_a_dead_worker_fails_a_fit_without_restarts_and_is_restarted_within_a_resumed_one(
         dataset, uninterrupted, tmp_path):
-    task, marker = MLPRegression(), tmp_path / "rank1_died"
-    # A half-written checkpoint on disk, newer than the one the worker dies after (as a worker that died while
-    # uploading checkpoint 6 would leave it): Ray Train never registered it, so the restart must not restore it.
-    half = tmp_path / "healed" / "checkpoint_000006"
+    """One run, two deaths. Fit 1 (max_failures=0): rank 1 dies right after checkpoint 3, and the fit fails with
+    Ray Train's report and a note on how to resume. Fit 2 (resume=True, max_failures=1) continues from checkpoint 3,
+    not from a newer half-written directory; rank 0 dies right after checkpoint 6, and Ray Train restarts the workers
+    from it. 12 micro batches per worker per epoch (96 rows each), 2 per step: both deaths fall in the first epoch, and
+    the run goes on into the second one. The run ends with the uninterrupted run's parameters and history."""
+    task, run = MLPRegression(), tmp_path / "run"
+    with pytest.raises(ray.train.TrainingFailedError) as failed:
+        fit(task, replace(ZERO2, max_failures=0), datasets={"train": dataset}, storage_path=tmp_path,
+            name="run", extra_config={"_exit_after_step": {"step": 3, "rank": 1, "marker": str(tmp_path / "r1")}})
+    assert (tmp_path / "r1").read_text() == "rank 1 exits after checkpoint 3\n"  # the worker did die, once
+    assert isinstance(failed.value, ray.train.WorkerGroupError)  # Ray Train's own report: which rank died, how
+    assert "The actor died unexpectedly" in str(failed.value)
+    notes = "\n".join(getattr(failed.value, "__notes__", []))
+    assert "failed after 0 restart(s) (LearnerConfig.max_failures=0)" in notes, notes
+    assert "fit(..., resume=True) continues it from checkpoint_000003" in notes, notes
+    assert len(_attempts(run)) == 1  # no restart
+    crashed = read_learner_state(run / "checkpoint_000003")
+    assert crashed["step"] == 3 and crashed["consumed_micro_batches"] == 6
+
+    # A half-written checkpoint on disk, newer than the registered one (as a worker that died while uploading
+    # checkpoint 6 would leave it): Ray Train never registered it, so neither resume nor a restart restores it.
+    half = run / "checkpoint_000006"
     (half / "engine").mkdir(parents=True)
     (half / "learner.json").write_text(json.dumps({"step": 6, "history": [], "half_written": True}))
-
     healed = fit(task, replace(ZERO2, max_failures=1), datasets={"train": dataset}, storage_path=tmp_path,
-                 name="healed", extra_config={"_exit_after_step": {"step": 3, "rank": 1, "marker": str(marker)}})
+                 name="run", resume=True,
+                 extra_config={"_exit_after_step": {"step": 6, "rank": 0, "marker": str(tmp_path / "r0")}})
 
-    assert marker.read_text() == "rank 1 exits after checkpoint 3\n"  # the worker did die, once
+    assert (tmp_path / "r0").read_text() == "rank 0 exits after checkpoint 6\n"
     assert healed.restarts == 1 and uninterrupted.restarts == 0
-    first, second = _attempts(healed.run_dir)  # one fit, two attempts: fresh, then from checkpoint 3
-    assert first["fit"] == second["fit"]
-    assert (first["step"], first["checkpoint"]) == (0, None)
-    assert (second["step"], second["checkpoint"]) == (3, "checkpoint_000003")
+    failed_fit, resumed, restarted = _attempts(run)  # fit 2: resumed from checkpoint 3, then restarted from 6
+    assert failed_fit["fit"] != resumed["fit"] == restarted["fit"]
+    assert (failed_fit["step"], failed_fit["checkpoint"]) == (0, None)
+    assert (resumed["step"], resumed["checkpoint"]) == (3, "checkpoint_000003")
+    assert (restarted["step"], restarted["checkpoint"]) == (6, "checkpoint_000006")
     assert healed.final_step == uninterrupted.final_step == 8
 
     expected, got = _load(task, uninterrupted.hf_dir), _load(task, healed.hf_dir)
@@ -418,54 +437,17 @@ def test_a_dead_worker_is_restarted_from_the_last_checkpoint_and_the_run_matches
     for key in expected:
         assert not torch.allclose(expected[key], initial[key], atol=1e-3), f"{key} did not train"
         assert torch.equal(got[key], expected[key]), f"{key} differs from the uninterrupted run"
-    # The history carries across the restart, step for step (no step logged twice, none missing).
+    # The history carries across the crash and the restart, step for step (no step logged twice, none missing).
     straight = {h["step"]: h["loss"] for h in uninterrupted.history}
     again = {h["step"]: h["loss"] for h in healed.history}
     assert [h["step"] for h in healed.history] == [2.0, 3.0, 4.0, 6.0, 8.0]
     assert again == straight
-    # The restarted attempt wrote checkpoint 6 over the half-written directory; keep_checkpoints=2 kept 6 and 8.
+    # Fit 2 wrote checkpoint 6 over the half-written directory; keep_checkpoints=2 kept 6 and 8.
     assert [p.name for p in healed.checkpoints] == ["checkpoint_000006", "checkpoint_000008"]
-    assert json.loads((half / "learner.json").read_text())["step"] == 6
     assert "half_written" not in json.loads((half / "learner.json").read_text())
-    # The restarted attempt continued this fit's clock (the time budget's) from checkpoint 3, not from its own start.
+    # The restarted attempt continued fit 2's clock (the time budget's) from checkpoint 6, not from its own start;
+    # fit 2's clock began at its resume (step 3).
     clock_6, clock_8 = (json.loads((p / "learner.json").read_text())["fit"] for p in healed.checkpoints)
-    assert clock_6["id"] == clock_8["id"] == first["fit"]
-    assert clock_6["first_step"] == clock_8["first_step"] == 0
+    assert clock_6["id"] == clock_8["id"] == resumed["fit"]
+    assert clock_6["first_step"] == clock_8["first_step"] == 3
     assert 0 < clock_6["elapsed_s"] < clock_8["elapsed_s"]
-
-
-def test_with_max_failures_0_a_dead_worker_fails_the_fit_and_resume_reaches_the_uninterrupted_state(
-        dataset, uninterrupted, tmp_path):
-    task, marker = MLPRegression(), tmp_path / "rank1_died"
-    # 8 steps, checkpoints at 3, 6 and 8; rank 1 dies right after checkpoint 3. 12 micro batches per worker per
-    # epoch (96 rows each), 2 per step: the death and the resume fall in the middle of the first epoch, and the run
-    # goes on into the second one.
-    with pytest.raises(ray.train.TrainingFailedError) as failed:
-        fit(task, replace(ZERO2, max_failures=0), datasets={"train": dataset}, storage_path=tmp_path,
-            name="fragile", extra_config={"_exit_after_step": {"step": 3, "rank": 1, "marker": str(marker)}})
-    assert marker.exists()
-    assert isinstance(failed.value, ray.train.WorkerGroupError)  # Ray Train's own report: which rank died, how
-    assert "The actor died unexpectedly" in str(failed.value)
-    notes = "\n".join(getattr(failed.value, "__notes__", []))
-    assert "failed after 0 restart(s) (LearnerConfig.max_failures=0)" in notes, notes
-    assert "fit(..., resume=True) continues it from checkpoint_000003" in notes, notes
-    assert len(_attempts(tmp_path / "fragile")) == 1  # no restart
-    crashed = read_learner_state(tmp_path / "fragile" / "checkpoint_000003")
-    assert crashed["step"] == 3 and crashed["consumed_micro_batches"] == 6
-
-    # what the note says: a second fit with resume=True continues from checkpoint 3 to the uninterrupted state
-    resumed = fit(task, ZERO2, datasets={"train": dataset}, storage_path=tmp_path, name="fragile", resume=True)
-    assert resumed.final_step == uninterrupted.final_step == 8
-    expected, got = _load(task, uninterrupted.hf_dir), _load(task, resumed.hf_dir)
-    initial = task.build_model().state_dict()
-    for key in expected:
-        assert not torch.allclose(expected[key], initial[key], atol=1e-3), f"{key} did not train"
-        torch.testing.assert_close(got[key], expected[key], rtol=1e-6, atol=1e-7, msg=f"{key} differs")
-    # The metric history carries across the crash and matches, step for step.
-    straight = {h["step"]: h["loss"] for h in uninterrupted.history}
-    again = {h["step"]: h["loss"] for h in resumed.history}
-    assert sorted(again) == sorted(straight) == [2.0, 3.0, 4.0, 6.0, 8.0]  # log_every=2, plus checkpoints
-    for step in straight:
-        assert again[step] == pytest.approx(straight[step], rel=1e-6), step
-    # keep_checkpoints=2: the checkpoints at steps 6 and 8 remain.
-    assert [p.name for p in resumed.checkpoints] == ["checkpoint_000006", "checkpoint_000008"]
