@@ -10,11 +10,15 @@ Steps: resolve the world and the teacher (`distill_generator.teacher_dir`, defau
 the teacher with 8 steps and naively with 2 steps (the references, kept for later runs with the same inputs:
 `zray.evaluation.turbo_references`); then for each variant
 (`zray.config.turbo_variant`) train the student with the generic learner (`zray.tasks.turbo.TurboTask`: Ray Train
-+ DeepSpeed, checkpoints, TensorBoard, resume) and judge it on the same prompts from the same noise.
++ DeepSpeed, checkpoints, TensorBoard, resume) and judge it on the same prompts from the same noise. With
+`distill_generator.seeds = n`, every variant trains n times (learner seeds `seed`, `seed + 1`, ...; all variants of
+one seed before the next), the k-th run in `<variant>_seed<k>/`, and results.md adds each variant's mean over the
+seeds and its difference from Turbo++ seed by seed (`zray.evaluation.turbo.seed_summary`).
 
 Outputs under `<out_dir>/distill_generator/`: `teacher_samples/` (Parquet), `<variant>/` (the Ray Train run:
 checkpoints, `tensorboard/`, `final/` in `TwoStepStudent` layout, `phase.json`, `training.png` (its curves), and
-`pipeline/`: the student as a folder diffusers alone samples, with its two-step recipe in `pipeline/README.md`),
+`pipeline/`: the student as a folder diffusers alone samples, with its two-step recipe in `pipeline/README.md`;
+`<variant>_seed<k>/` likewise),
 `references.json` and `references.parquet` (their figures and images), `metrics.json`, `results.md` (the table:
 `zray.evaluation.turbo`), `samples.png` (teacher | naive 2-step | variants, same noise).
 Experiment records: docs/experiments.md.
@@ -40,13 +44,13 @@ from zray.data import ensure_world, head_rows, read_table
 from zray.data.render import decode_png
 from zray.evaluation.turbo import (NO_JUDGE_NOTE, compare_to_references, frechet_intervals, gap_closed_to_teacher,
                                    interval_notes, judge_generator, results_markdown, save_variant_grid,
-                                   unjudged_metrics)
+                                   seed_markdown, seed_summary, unjudged_metrics)
 from zray.evaluation.turbo_references import REFERENCES_JSON, load_references, reference_key, save_references
 from zray.models.generator import initial_noise, load_zimage, sample_images, to_pil
 from zray.models.turbo import TwoStepStudent, sample_two_step_images
 from zray.models.turbo_export import export_two_step_pipeline
 from zray.training.curves import save_curves
-from zray.training.runs import write_text_atomic
+from zray.training.runs import seed_run_name, write_text_atomic
 
 NUM_GRID = 8
 CURVES = ("loss", "paired_loss", "step1_loss", "adv_loss", "d_loss", "d_real_acc", "d_fake_acc")  # of training.png
@@ -158,62 +162,85 @@ def run_distill_generator(cfg: RunConfig, resume: bool = False,
             references[key] = {"metrics": {**metrics, "steps": steps}, "alignment": alignment}
         save_references(root, ref_key, references, images, prompts)
 
-    # 3. Each variant: train (resumable), then judge from the same noise.
+    # 3. Each variant (and seed): train (resumable), then judge from the same noise.
     init_ray(dcfg.learner.num_workers * dcfg.learner.cpus_per_worker + 1)
     rows = {"teacher 8-step": references["teacher"]["metrics"], "naive 2-step": references["two_step"]["metrics"]}
-    for variant in variants:
+    for k, variant in [(k, v) for k in range(dcfg.seeds) for v in variants]:  # every variant of a seed, then the next
+        name, learner = seed_run_name(variant, k), dataclasses.replace(dcfg.learner, seed=dcfg.learner.seed + k)
         task = TurboTask(teacher_dir, turbo_variant(dcfg.turbo, variant), teacher_samples=dcfg.teacher_samples,
                          image_size=cfg.world.image_size, disc_grad_clip=dcfg.disc_grad_clip)
-        phase = fit_phase(task, dcfg.learner, train, root, variant, resume, dcfg.time_budget_s,
-                          tag="distill-generator")
-        save_curves(root / variant / "training.png", phase["history"], CURVES, f"Turbo++ {variant}")
+        phase = fit_phase(task, learner, train, root, name, resume, dcfg.time_budget_s, tag="distill-generator")
+        save_curves(root / name / "training.png", phase["history"], CURVES,
+                    f"Turbo++ {variant}" + (f" (learner seed {learner.seed})" if k else ""))
         student = TwoStepStudent.from_pretrained(phase["final_dir"]).eval()
-        export_dir = root / variant / "pipeline"
+        export_dir = root / name / "pipeline"
         if not (export_dir / "README.md").is_file():  # written last: kept on --resume, a cut export is redone
             shutil.rmtree(export_dir, ignore_errors=True)
             export_two_step_pipeline(phase["final_dir"], teacher_dir, export_dir, sigma_2=dcfg.turbo.sigma_2,
                                      renoise=dcfg.turbo.renoise)
-        images[variant] = to_pil(sample_two_step_images(student, pipe, prompts, noise, sigma_2=dcfg.turbo.sigma_2))
+        images[name] = to_pil(sample_two_step_images(student, pipe, prompts, noise, sigma_2=dcfg.turbo.sigma_2))
         if not judged:
-            metrics = unjudged_metrics(images[variant], images["teacher"])
-            rows[variant] = m = {**metrics, "steps": 2, **gap_closed_to_teacher(metrics, references),
-                                 "train_steps": phase["steps"], "train_s": phase["train_s"]}
-            print(f"[distill-generator] {variant}: {phase['steps']} steps ({phase['train_s'] / 60:.1f} min); Frechet "
+            metrics = unjudged_metrics(images[name], images["teacher"])
+            rows[name] = m = {**metrics, "steps": 2, **gap_closed_to_teacher(metrics, references),
+                              "train_steps": phase["steps"], "train_s": phase["train_s"]}
+            print(f"[distill-generator] {name}: {phase['steps']} steps ({phase['train_s'] / 60:.1f} min); Frechet "
                   f"to teacher {m['frechet_to_teacher']:.3f}; gap closed {m['gap_closed_frechet_to_teacher']:.0%}")
             continue
-        metrics, alignment = judge_generator(images[variant], prompts, renders=renders,
+        metrics, alignment = judge_generator(images[name], prompts, renders=renders,
                                              teacher_images=images["teacher"])
-        rows[variant] = {**metrics, "steps": 2, **compare_to_references(metrics, alignment, references),
-                         "train_steps": phase["steps"], "train_s": phase["train_s"]}
-        m = rows[variant]
-        print(f"[distill-generator] {variant}: {phase['steps']} steps ({phase['train_s'] / 60:.1f} min); main colour "
+        rows[name] = {**metrics, "steps": 2, **compare_to_references(metrics, alignment, references),
+                      "train_steps": phase["steps"], "train_s": phase["train_s"]}
+        m = rows[name]
+        print(f"[distill-generator] {name}: {phase['steps']} steps ({phase['train_s'] / 60:.1f} min); main colour "
               f"{m['main_colour']:.1%}, Frechet to renders {m['frechet_to_renders']:.3f}; gap closed "
               f"{m['gap_closed_frechet_to_renders']:.0%} (Frechet) / {m['gap_closed_main_colour']:.0%} (main colour)")
 
-    record = {"teacher_dir": str(teacher_dir), "variants": list(variants), "rows": rows, "judged": judged,
-              "data_dir": cfg.data.dir,
-              "total_s": time.perf_counter() - started,
+    record = {"teacher_dir": str(teacher_dir), "variants": list(variants), "seeds": dcfg.seeds, "rows": rows,
+              "judged": judged, "data_dir": cfg.data.dir, "total_s": time.perf_counter() - started,
               "config": {"distill_generator": to_dict(dcfg), "world_image_size": cfg.world.image_size}}
-    intervals = {}
-    if judged and dcfg.bootstrap_samples:
-        baseline = "turbo" if "turbo" in variants else None
-        intervals = frechet_intervals({k: images[k] for k in ("teacher", "two_step", *variants)}, renders,
-                                      baseline=baseline, num_samples=dcfg.bootstrap_samples, seed=cfg.seed)
-        record["frechet_intervals"] = intervals
-    write_text_atomic(root / "metrics.json", json.dumps(record, indent=2))
-    notes = [f"Prompts: data.dir `{cfg.data.dir}` (its train split trains, its test split is held out)."] * (not judged)
-    notes += [f"Teacher: `{teacher_dir}`; teacher samples: {dcfg.teacher_samples}"
-             + ("" if dcfg.teacher_samples == "online" else f" ({dcfg.num_teacher_samples} precomputed)")
-             + f"; learner: {dcfg.learner.max_steps} steps max, micro batch {dcfg.learner.micro_batch_size}, "
-             f"lr {dcfg.learner.lr}, budget {dcfg.time_budget_s:.0f} s per variant.",
-             "Variants: " + "; ".join(f"{v} = {_diff(dcfg.turbo, v) or 'the recipe as configured'}" for v in variants)]
-    notes += interval_notes(intervals, baseline="turbo", num_prompts=len(prompts), num_samples=dcfg.bootstrap_samples)
-    write_text_atomic(root / "results.md", results_markdown(rows, num_prompts=len(prompts), notes=notes, judged=judged))
+    write_results(root, cfg, record, images, prompts, renders, teacher_dir)
     grid = {"teacher 8-step": images["teacher"], "naive 2-step": images["two_step"],
-            **{v: images[v] for v in variants}}
+            **{v: images[v] for v in variants}}  # the first seed's runs
     save_variant_grid(root / "samples.png", prompts, grid, NUM_GRID, judged=judged)
     print(f"[distill-generator] done in {record['total_s'] / 60:.1f} min -> {root / 'results.md'}")
     return record
+
+
+def write_results(root: Path, cfg: RunConfig, record: dict[str, Any], images: dict[str, list[Any]],
+                  prompts: list[str], renders: list[Any], teacher_dir: Path) -> None:
+    """metrics.json (the record, with the Frechet intervals and the seed summary added) and results.md. The
+    intervals compare each run with Turbo++'s run of the same seed."""
+    dcfg, variants, judged = cfg.distill_generator, record["variants"], record["judged"]
+    baseline = "turbo" if "turbo" in variants else None
+    interval_lines: list[str] = []
+    if judged and dcfg.bootstrap_samples:
+        record["frechet_intervals"] = {}
+        for k in range(dcfg.seeds):
+            names = [seed_run_name(v, k) for v in variants]
+            base_k = seed_run_name(baseline, k) if baseline else None
+            found = frechet_intervals({n: images[n] for n in ("teacher", "two_step", *names)}, renders,
+                                      baseline=base_k, num_samples=dcfg.bootstrap_samples, seed=cfg.seed)
+            record["frechet_intervals"].update(found)
+            interval_lines += interval_notes(found, baseline=base_k, num_prompts=len(prompts),
+                                             num_samples=dcfg.bootstrap_samples)
+    seed_lines: list[str] = []
+    if dcfg.seeds > 1 and judged:
+        record["seed_summary"] = seed_summary(record["rows"], variants, dcfg.seeds)
+        seed_lines = seed_markdown(record["seed_summary"])
+    write_text_atomic(root / "metrics.json", json.dumps(record, indent=2))
+    notes = [f"Prompts: data.dir `{cfg.data.dir}` (its train split trains, its test split is held out)."] * (not judged)
+    notes += [f"Teacher: `{teacher_dir}`; teacher samples: {dcfg.teacher_samples}"
+              + ("" if dcfg.teacher_samples == "online" else f" ({dcfg.num_teacher_samples} precomputed)")
+              + f"; learner: {dcfg.learner.max_steps} steps max, micro batch {dcfg.learner.micro_batch_size}, "
+              f"lr {dcfg.learner.lr}, budget {dcfg.time_budget_s:.0f} s per variant.",
+              "Variants: " + "; ".join(f"{v} = {_diff(dcfg.turbo, v) or 'the recipe as configured'}" for v in variants)]
+    if dcfg.seeds > 1:
+        notes.append(f"Seeds: each variant trained {dcfg.seeds} times, learner seeds {dcfg.learner.seed} to "
+                     f"{dcfg.learner.seed + dcfg.seeds - 1}; `<variant>_seed<k>` is the k-th"
+                     + ("." if judged else "; no summary over seeds without the judge."))
+    notes += interval_lines
+    table = results_markdown(record["rows"], num_prompts=len(prompts), notes=notes, judged=judged)
+    write_text_atomic(root / "results.md", table + "".join(line + "\n" for line in seed_lines))
 
 
 def _diff(turbo: Any, variant: str) -> str:

@@ -45,17 +45,12 @@ from zray.data.imported import data_rubric, imported_pairs, select_dimensions
 from zray.data.pair_examples import pair_examples
 from zray.evaluation.rewards import evaluation_rows, markdown_row, results_table
 from zray.training.curves import save_curves
-from zray.training.runs import export_final, has_checkpoint, pretrained_vlm_dir, write_text_atomic
+from zray.training.runs import (export_final, has_checkpoint, pretrained_vlm_dir, seed_run_name,
+                               write_text_atomic)
 
 METHOD_NAMES = {"zero_shot": "zero-shot", "sft": "SFT", "grpo": "GRPO", "gdso": "GDSO"}
 RL_METHODS = ("grpo", "gdso")  # run train_teacher.seeds times each
 CURVES = ("loss", "reward_mean", "kl", "ce_loss", "pw_loss", "format_fail_frac", "pair_acc", "step_time_s")
-
-
-def run_name(method: str, k: int) -> str:
-    """The folder of a method's k-th seed under <out_dir>/train_teacher: the method itself for the first, so what
-    reads `<method>/final` (the student's teacher) reads the run of `seed`."""
-    return method if k == 0 else f"{method}_seed{k}"
 
 
 def base_model_dir(cfg: RunConfig) -> Path:
@@ -114,7 +109,7 @@ def run_train_teacher(cfg: RunConfig, method: str | None = None, resume: bool = 
             seed = cfg.seed + k
             tcfg = dataclasses.replace(cfg.train_teacher, method=name, dimensions=dims,
                                        learner=dataclasses.replace(lcfg, seed=lcfg.seed + k))
-            run = run_name(name, k)
+            run = seed_run_name(name, k)
             run_dir = root / run
             print(f"[train-teacher] {METHOD_NAMES[name]}{f' (seed {seed})' if k else ''} from {base}")
             fitted = None
@@ -238,7 +233,8 @@ def seed_runs(root: Path, method: str) -> list[str]:
     """The run folders of `method` under `root` with an evaluation: `<method>`, then `<method>_seed<k>` in order."""
     suffixes = (p.name.removeprefix(f"{method}_seed") for p in root.glob(f"{method}_seed*"))
     seeds = sorted(int(k) for k in suffixes if k.isdigit())
-    return [n for n in [method, *(run_name(method, k) for k in seeds)] if (root / n / "metrics.json").exists()]
+    names = [method, *(seed_run_name(method, k) for k in seeds)]
+    return [n for n in names if (root / n / "metrics.json").exists()]
 
 
 def ordering_lines(out: Path, methods: dict[str, list[str]]) -> str:

@@ -494,9 +494,13 @@ class DistillGeneratorConfig:
     # Paired bootstrap samples over the held-out prompts for the Frechet intervals of results.md (gap closed, and
     # each variant minus Turbo++); 0 = none.
     bootstrap_samples: int = 200
+    # Training runs of each variant, with learner seeds learner.seed, + 1, ... (data order, discriminator heads,
+    # re-noising); the first in <variant>/, the k-th in <variant>_seed<k>/. With several, results.md adds each
+    # variant's mean over seeds and its difference from Turbo++ seed by seed (the spread between training runs).
+    seeds: int = 1
 
     def __post_init__(self) -> None:
-        _positive(self, "num_teacher_samples", "num_eval_prompts")
+        _positive(self, "num_teacher_samples", "num_eval_prompts", "seeds")
         _require(self.bootstrap_samples >= 0, "DistillGeneratorConfig.bootstrap_samples", self.bootstrap_samples,
                  "an integer >= 0 (0 = no intervals)")
         _require(self.time_budget_s >= 0, "DistillGeneratorConfig.time_budget_s", self.time_budget_s, "a float >= 0")

@@ -304,3 +304,17 @@ def percentile_interval(samples, level: float = 0.95) -> tuple[float, float]:
     tail = (1.0 - level) / 2.0
     lo, hi = np.quantile(values, [tail, 1.0 - tail])
     return float(lo), float(hi)
+
+
+def mean_interval(values, level: float = 0.95) -> dict[str, float]:
+    """{mean, se, lo, hi, n}: the mean of independent replicates (e.g. training seeds), its standard error
+    (sample sd / sqrt(n)) and Student's t interval at `level`; se, lo and hi are nan with one value."""
+    x = _vector("values", values)
+    if not 0.0 < level < 1.0 or not len(x):
+        raise ValueError(f"level={level}, {len(x)} values: expected 0 < level < 1 and at least one value")
+    mean, n = float(np.mean(x)), len(x)
+    if n < 2:
+        return {"mean": mean, "se": math.nan, "lo": math.nan, "hi": math.nan, "n": n}
+    se = float(np.std(x, ddof=1) / math.sqrt(n))
+    half = float(stats.t.ppf(0.5 + level / 2.0, df=n - 1)) * se
+    return {"mean": mean, "se": se, "lo": mean - half, "hi": mean + half, "n": n}

@@ -21,3 +21,35 @@ def test_a_student_equal_to_the_teacher_closes_the_whole_gap_in_every_sample():
     lines = interval_notes(ci, baseline="turbo", num_prompts=24, num_samples=8)
     assert "turbo [100%, 100%]" in lines[0] and "copy +0.000 [+0.000, +0.000]" in lines[1]
     assert interval_notes({}, baseline=None, num_prompts=1, num_samples=1) == []
+
+
+def _row(frechet: float, main_colour: float) -> dict[str, float]:
+    return {"frechet_to_renders": frechet, "main_colour": main_colour}
+
+
+def test_seed_summary_pairs_each_variant_with_turbos_run_of_the_same_seed():
+    from zray.evaluation.turbo import seed_markdown, seed_summary
+
+    rows = {"teacher 8-step": _row(0.1, 0.9), "naive 2-step": _row(0.4, 0.6),
+            "turbo": _row(0.20, 0.80), "turbo_seed1": _row(0.30, 0.70), "turbo_seed2": _row(0.25, 0.75),
+            "shared": _row(0.21, 0.82), "shared_seed1": _row(0.29, 0.66), "shared_seed2": _row(0.28, 0.75)}
+    summary = seed_summary(rows, ("turbo", "shared"), 3)
+    turbo, shared = summary["turbo"], summary["shared"]
+    assert turbo["frechet_to_renders"]["mean"] == pytest.approx(0.25) and turbo["frechet_to_renders"]["n"] == 3
+    assert turbo["frechet_to_renders"]["se"] == pytest.approx(0.05 / np.sqrt(3))  # sd of 0.20, 0.30, 0.25: 0.05
+    assert "frechet_to_renders_minus_turbo" not in turbo
+    d = shared["frechet_to_renders_minus_turbo"]
+    assert d["by_seed"] == pytest.approx([0.01, -0.01, 0.03]) and d["mean"] == pytest.approx(0.01)
+    assert d["worse_in"] == 2  # farther from the renders at seeds 0 and 2
+    half = 4.302652729749464 * np.std([0.01, -0.01, 0.03], ddof=1) / np.sqrt(3)  # t(0.975, 2 df)
+    assert (d["lo"], d["hi"]) == pytest.approx((0.01 - half, 0.01 + half))
+    c = shared["main_colour_minus_turbo"]
+    assert c["by_seed"] == pytest.approx([0.02, -0.04, 0.0]) and c["worse_in"] == 1  # a lower rate at seed 1 only
+    lines = "\n".join(seed_markdown(summary))
+    assert "| shared | 3 | 0.260 [" in lines and "| +0.010, -0.010, +0.030 | +0.010 [" in lines
+    assert "| 2 of 3 |" in lines and "| +2.0%, -4.0%, +0.0% |" in lines and "| 1 of 3 |" in lines
+    assert lines.count("| turbo | 3 |") == 1 and "| - | - | - | - | - | - |" in lines
+    one = seed_summary({"turbo": _row(0.2, 0.8)}, ("turbo",), 1)["turbo"]["main_colour"]
+    assert one["mean"] == 0.8 and np.isnan(one["se"]) and np.isnan(one["lo"])
+    with pytest.raises(KeyError):
+        seed_summary(rows, ("turbo", "detached"), 2)  # a run that is not there is not averaged away

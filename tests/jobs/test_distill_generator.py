@@ -39,13 +39,16 @@ def test_variants_and_their_errors():
         turbo_variant(turbo, "gan")
     with pytest.raises(ConfigError, match=r"DistillGeneratorConfig.variants"):
         dataclasses.replace(tiny_cpu().distill_generator, variants=("turbo", "turbo"))
+    with pytest.raises(ConfigError, match=r"DistillGeneratorConfig.seeds=0 is not allowed: expected an integer > 0"):
+        dataclasses.replace(tiny_cpu().distill_generator, seeds=0)
     assert set(TURBO_VARIANTS) == {"turbo", "shared", "detached", "renders", "no_step1"}
 
 
-def test_the_pipeline_run_end_to_end_and_resume(readme_pipeline, tmp_path, ray_session, capsys):
-    """The README run's Turbo++ stage (the recipe's variant, trained through Ray Train), then `--resume` on a copy:
-    the finished variant, the collected teacher samples and the judged references are kept as they are (same
-    student, same figures)."""
+def test_the_pipeline_run_end_to_end_and_resume(readme_pipeline, tmp_path, ray_session, capsys, monkeypatch):
+    """The README run's Turbo++ stage (the recipe's variant, trained through Ray Train), then `--resume` on a copy
+    with a second training seed: the finished variant, the collected teacher samples and the judged references are
+    kept as they are (same student, same figures), the second seed's run is asked for with the next learner seed,
+    exported and judged, and results.md adds the summary over seeds."""
     import shutil
 
     from jobs.distill_generator import run_distill_generator
@@ -76,7 +79,33 @@ def test_the_pipeline_run_end_to_end_and_resume(readme_pipeline, tmp_path, ray_s
     cfg = dataclasses.replace(tiny_cpu(), out_dir=str(copy))  # the same teacher: the samples' manifest names it
     cfg = dataclasses.replace(cfg, distill_generator=dataclasses.replace(
         cfg.distill_generator, teacher_dir=str(run / "pretrain_generator" / "pipeline")))
+    cfg = dataclasses.replace(cfg, distill_generator=dataclasses.replace(cfg.distill_generator, seeds=2))
+    # A second training seed of the variant. Its fit (Ray Train, tested above and in every job) is stood in for by
+    # a copy of the first seed's finished run, so that its row must equal the first's; the stand-in records what
+    # the job asked for.
+    import actors.learner
+
+    asked, real_fit_phase = [], actors.learner.fit_phase
+
+    def fit_phase(task, learner, dataset, root, name, resume, budget_s, tag):
+        asked.append((name, learner.seed, resume))
+        if not (root / name).exists():
+            shutil.copytree(root / variant, root / name, ignore=shutil.ignore_patterns("pipeline"))
+        return real_fit_phase(task, learner, dataset, root, name, resume, budget_s, tag)
+
+    monkeypatch.setattr(actors.learner, "fit_phase", fit_phase)
     capsys.readouterr()
     again = run_distill_generator(cfg, resume=True)
-    assert json.dumps(again["rows"], sort_keys=True) == json.dumps(rows, sort_keys=True)  # nan-safe
+    seed = dcfg.learner.seed
+    assert asked == [(variant, seed, True), (f"{variant}_seed1", seed + 1, True)]  # every variant of seed 0 first
+    second = again["rows"].pop(f"{variant}_seed1")
+    assert json.dumps(again["rows"], sort_keys=True) == json.dumps(rows, sort_keys=True)  # kept (nan-safe)
     assert "references kept from" in capsys.readouterr().out  # not sampled and judged again
+    assert (copy / "distill_generator" / f"{variant}_seed1" / "pipeline" / "README.md").is_file()  # exported
+    same = [json.dumps({k: v for k, v in r.items() if k != "train_s"}, sort_keys=True) for r in (second, rows[variant])]
+    assert same[0] == same[1]  # the same student from the same noise: the same figures (nan-safe)
+    summary = again["seed_summary"][variant]
+    assert again["seeds"] == 2 and summary["frechet_to_renders"]["n"] == 2 and summary["frechet_to_renders"]["se"] == 0
+    table = (copy / "distill_generator" / "results.md").read_text()
+    assert f"| {variant}_seed1 | 2 |" in table  # its row (2 sampling steps)
+    assert f"| {variant} | 2 | " in table.split("## Over training seeds")[1]  # the mean over its 2 seeds

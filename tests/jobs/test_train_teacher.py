@@ -36,8 +36,9 @@ def test_sft_rationales_on_imported_data_is_refused_before_any_work(tmp_path):
 def test_seed_runs_are_found_in_order_and_their_mean_ordered(tmp_path):
     """`<method>`, `<method>_seed1`, ... with an evaluation are one method's seeds; the ordering lines use their
     mean (a method with one run: that run)."""
-    from jobs.train_teacher import ordering_lines, run_name, seed_runs
+    from jobs.train_teacher import ordering_lines, seed_runs
     from zray.evaluation.rewards import save_predictions
+    from zray.training.runs import seed_run_name
 
     root = tmp_path / "train_teacher"
     humans = [1.0, 2.0, 3.0]
@@ -52,7 +53,7 @@ def test_seed_runs_are_found_in_order_and_their_mean_ordered(tmp_path):
         save_predictions(tmp_path / "evaluate" / f"teacher_{run}" / "predictions.parquet", preds)
     (root / "gdso_seed3").mkdir()  # no evaluation: not a run of the table
     assert seed_runs(root, "gdso") == ["gdso", "gdso_seed2", "gdso_seed10"] and seed_runs(root, "grpo") == []
-    assert (run_name("gdso", 0), run_name("gdso", 2)) == ("gdso", "gdso_seed2")
+    assert (seed_run_name("gdso", 0), seed_run_name("gdso", 2)) == ("gdso", "gdso_seed2")
     lines = ordering_lines(tmp_path, {"sft": ["sft"], "gdso": seed_runs(root, "gdso")})
     assert "(methods with several seeds: their mean)" in lines
     assert "- GDSO - SFT: +0.667 [+0.667, +0.667] (holds" in lines  # 2 of 3 seeds right on every pair, SFT never

@@ -233,3 +233,13 @@ def test_frechet_bootstrap_resamples_every_set_with_the_same_items():
     assert (lo, hi) == pytest.approx((5.0, 95.0))
     with pytest.raises(ValueError, match="one row per item"):
         frechet_bootstrap({"short": ref[:10]}, ref)
+
+
+def test_mean_interval_over_replicates():
+    out = metrics.mean_interval([1.0, 2.0, 3.0])
+    half = 4.302652729749464 / math.sqrt(3)  # t(0.975, 2 df) x sd 1 / sqrt(3)
+    assert out == pytest.approx({"mean": 2.0, "se": 1 / math.sqrt(3), "lo": 2.0 - half, "hi": 2.0 + half, "n": 3})
+    one = metrics.mean_interval([0.5])
+    assert one["mean"] == 0.5 and one["n"] == 1 and all(math.isnan(one[k]) for k in ("se", "lo", "hi"))
+    with pytest.raises(ValueError, match="level=1.5"):
+        metrics.mean_interval([1.0, 2.0], level=1.5)

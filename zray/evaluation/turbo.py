@@ -213,3 +213,55 @@ def interval_notes(intervals: dict[str, dict[str, float]], *, baseline: str | No
             f"{n} {v['minus_baseline']:+.3f} [{v['minus_baseline_lo']:+.3f}, {v['minus_baseline_hi']:+.3f}]"
             for n, v in diffs.items()) + ".")
     return lines
+
+
+def seed_summary(rows: dict[str, dict[str, float]], variants: Sequence[str], seeds: int, *,
+                 baseline: str = "turbo") -> dict[str, dict[str, Any]]:
+    """Each variant over its training seeds (`rows` keyed by `seed_run_name(variant, k)`, k < seeds): the mean and
+    t interval (`zray.metrics.mean_interval`) of its Frechet distance to the renders and main-colour rate, and for
+    a variant other than `baseline` its difference from the baseline's run of the same seed, seed by seed, with
+    how many seeds it is worse in (farther from the renders; a lower main-colour rate)."""
+    from zray.metrics import mean_interval
+    from zray.training.runs import seed_run_name
+
+    def runs(variant: str) -> list[dict[str, float]]:
+        return [rows[seed_run_name(variant, k)] for k in range(seeds)]
+
+    out: dict[str, dict[str, Any]] = {}
+    for variant in variants:
+        mine = runs(variant)
+        entry: dict[str, Any] = {key: mean_interval([m[key] for m in mine]) for key in GAP_METRICS}
+        if variant != baseline and baseline in variants:
+            for key, worse in (("frechet_to_renders", 1.0), ("main_colour", -1.0)):
+                diffs = [m[key] - b[key] for m, b in zip(mine, runs(baseline))]
+                entry[f"{key}_minus_{baseline}"] = {**mean_interval(diffs), "by_seed": diffs,
+                                                    "worse_in": sum(worse * d > 0 for d in diffs)}
+        out[variant] = entry
+    return out
+
+
+def seed_markdown(summary: dict[str, dict[str, Any]], *, baseline: str = "turbo") -> list[str]:
+    """results.md's table of `seed_summary`: one row per variant, 95% t intervals over the seeds."""
+    head = (f"| variant | seeds | Frechet to renders, mean [95%] | main colour, mean [95%] | Frechet minus "
+            f"{baseline}'s, by seed | mean [95%] | worse in | main colour minus {baseline}'s, by seed | mean [95%] "
+            "| worse in |")
+    lines = ["", "## Over training seeds (mean and Student's t 95% interval across seeds; the bootstrap above "
+             "holds each trained model fixed)", "", head, "|" + "---|" * (head.count("|") - 1)]
+
+    def ci(d: dict[str, float], pct: bool = False, sign: str = "") -> str:
+        f = (lambda v: f"{v:{sign}.1%}") if pct else (lambda v: f"{v:{sign}.3f}")
+        return f"{f(d['mean'])} [{f(d['lo'])}, {f(d['hi'])}]" if d["n"] > 1 else f(d["mean"])
+
+    for variant, e in summary.items():
+        cells = [variant, str(e["frechet_to_renders"]["n"]), ci(e["frechet_to_renders"]), ci(e["main_colour"], True)]
+        for key, pct in (("frechet_to_renders", False), ("main_colour", True)):
+            d = e.get(f"{key}_minus_{baseline}")
+            if d is None:
+                cells += ["-", "-", "-"]
+                continue
+            by_seed = ", ".join(f"{v:+.1%}" if pct else f"{v:+.3f}" for v in d["by_seed"])
+            cells += [by_seed, ci(d, pct, "+"), f"{d['worse_in']} of {d['n']}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"A variant is worse than {baseline} beyond the spread between training runs where its interval "
+              "of the difference excludes 0 on the worse side; with few seeds the t interval is wide."]
+    return lines

@@ -209,6 +209,12 @@ def budget_end_step(step: int, first_step: int, elapsed_s: float, budget_s: floa
     return max(step, min(max_steps, step + int(rate * max(0.0, budget_s - elapsed_s))))
 
 
+def seed_run_name(name: str, k: int) -> str:
+    """The folder of a run's k-th seed (a method's, a variant's): the name itself for the first, so what reads
+    `<name>/final` reads the run of the configured seed; `<name>_seed<k>` after it."""
+    return name if k == 0 else f"{name}_seed{k}"
+
+
 def pretrained_vlm_dir(out_dir: str | os.PathLike, role: str, *, instruct: bool) -> Path:
     """Where `zray pretrain-vlm` leaves the base VLM of `role` ("teacher" or "student") under a run's `out_dir`:
     after its instruction phase when that phase ran for the role (`instruct`), else after captioning."""
