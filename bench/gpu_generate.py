@@ -65,12 +65,11 @@ from jobs.recipes import full, tiny_cpu  # noqa: E402
 from zray.config import GeneratorConfig  # noqa: E402
 from zray.losses.turbo import discriminator_hinge_loss, generator_loss  # noqa: E402
 from zray.models.generator import encode_prompts, transformer_fn, transformer_forward, vae_decode  # noqa: E402
-from zray.models.reward import DifferentiableReward, PixelSpec  # noqa: E402
+from zray.models.reward import DifferentiableReward  # noqa: E402
 from zray.models.tiny import (MAX_POSITION_EMBEDDINGS, QWEN3_TEXT_CHAT_TEMPLATE, TEXT_ENCODER_HEAD_DIM,  # noqa: E402
                               TEXT_ENCODER_MLP_RATIO, build_tokenizer)
-from zray.rubric import DIMENSIONS, check_dimensions  # noqa: E402
+from zray.rubric import DIMENSIONS  # noqa: E402
 from zray.sampling import flow_sigmas, model_time, sample, two_step_sample, x0_from_velocity  # noqa: E402
-from zray.scores import score_token_ids  # noqa: E402
 
 # Z-Image-Turbo's parts where the recipe's GeneratorConfig keeps tiny-builder values: its Flux VAE and Qwen3-4B encoder.
 REAL_VAE = dict(layers_per_block=2, norm_num_groups=32, scaling_factor=0.3611, shift_factor=0.1159,
@@ -126,22 +125,6 @@ def build_pipeline(cfg: GeneratorConfig, real: bool, image_size: int, dtype: tor
     return pipe
 
 
-class InMemoryReward(DifferentiableReward):
-    """`DifferentiableReward` over a VLM already in memory (a random 8B one is not worth a round trip to disk); every
-    method is the parent's. `check_reward` compares it with one loaded from disk."""
-
-    def __init__(self, model: Any, processor: Any, dimensions=DIMENSIONS) -> None:
-        torch.nn.Module.__init__(self)
-        self.model = model.requires_grad_(False).eval()
-        self.processor = processor
-        self.dimensions = check_dimensions(dimensions)
-        self.spec = PixelSpec.from_image_processor(processor.image_processor)
-        num = len(self.dimensions)
-        self.register_buffer("weights_D", torch.full((num,), 1.0 / num, device=model.device), persistent=False)
-        self.register_buffer("score_ids_K", torch.tensor(score_token_ids(processor), device=model.device),
-                             persistent=False)
-
-
 class Clock:
     """Phase times with a device synchronisation before each reading."""
 
@@ -195,7 +178,7 @@ def reference_checks(seed: int) -> list[tuple[str, float, float]]:
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(seed), requires_grad=True)
     reward_prompts = shapes_prompts(2, seed + 1)
     grads = []
-    for reward in (InMemoryReward(model, processor), loaded):
+    for reward in (DifferentiableReward.from_model(model, processor), loaded):
         r = reward.reward(images, reward_prompts)
         grads.append((r.detach(), torch.autograd.grad(r.sum(), images)[0]))
     out.append(("in-memory reward vs DifferentiableReward from disk (max |d R|)",
@@ -263,7 +246,7 @@ def reward_step(pipe: Any, cond: list, prompts: list, noise: torch.Tensor, args,
     transformer, vae = pipe.transformer, pipe.vae.requires_grad_(False)
     transformer.requires_grad_(True).train().enable_gradient_checkpointing()
     model, processor, _ = build_reward_vlm("8b" if args.real else "tiny", args.vlm_image_size, dtype, device)
-    reward = InMemoryReward(model, processor, args.dimensions.split(","))
+    reward = DifferentiableReward.from_model(model, processor, args.dimensions.split(","))
     sigmas = flow_sigmas(8)
     k = args.reward_k
 

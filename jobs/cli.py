@@ -35,7 +35,7 @@ import json
 import sys
 
 from jobs.recipes import RECIPES, get_recipe
-from zray.config import ConfigError, RunConfig, apply_overrides, parse_set_args, to_dict
+from zray.config import TURBO_VARIANTS, ConfigError, RunConfig, apply_overrides, parse_set_args, to_dict
 
 
 class _Parser(argparse.ArgumentParser):
@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--resume", action="store_true", help="continue each method from its latest checkpoint")
     dg = sub.add_parser("distill-generator", parents=[parent], help="Turbo++: distil the 8-step generator into a "
                         "two-step student (and its ablations), then judge them")
-    dg.add_argument("--variant", choices=("turbo", "shared", "detached", "renders", "no_step1", "all"), default=None,
+    dg.add_argument("--variant", choices=(*TURBO_VARIANTS, "all"), default=None,
                     help="default: distill_generator.variants of the recipe; all: Turbo++ and the four ablations")
     dg.add_argument("--resume", action="store_true", help="keep finished variants, continue a cut one from its "
                     "latest checkpoint")

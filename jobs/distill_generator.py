@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from zray.config import TURBO_VARIANTS, ConfigError, RunConfig, to_dict, turbo_variant
+from zray.config import TURBO_BASELINE, TURBO_VARIANTS, ConfigError, RunConfig, to_dict, turbo_variant
 from zray.data import ensure_world, head_rows, read_table
 from zray.data.render import decode_png
 from zray.evaluation.turbo import (NO_JUDGE_NOTE, compare_to_references, frechet_intervals, gap_closed_to_teacher,
@@ -211,7 +211,7 @@ def write_results(root: Path, cfg: RunConfig, record: dict[str, Any], images: di
     """metrics.json (the record, with the Frechet intervals and the seed summary added) and results.md. The
     intervals compare each run with Turbo++'s run of the same seed."""
     dcfg, variants, judged = cfg.distill_generator, record["variants"], record["judged"]
-    baseline = "turbo" if "turbo" in variants else None
+    baseline = TURBO_BASELINE if TURBO_BASELINE in variants else None
     interval_lines: list[str] = []
     if judged and dcfg.bootstrap_samples:
         record["frechet_intervals"] = {}

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from zray.config import (ConfigError, DistillGeneratorConfig, EvaluateConfig, GeneratorConfig, LearnerConfig,
                          PretrainGeneratorConfig, PretrainVLMConfig, RunConfig, TrainStudentConfig, TrainTeacherConfig,
-                         RewardFinetuneConfig, TurboConfig, VLLMConfig, VLMConfig, WorldConfig)
+                         TURBO_VARIANTS, RewardFinetuneConfig, TurboConfig, VLLMConfig, VLMConfig, WorldConfig)
 
 
 def tiny_cpu() -> RunConfig:
@@ -165,7 +165,7 @@ def dev() -> RunConfig:
             learner=LearnerConfig(cpus_per_worker=1, micro_batch_size=32, lr=2e-4, warmup_steps=20, max_steps=300,
                                   checkpoint_every=100, keep_checkpoints=2, log_every=25),
             num_teacher_samples=4000, num_eval_prompts=200,
-            variants=("turbo", "shared", "detached", "renders", "no_step1"),
+            variants=TURBO_VARIANTS,
         ),
         evaluate=EvaluateConfig(num_prompts=50, max_reasoning_tokens=48, num_plot_images=4),
     )

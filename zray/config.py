@@ -34,7 +34,8 @@ def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
 def _positive(obj: Any, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
-        _require(isinstance(value, int) and value > 0, f"{type(obj).__name__}.{name}", value, "an integer > 0")
+        _require(isinstance(value, int) and not isinstance(value, bool) and value > 0,  # True is an int in Python
+                 f"{type(obj).__name__}.{name}", value, "an integer > 0")
 
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray's placement group strategies
@@ -465,7 +466,8 @@ class TurboConfig:
 
 
 TeacherSamples = Literal["online", "latents", "images"]
-TURBO_VARIANTS: tuple[str, ...] = ("turbo", "shared", "detached", "renders", "no_step1")
+TURBO_BASELINE = "turbo"  # the recipe as given: the variant every ablation is compared with
+TURBO_VARIANTS: tuple[str, ...] = (TURBO_BASELINE, "shared", "detached", "renders", "no_step1")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -515,7 +517,7 @@ class DistillGeneratorConfig:
 
 def turbo_variant(turbo: TurboConfig, variant: str) -> TurboConfig:
     """`turbo` changed as the variant names (DistillGeneratorConfig's docstring): the ablations of issue 17."""
-    changes: dict[str, dict[str, Any]] = {"turbo": {}, "shared": {"decoupling": "shared"},
+    changes: dict[str, dict[str, Any]] = {TURBO_BASELINE: {}, "shared": {"decoupling": "shared"},
                                           "detached": {"detach_steps": True}, "renders": {"real_data": "renders"},
                                           "no_step1": {"step1_loss": "none"}}
     if variant not in changes:

@@ -205,3 +205,24 @@ def test_noise_image_scores_differ_from_smooth(student_dir):
         mu = reward(images, [PROMPTS[0]] * 2)
     assert (mu[0] - mu[1]).abs().max() > 5e-3
     assert np.isfinite(mu.numpy()).all()
+
+
+def test_from_model_equals_the_reward_loaded_from_disk(student_dir):
+    """A reward over a VLM already in memory (the GPU bench's random 8B one) is the loaded reward: same checks,
+    weights, anchors, scores and image gradients."""
+    loaded = DifferentiableReward(student_dir, dimensions=("alignment", "realism"), weights=(0.75, 0.25))
+    model, processor = load_vlm(student_dir)
+    in_memory = DifferentiableReward.from_model(model, processor, dimensions=("alignment", "realism"),
+                                                weights=(0.75, 0.25))
+    assert in_memory.dimensions == loaded.dimensions and in_memory.anchors == loaded.anchors
+    assert torch.equal(in_memory.weights_D, loaded.weights_D)
+    assert not any(p.requires_grad for p in in_memory.parameters()) and not in_memory.model.training
+    images = _smooth(2, IMAGE_SIZE, 15).requires_grad_(True)
+    grads = []
+    for reward in (loaded, in_memory):
+        r = reward.reward(images, PROMPTS)
+        grads.append((r.detach(), torch.autograd.grad(r.sum(), images)[0]))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+    assert DifferentiableReward.from_model(model, processor).dimensions == DIMENSIONS
+    with pytest.raises(ValueError, match="dimension='beauty' is not allowed"):
+        DifferentiableReward.from_model(model, processor, dimensions=("beauty",))

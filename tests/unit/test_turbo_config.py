@@ -29,6 +29,7 @@ def test_sigma_2_must_be_the_teachers_state_for_the_regression_target():
     ("disc_blocks", (), "non-empty"), ("disc_blocks", (1, 1), "distinct"), ("disc_tau_range", (0.5,), "(lo, hi)"),
     ("disc_tau_range", (0.9, 0.1), "(lo, hi)"), ("teacher_mid_steps", 8, r"\[1, teacher_steps=8\)"),
     ("sigma_2", 1.0, r"\(0, 1\)"), ("disc_steps_per_gen_step", 0, "an integer > 0"),
+    ("lora_rank", True, "an integer > 0"),  # a bool is an int in Python, not a count
 ])
 def test_errors_name_field_value_and_allowed(field, value, expected):
     with pytest.raises(ConfigError, match=rf"TurboConfig.{field}={value!r}".replace("(", r"\(").replace(")", r"\)")

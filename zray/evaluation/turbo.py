@@ -25,9 +25,11 @@ from typing import Any
 
 import numpy as np
 
+from zray.config import TURBO_BASELINE
 from zray.evaluation.generator import frechet_to, judge_many, summarise
 
 GAP_METRICS: tuple[str, ...] = ("frechet_to_renders", "main_colour")
+WORSE_SIGN: dict[str, float] = {"frechet_to_renders": 1.0, "main_colour": -1.0}  # sign of a change for the worse
 
 
 def gsb(a_scores: Sequence[float], b_scores: Sequence[float], tol: float = 1e-9) -> dict[str, float]:
@@ -216,7 +218,7 @@ def interval_notes(intervals: dict[str, dict[str, float]], *, baseline: str | No
 
 
 def seed_summary(rows: dict[str, dict[str, float]], variants: Sequence[str], seeds: int, *,
-                 baseline: str = "turbo") -> dict[str, dict[str, Any]]:
+                 baseline: str = TURBO_BASELINE) -> dict[str, dict[str, Any]]:
     """Each variant over its training seeds (`rows` keyed by `seed_run_name(variant, k)`, k < seeds): the mean and
     t interval (`zray.metrics.mean_interval`) of its Frechet distance to the renders and main-colour rate, and for
     a variant other than `baseline` its difference from the baseline's run of the same seed, seed by seed, with
@@ -232,7 +234,8 @@ def seed_summary(rows: dict[str, dict[str, float]], variants: Sequence[str], see
         mine = runs(variant)
         entry: dict[str, Any] = {key: mean_interval([m[key] for m in mine]) for key in GAP_METRICS}
         if variant != baseline and baseline in variants:
-            for key, worse in (("frechet_to_renders", 1.0), ("main_colour", -1.0)):
+            for key in GAP_METRICS:
+                worse = WORSE_SIGN[key]
                 diffs = [m[key] - b[key] for m, b in zip(mine, runs(baseline))]
                 entry[f"{key}_minus_{baseline}"] = {**mean_interval(diffs), "by_seed": diffs,
                                                     "worse_in": sum(worse * d > 0 for d in diffs)}
@@ -240,7 +243,7 @@ def seed_summary(rows: dict[str, dict[str, float]], variants: Sequence[str], see
     return out
 
 
-def seed_markdown(summary: dict[str, dict[str, Any]], *, baseline: str = "turbo") -> list[str]:
+def seed_markdown(summary: dict[str, dict[str, Any]], *, baseline: str = TURBO_BASELINE) -> list[str]:
     """results.md's table of `seed_summary`: one row per variant, 95% t intervals over the seeds."""
     head = (f"| variant | seeds | Frechet to renders, mean [95%] | main colour, mean [95%] | Frechet minus "
             f"{baseline}'s, by seed | mean [95%] | worse in | main colour minus {baseline}'s, by seed | mean [95%] "

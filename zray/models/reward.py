@@ -44,7 +44,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from zray.rubric import Rubric, check_prompt, render_score_context
+from zray.rubric import BUILTIN_RUBRIC, Rubric, check_prompt, render_score_context
 from zray.scores import expected_score, score_distribution, score_token_ids
 
 _RESAMPLE_MODES = {2: "bilinear", 3: "bicubic"}  # PIL / transformers resample codes -> F.interpolate modes
@@ -172,19 +172,24 @@ class DifferentiableReward(torch.nn.Module):
         from zray.models.vlm import load_vlm, read_rubric_file
 
         rubric = read_rubric_file(model_dir) if rubric is None else rubric
-        dims = rubric.dimensions if dimensions is None else tuple(dimensions)
-        for d in dims:
-            if d not in rubric.dimensions:
-                raise ValueError(f"dimension={d!r} is not allowed: expected one of the reward's rubric "
-                                 f"{rubric.dimensions} ({rubric.source})")
-        if not dims or len(set(dims)) != len(dims):
-            raise ValueError(f"dimensions={dims!r} is not allowed: expected a non-empty subset of the reward's rubric "
-                             f"{rubric.dimensions} without repeats")
-        w = [1.0 / len(dims)] * len(dims) if weights is None else [float(v) for v in weights]
-        if len(w) != len(dims) or not all(math.isfinite(v) for v in w):
-            raise ValueError(f"weights={weights!r} is not allowed: expected {len(dims)} finite floats, one per "
-                             f"dimension of {dims}")
+        dims, w = _dimensions_and_weights(rubric, dimensions, weights)  # checked before the load
         model, processor = load_vlm(model_dir, dtype=dtype, device=device)
+        self._attach(model, processor, rubric, dims, w)
+
+    @classmethod
+    def from_model(cls, model: Any, processor: Any, dimensions: Sequence[str] | None = None,
+                   weights: Sequence[float] | None = None, rubric: Rubric | None = None) -> DifferentiableReward:
+        """The reward over a student VLM and processor already in memory (on their device and dtype); `rubric`
+        defaults to the built-in four dimensions. The same checks and behaviour as a reward loaded from disk."""
+        rubric = BUILTIN_RUBRIC if rubric is None else rubric
+        dims, w = _dimensions_and_weights(rubric, dimensions, weights)
+        reward = cls.__new__(cls)
+        torch.nn.Module.__init__(reward)
+        reward._attach(model, processor, rubric, dims, w)
+        return reward
+
+    def _attach(self, model: Any, processor: Any, rubric: Rubric, dims: tuple[str, ...], w: list[float]) -> None:
+        device = model.device
         self.model = model.requires_grad_(False).eval()
         self.processor = processor
         self.dimensions = dims
@@ -252,3 +257,21 @@ class DifferentiableReward(torch.nn.Module):
         """R_B = sum_d w_d mu_d."""
         mu_BD = self.forward(images_BCHW, prompts)
         return mu_BD @ self.weights_D.to(mu_BD.dtype)
+
+
+def _dimensions_and_weights(rubric: Rubric, dimensions: Sequence[str] | None,
+                            weights: Sequence[float] | None) -> tuple[tuple[str, ...], list[float]]:
+    """The reward's dimensions (a subset of `rubric`'s, None = all) and their weights (default 1 / D each)."""
+    dims = rubric.dimensions if dimensions is None else tuple(dimensions)
+    for d in dims:
+        if d not in rubric.dimensions:
+            raise ValueError(f"dimension={d!r} is not allowed: expected one of the reward's rubric "
+                             f"{rubric.dimensions} ({rubric.source})")
+    if not dims or len(set(dims)) != len(dims):
+        raise ValueError(f"dimensions={dims!r} is not allowed: expected a non-empty subset of the reward's rubric "
+                         f"{rubric.dimensions} without repeats")
+    w = [1.0 / len(dims)] * len(dims) if weights is None else [float(v) for v in weights]
+    if len(w) != len(dims) or not all(math.isfinite(v) for v in w):
+        raise ValueError(f"weights={weights!r} is not allowed: expected {len(dims)} finite floats, one per "
+                         f"dimension of {dims}")
+    return dims, w
