@@ -20,7 +20,8 @@ checkpoints, `tensorboard/`, `final/` in `TwoStepStudent` layout, `phase.json`, 
 `pipeline/`: the student as a folder diffusers alone samples, with its two-step recipe in `pipeline/README.md`;
 `<variant>_seed<k>/` likewise),
 `references.json` and `references.parquet` (their figures and images), `metrics.json`, `results.md` (the table:
-`zray.evaluation.turbo`), `samples.png` (teacher | naive 2-step | variants, same noise).
+`zray.evaluation.turbo`; then each two-step sampler's distance to the teacher's trajectory from the same noise,
+step by step: `zray.evaluation.turbo_trajectory`), `samples.png` (teacher | naive 2-step | variants, same noise).
 Experiment records: docs/experiments.md.
 
 With `data.dir` (a `zray data import --kind prompts` folder) the prompts are the import's: the teacher samples come
@@ -46,9 +47,11 @@ from zray.evaluation.turbo import (NO_JUDGE_NOTE, compare_to_references, frechet
                                    interval_notes, judge_generator, results_markdown, save_variant_grid,
                                    seed_markdown, seed_summary, unjudged_metrics)
 from zray.evaluation.turbo_references import REFERENCES_JSON, load_references, reference_key, save_references
-from zray.models.generator import initial_noise, load_zimage, sample_images, to_pil
+from zray.evaluation.turbo_trajectory import teacher_trajectory, trajectory_errors, trajectory_markdown
+from zray.models.generator import encode_prompts, initial_noise, load_zimage, sample_images, to_pil, transformer_fn
 from zray.models.turbo import TwoStepStudent, sample_two_step_images
 from zray.models.turbo_export import export_two_step_pipeline
+from zray.sampling import flow_sigmas
 from zray.training.curves import save_curves
 from zray.training.runs import seed_run_name, write_text_atomic
 
@@ -162,7 +165,12 @@ def run_distill_generator(cfg: RunConfig, resume: bool = False,
             references[key] = {"metrics": {**metrics, "steps": steps}, "alignment": alignment}
         save_references(root, ref_key, references, images, prompts)
 
-    # 3. Each variant (and seed): train (resumable), then judge from the same noise.
+    # 3. The teacher's trajectory from the same noise, for each two-step sampler's alignment to it (latents).
+    alignment_to = teacher_alignment_reference(dcfg.turbo, pipe, prompts, noise)
+    trajectory = {"naive 2-step": alignment_to(transformer_fn(pipe.transformer), transformer_fn(pipe.transformer))} \
+        if alignment_to else {}
+
+    # 4. Each variant (and seed): train (resumable), then judge from the same noise.
     init_ray(dcfg.learner.num_workers * dcfg.learner.cpus_per_worker + 1)
     rows = {"teacher 8-step": references["teacher"]["metrics"], "naive 2-step": references["two_step"]["metrics"]}
     for k, variant in [(k, v) for k in range(dcfg.seeds) for v in variants]:  # every variant of a seed, then the next
@@ -179,6 +187,8 @@ def run_distill_generator(cfg: RunConfig, resume: bool = False,
             export_two_step_pipeline(phase["final_dir"], teacher_dir, export_dir, sigma_2=dcfg.turbo.sigma_2,
                                      renoise=dcfg.turbo.renoise)
         images[name] = to_pil(sample_two_step_images(student, pipe, prompts, noise, sigma_2=dcfg.turbo.sigma_2))
+        if alignment_to:
+            trajectory[name] = alignment_to(student.step_fn(1), student.step_fn(2))
         if not judged:
             metrics = unjudged_metrics(images[name], images["teacher"])
             rows[name] = m = {**metrics, "steps": 2, **gap_closed_to_teacher(metrics, references),
@@ -196,6 +206,7 @@ def run_distill_generator(cfg: RunConfig, resume: bool = False,
               f"{m['gap_closed_frechet_to_renders']:.0%} (Frechet) / {m['gap_closed_main_colour']:.0%} (main colour)")
 
     record = {"teacher_dir": str(teacher_dir), "variants": list(variants), "seeds": dcfg.seeds, "rows": rows,
+              "trajectory": trajectory,
               "judged": judged, "data_dir": cfg.data.dir, "total_s": time.perf_counter() - started,
               "config": {"distill_generator": to_dict(dcfg), "world_image_size": cfg.world.image_size}}
     write_results(root, cfg, record, images, prompts, renders, teacher_dir)
@@ -204,6 +215,20 @@ def run_distill_generator(cfg: RunConfig, resume: bool = False,
     save_variant_grid(root / "samples.png", prompts, grid, NUM_GRID, judged=judged)
     print(f"[distill-generator] done in {record['total_s'] / 60:.1f} min -> {root / 'results.md'}")
     return record
+
+
+def teacher_alignment_reference(turbo: Any, pipe: Any, prompts: list[str], noise: Any) -> Any:
+    """A function (step1_fn, step2_fn) -> `trajectory_errors` against the teacher's trajectory from `noise`, or None
+    when sigma_2 is not a state of the teacher's schedule (possible with `step1_loss="adversarial"`)."""
+    sigmas = flow_sigmas(turbo.teacher_steps, turbo.teacher_shift)
+    if abs(float(sigmas[turbo.teacher_mid_steps]) - turbo.sigma_2) > 1e-6:
+        print(f"[distill-generator] no teacher-alignment table: sigma_2={turbo.sigma_2} is not the teacher's sigma "
+              f"after teacher_mid_steps={turbo.teacher_mid_steps} ({float(sigmas[turbo.teacher_mid_steps]):.4f})")
+        return None
+    cond = encode_prompts(pipe.text_encoder, pipe.tokenizer, prompts)
+    mid, x0 = teacher_trajectory(transformer_fn(pipe.transformer), noise, cond, sigmas, turbo.teacher_mid_steps)
+    return lambda step1_fn, step2_fn: trajectory_errors(step1_fn, step2_fn, noise, cond, mid, x0,
+                                                        sigma_2=turbo.sigma_2)
 
 
 def write_results(root: Path, cfg: RunConfig, record: dict[str, Any], images: dict[str, list[Any]],
@@ -240,7 +265,10 @@ def write_results(root: Path, cfg: RunConfig, record: dict[str, Any], images: di
                      + ("." if judged else "; no summary over seeds without the judge."))
     notes += interval_lines
     table = results_markdown(record["rows"], num_prompts=len(prompts), notes=notes, judged=judged)
-    write_text_atomic(root / "results.md", table + "".join(line + "\n" for line in seed_lines))
+    traj_lines = trajectory_markdown(record["trajectory"], sigma_2=dcfg.turbo.sigma_2,
+                                     mid_steps=dcfg.turbo.teacher_mid_steps,
+                                     teacher_steps=dcfg.turbo.teacher_steps) if record["trajectory"] else []
+    write_text_atomic(root / "results.md", table + "".join(line + "\n" for line in seed_lines + traj_lines))
 
 
 def _diff(turbo: Any, variant: str) -> str:

@@ -10,6 +10,7 @@ import pytest
 from jobs.cli import main
 from jobs.recipes import tiny_cpu
 from zray.config import TURBO_VARIANTS, ConfigError, turbo_variant
+from zray.evaluation.turbo_trajectory import TRAJECTORY_KEYS
 
 
 def _cfg(out_dir, teacher=""):
@@ -72,6 +73,12 @@ def test_the_pipeline_run_end_to_end_and_resume(readme_pipeline, tmp_path, ray_s
     assert f"| {variant} | 2 |" in table and "| teacher 8-step | 8 |" in table
     ci = record["frechet_intervals"][variant]  # the paired bootstrap over the prompts
     assert ci["gap_closed_lo"] <= ci["gap_closed_hi"] and "95% intervals, paired bootstrap" in table
+    traj = record["trajectory"]  # each two-step sampler's distance to the teacher's trajectory, step by step
+    assert set(traj) == {"naive 2-step", variant}
+    assert all(set(t) == set(TRAJECTORY_KEYS) and all(0.0 < v < float("inf") for v in t.values())
+               for t in traj.values())
+    assert "## Teacher alignment of the two steps" in table
+    assert f"| {variant} | {traj[variant]['mid_mse_to_teacher']:.5f} |" in table
 
     copy = tmp_path / "run"
     for part in ("data", "distill_generator"):
@@ -104,6 +111,7 @@ def test_the_pipeline_run_end_to_end_and_resume(readme_pipeline, tmp_path, ray_s
     assert (copy / "distill_generator" / f"{variant}_seed1" / "pipeline" / "README.md").is_file()  # exported
     same = [json.dumps({k: v for k, v in r.items() if k != "train_s"}, sort_keys=True) for r in (second, rows[variant])]
     assert same[0] == same[1]  # the same student from the same noise: the same figures (nan-safe)
+    assert again["trajectory"][f"{variant}_seed1"] == again["trajectory"][variant] == traj[variant]
     summary = again["seed_summary"][variant]
     assert again["seeds"] == 2 and summary["frechet_to_renders"]["n"] == 2 and summary["frechet_to_renders"]["se"] == 0
     table = (copy / "distill_generator" / "results.md").read_text()
