@@ -250,7 +250,8 @@ def write_results(root: Path, cfg: RunConfig, record: dict[str, Any], images: di
                                              num_samples=dcfg.bootstrap_samples)
     seed_lines: list[str] = []
     if dcfg.seeds > 1 and judged:
-        record["seed_summary"] = seed_summary(record["rows"], variants, dcfg.seeds)
+        with_trajectory = {n: {**r, **record["trajectory"].get(n, {})} for n, r in record["rows"].items()}
+        record["seed_summary"] = seed_summary(with_trajectory, variants, dcfg.seeds)
         seed_lines = seed_markdown(record["seed_summary"])
     write_text_atomic(root / "metrics.json", json.dumps(record, indent=2))
     notes = [f"Prompts: data.dir `{cfg.data.dir}` (its train split trains, its test split is held out)."] * (not judged)

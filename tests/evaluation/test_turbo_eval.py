@@ -53,3 +53,17 @@ def test_seed_summary_pairs_each_variant_with_turbos_run_of_the_same_seed():
     assert one["mean"] == 0.8 and np.isnan(one["se"]) and np.isnan(one["lo"])
     with pytest.raises(KeyError):
         seed_summary(rows, ("turbo", "detached"), 2)  # a run that is not there is not averaged away
+
+
+def test_seed_summary_adds_the_final_latents_distance_to_the_teacher_where_every_run_has_it():
+    from zray.evaluation.turbo import seed_markdown, seed_summary
+
+    x0 = {"turbo": 0.0140, "turbo_seed1": 0.0146, "no_step1": 0.0156, "no_step1_seed1": 0.0145}
+    rows = {n: {**_row(0.2, 0.8), "x0_mse_to_teacher": v} for n, v in x0.items()}
+    d = seed_summary(rows, ("turbo", "no_step1"), 2)["no_step1"]["x0_mse_to_teacher_minus_turbo"]
+    assert d["by_seed"] == pytest.approx([0.0016, -0.0001]) and d["worse_in"] == 1  # farther at seed 0 only
+    lines = "\n".join(seed_markdown(seed_summary(rows, ("turbo", "no_step1"), 2)))
+    assert "final latent MSE to the teacher minus turbo's, by seed" in lines and "| +0.00160, -0.00010 |" in lines
+    del rows["no_step1_seed1"]["x0_mse_to_teacher"]  # one run without it: the metric is left out, not half-averaged
+    summary = seed_summary(rows, ("turbo", "no_step1"), 2)
+    assert "x0_mse_to_teacher" not in summary["turbo"] and "final latent" not in "\n".join(seed_markdown(summary))

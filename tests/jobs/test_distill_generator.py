@@ -114,6 +114,7 @@ def test_the_pipeline_run_end_to_end_and_resume(readme_pipeline, tmp_path, ray_s
     assert again["trajectory"][f"{variant}_seed1"] == again["trajectory"][variant] == traj[variant]
     summary = again["seed_summary"][variant]
     assert again["seeds"] == 2 and summary["frechet_to_renders"]["n"] == 2 and summary["frechet_to_renders"]["se"] == 0
+    assert summary["x0_mse_to_teacher"]["n"] == 2 and summary["x0_mse_to_teacher"]["se"] == 0  # from the trajectory
     table = (copy / "distill_generator" / "results.md").read_text()
     assert f"| {variant}_seed1 | 2 |" in table  # its row (2 sampling steps)
     assert f"| {variant} | 2 | " in table.split("## Over training seeds")[1]  # the mean over its 2 seeds

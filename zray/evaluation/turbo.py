@@ -29,7 +29,9 @@ from zray.config import TURBO_BASELINE
 from zray.evaluation.generator import frechet_to, judge_many, summarise
 
 GAP_METRICS: tuple[str, ...] = ("frechet_to_renders", "main_colour")
-WORSE_SIGN: dict[str, float] = {"frechet_to_renders": 1.0, "main_colour": -1.0}  # sign of a change for the worse
+# the sign of a change for the worse (x0_mse_to_teacher: zray.evaluation.turbo_trajectory, the final latent's distance
+# to the teacher's output from the same noise)
+WORSE_SIGN: dict[str, float] = {"frechet_to_renders": 1.0, "main_colour": -1.0, "x0_mse_to_teacher": 1.0}
 
 
 def gsb(a_scores: Sequence[float], b_scores: Sequence[float], tol: float = 1e-9) -> dict[str, float]:
@@ -217,53 +219,63 @@ def interval_notes(intervals: dict[str, dict[str, float]], *, baseline: str | No
     return lines
 
 
+SEED_METRICS: tuple[str, ...] = (*GAP_METRICS, "x0_mse_to_teacher")  # the last one where the runs have it
+_SEED_LABELS = {"frechet_to_renders": ("Frechet to renders", False, 3), "main_colour": ("main colour", True, 1),
+                "x0_mse_to_teacher": ("final latent MSE to the teacher", False, 5)}  # label, percent, decimals
+
+
 def seed_summary(rows: dict[str, dict[str, float]], variants: Sequence[str], seeds: int, *,
                  baseline: str = TURBO_BASELINE) -> dict[str, dict[str, Any]]:
     """Each variant over its training seeds (`rows` keyed by `seed_run_name(variant, k)`, k < seeds): the mean and
-    t interval (`zray.metrics.mean_interval`) of its Frechet distance to the renders and main-colour rate, and for
-    a variant other than `baseline` its difference from the baseline's run of the same seed, seed by seed, with
-    how many seeds it is worse in (farther from the renders; a lower main-colour rate)."""
+    t interval (`zray.metrics.mean_interval`) of each of SEED_METRICS that every run has (its Frechet distance to
+    the renders, main-colour rate, and final latent distance to the teacher where the rows carry
+    `zray.evaluation.turbo_trajectory`'s figures), and for a variant other than `baseline` its difference from the
+    baseline's run of the same seed, seed by seed, with how many seeds it is worse in (`WORSE_SIGN`)."""
     from zray.metrics import mean_interval
     from zray.training.runs import seed_run_name
 
     def runs(variant: str) -> list[dict[str, float]]:
         return [rows[seed_run_name(variant, k)] for k in range(seeds)]
 
+    everyone = [r for v in variants for r in runs(v)]
+    keys = [key for key in SEED_METRICS if all(key in r for r in everyone)]
     out: dict[str, dict[str, Any]] = {}
     for variant in variants:
         mine = runs(variant)
-        entry: dict[str, Any] = {key: mean_interval([m[key] for m in mine]) for key in GAP_METRICS}
+        entry: dict[str, Any] = {key: mean_interval([m[key] for m in mine]) for key in keys}
         if variant != baseline and baseline in variants:
-            for key in GAP_METRICS:
-                worse = WORSE_SIGN[key]
+            for key in keys:
                 diffs = [m[key] - b[key] for m, b in zip(mine, runs(baseline))]
                 entry[f"{key}_minus_{baseline}"] = {**mean_interval(diffs), "by_seed": diffs,
-                                                    "worse_in": sum(worse * d > 0 for d in diffs)}
+                                                    "worse_in": sum(WORSE_SIGN[key] * d > 0 for d in diffs)}
         out[variant] = entry
     return out
 
 
 def seed_markdown(summary: dict[str, dict[str, Any]], *, baseline: str = TURBO_BASELINE) -> list[str]:
     """results.md's table of `seed_summary`: one row per variant, 95% t intervals over the seeds."""
-    head = (f"| variant | seeds | Frechet to renders, mean [95%] | main colour, mean [95%] | Frechet minus "
-            f"{baseline}'s, by seed | mean [95%] | worse in | main colour minus {baseline}'s, by seed | mean [95%] "
-            "| worse in |")
+    keys = [key for key in SEED_METRICS if key in next(iter(summary.values()))]
+    head = ("| variant | seeds | " + " | ".join(f"{_SEED_LABELS[k][0]}, mean [95%]" for k in keys) + " | "
+            + " | ".join(f"{_SEED_LABELS[k][0]} minus {baseline}'s, by seed | mean [95%] | worse in" for k in keys)
+            + " |")
     lines = ["", "## Over training seeds (mean and Student's t 95% interval across seeds; the bootstrap above "
              "holds each trained model fixed)", "", head, "|" + "---|" * (head.count("|") - 1)]
 
-    def ci(d: dict[str, float], pct: bool = False, sign: str = "") -> str:
-        f = (lambda v: f"{v:{sign}.1%}") if pct else (lambda v: f"{v:{sign}.3f}")
+    def ci(d: dict[str, float], key: str, sign: str = "") -> str:
+        _, pct, places = _SEED_LABELS[key]
+        f = (lambda v: f"{v:{sign}.{places}%}") if pct else (lambda v: f"{v:{sign}.{places}f}")
         return f"{f(d['mean'])} [{f(d['lo'])}, {f(d['hi'])}]" if d["n"] > 1 else f(d["mean"])
 
     for variant, e in summary.items():
-        cells = [variant, str(e["frechet_to_renders"]["n"]), ci(e["frechet_to_renders"]), ci(e["main_colour"], True)]
-        for key, pct in (("frechet_to_renders", False), ("main_colour", True)):
+        cells = [variant, str(e[keys[0]]["n"]), *(ci(e[k], k) for k in keys)]
+        for key in keys:
             d = e.get(f"{key}_minus_{baseline}")
             if d is None:
                 cells += ["-", "-", "-"]
                 continue
-            by_seed = ", ".join(f"{v:+.1%}" if pct else f"{v:+.3f}" for v in d["by_seed"])
-            cells += [by_seed, ci(d, pct, "+"), f"{d['worse_in']} of {d['n']}"]
+            _, pct, places = _SEED_LABELS[key]
+            by_seed = ", ".join(f"{v:+.{places}%}" if pct else f"{v:+.{places}f}" for v in d["by_seed"])
+            cells += [by_seed, ci(d, key, "+"), f"{d['worse_in']} of {d['n']}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"A variant is worse than {baseline} beyond the spread between training runs where its interval "
               "of the difference excludes 0 on the worse side; with few seeds the t interval is wide."]
