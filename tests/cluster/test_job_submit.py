@@ -97,19 +97,24 @@ def private_ray_head(temp_dir: Path, env: dict[str, str], start_timeout_s: float
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     root = psutil.Process(proc.pid)
     try:
-        deadline, last = time.monotonic() + start_timeout_s, None
-        request = urllib.request.Request(f"{address}/api/version",
-                                         headers={"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"})
-        while True:
-            assert proc.poll() is None, f"ray start exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}"
-            try:
-                with urllib.request.urlopen(request, timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError as err:  # not listening yet (or refusing the token: then `last` says so)
-                last = err
-            assert time.monotonic() < deadline, f"no Jobs API at {address} ({last}):\n{log_path.read_text()[-3000:]}"
-            time.sleep(0.5)
+        deadline = time.monotonic() + start_timeout_s
+        # Ready = the Jobs API answers and the head's dashboard agent, which runs the submitted jobs, is up: the Jobs
+        # API waits only 10 s for the agent before refusing a job ("No available agent to submit job"), and on a
+        # loaded machine the agent can start later than that.
+        for url in (f"{address}/api/version",
+                    f"http://127.0.0.1:{ports['dashboard-agent-listen-port']}/api/local_raylet_healthz"):
+            request = urllib.request.Request(url, headers={"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"})
+            last = None
+            while True:
+                assert proc.poll() is None, f"ray start exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}"
+                try:
+                    with urllib.request.urlopen(request, timeout=2) as response:
+                        if response.status == 200:
+                            break
+                except OSError as err:  # not listening yet (or refusing the token: then `last` says so)
+                    last = err
+                assert time.monotonic() < deadline, f"no answer from {url} ({last}):\n{log_path.read_text()[-3000:]}"
+                time.sleep(0.5)
         yield address
     finally:
         alive = stop_tree(root)
