@@ -37,10 +37,11 @@ import dataclasses
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from zray.config import TURBO_BASELINE, TURBO_VARIANTS, ConfigError, RunConfig, to_dict, turbo_variant
+from zray.config import TURBO_BASELINE, TURBO_VARIANTS, ConfigError, RunConfig, TurboConfig, to_dict, turbo_variant
 from zray.data import ensure_world, head_rows, read_table
 from zray.data.render import decode_png
 from zray.evaluation.turbo import (NO_JUDGE_NOTE, compare_to_references, frechet_intervals, gap_closed_to_teacher,
@@ -51,7 +52,7 @@ from zray.evaluation.turbo_trajectory import teacher_trajectory, trajectory_erro
 from zray.models.generator import encode_prompts, initial_noise, load_zimage, sample_images, to_pil, transformer_fn
 from zray.models.turbo import TwoStepStudent, sample_two_step_images
 from zray.models.turbo_export import export_two_step_pipeline
-from zray.sampling import flow_sigmas
+from zray.sampling import ModelFn, flow_sigmas
 from zray.training.curves import save_curves
 from zray.training.runs import seed_run_name, write_text_atomic
 
@@ -217,16 +218,17 @@ def run_distill_generator(cfg: RunConfig, resume: bool = False,
     return record
 
 
-def teacher_alignment_reference(turbo: Any, pipe: Any, prompts: list[str], noise: Any) -> Any:
+def teacher_alignment_reference(turbo: TurboConfig, pipe: Any, prompts: list[str],
+                                noise: Any) -> Callable[[ModelFn, ModelFn], dict[str, float]] | None:
     """A function (step1_fn, step2_fn) -> `trajectory_errors` against the teacher's trajectory from `noise`, or None
     when sigma_2 is not a state of the teacher's schedule (possible with `step1_loss="adversarial"`)."""
-    sigmas = flow_sigmas(turbo.teacher_steps, turbo.teacher_shift)
-    if abs(float(sigmas[turbo.teacher_mid_steps]) - turbo.sigma_2) > 1e-6:
+    if not turbo.sigma_2_is_teacher_state:
         print(f"[distill-generator] no teacher-alignment table: sigma_2={turbo.sigma_2} is not the teacher's sigma "
-              f"after teacher_mid_steps={turbo.teacher_mid_steps} ({float(sigmas[turbo.teacher_mid_steps]):.4f})")
+              f"after teacher_mid_steps={turbo.teacher_mid_steps} ({turbo.teacher_mid_sigma:.4f})")
         return None
     cond = encode_prompts(pipe.text_encoder, pipe.tokenizer, prompts)
-    mid, x0 = teacher_trajectory(transformer_fn(pipe.transformer), noise, cond, sigmas, turbo.teacher_mid_steps)
+    mid, x0 = teacher_trajectory(transformer_fn(pipe.transformer), noise, cond,
+                                 flow_sigmas(turbo.teacher_steps, turbo.teacher_shift), turbo.teacher_mid_steps)
     return lambda step1_fn, step2_fn: trajectory_errors(step1_fn, step2_fn, noise, cond, mid, x0,
                                                         sigma_2=turbo.sigma_2)
 

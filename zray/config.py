@@ -435,6 +435,18 @@ class TurboConfig:
     disc_lr: float = 1e-4
     disc_steps_per_gen_step: int = 1  # alternating updates: discriminator steps per generator step
 
+    @property
+    def teacher_mid_sigma(self) -> float:
+        """The teacher's sigma after `teacher_mid_steps` of its `teacher_steps` (zray.sampling.flow_sigmas)."""
+        base = 1.0 - self.teacher_mid_steps / self.teacher_steps
+        return self.teacher_shift * base / (1.0 + (self.teacher_shift - 1.0) * base)
+
+    @property
+    def sigma_2_is_teacher_state(self) -> bool:
+        """Whether the student's intermediate sigma is the teacher's after `teacher_mid_steps` (to 1e-4): required by
+        the step-1 regression, and what makes the two trajectories comparable there."""
+        return abs(self.teacher_mid_sigma - self.sigma_2) < 1e-4
+
     def __post_init__(self) -> None:
         _positive(self, "teacher_steps", "teacher_mid_steps", "lora_rank", "disc_head_hidden",
                   "disc_steps_per_gen_step")
@@ -442,13 +454,11 @@ class TurboConfig:
         _require(self.teacher_shift > 0, "TurboConfig.teacher_shift", self.teacher_shift, "a float > 0")
         _require(self.teacher_mid_steps < self.teacher_steps, "TurboConfig.teacher_mid_steps",
                  self.teacher_mid_steps, f"an integer in [1, teacher_steps={self.teacher_steps})")
-        if self.step1_loss == "regression":  # the teacher's sigma after k of N steps (zray.sampling.flow_sigmas)
-            base = 1.0 - self.teacher_mid_steps / self.teacher_steps
-            teacher_sigma = self.teacher_shift * base / (1.0 + (self.teacher_shift - 1.0) * base)
-            _require(abs(teacher_sigma - self.sigma_2) < 1e-4, "TurboConfig.sigma_2", self.sigma_2,
-                     f"{teacher_sigma:.4f}, the teacher's sigma after teacher_mid_steps={self.teacher_mid_steps} of "
-                     f"teacher_steps={self.teacher_steps} at shift {self.teacher_shift} (the step-1 regression "
-                     "target), or change those")
+        if self.step1_loss == "regression":
+            _require(self.sigma_2_is_teacher_state, "TurboConfig.sigma_2", self.sigma_2,
+                     f"{self.teacher_mid_sigma:.4f}, the teacher's sigma after teacher_mid_steps="
+                     f"{self.teacher_mid_steps} of teacher_steps={self.teacher_steps} at shift {self.teacher_shift} "
+                     "(the step-1 regression target), or change those")
         choices = {"renoise": ("same", "fresh"), "decoupling": ("copies", "lora", "shared"),
                    "step1_loss": ("regression", "adversarial", "none"), "real_data": ("teacher", "renders"),
                    "disc_head": ("conv", "linear")}

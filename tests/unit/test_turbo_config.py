@@ -44,3 +44,11 @@ def test_set_overrides_parse_every_knob_kind():
     assert cfg.detach_steps is True and cfg.lam_1 == 0.5
     with pytest.raises(ConfigError, match="decoupling='split'"):
         apply_overrides(TurboConfig(), {"decoupling": "split"})
+
+
+@pytest.mark.parametrize("steps, mid, shift", [(8, 4, 3.0), (8, 6, 3.0), (4, 1, 1.0), (10, 3, 5.0)])
+def test_teacher_mid_sigma_is_the_samplers_sigma_after_mid_steps(steps, mid, shift):
+    cfg = TurboConfig(teacher_steps=steps, teacher_mid_steps=mid, teacher_shift=shift, step1_loss="none")
+    assert cfg.teacher_mid_sigma == pytest.approx(flow_sigmas(steps, shift)[mid].item(), abs=1e-6)
+    assert cfg.sigma_2_is_teacher_state == (abs(cfg.teacher_mid_sigma - cfg.sigma_2) < 1e-4)
+    assert TurboConfig().sigma_2_is_teacher_state  # 0.75: the 8-step shift-3 teacher after 4 steps

@@ -27,11 +27,12 @@ import numpy as np
 
 from zray.config import TURBO_BASELINE
 from zray.evaluation.generator import frechet_to, judge_many, summarise
+from zray.evaluation.turbo_trajectory import X0_MSE_TO_TEACHER
 
 GAP_METRICS: tuple[str, ...] = ("frechet_to_renders", "main_colour")
-# the sign of a change for the worse (x0_mse_to_teacher: zray.evaluation.turbo_trajectory, the final latent's distance
-# to the teacher's output from the same noise)
-WORSE_SIGN: dict[str, float] = {"frechet_to_renders": 1.0, "main_colour": -1.0, "x0_mse_to_teacher": 1.0}
+# the sign of a change for the worse (X0_MSE_TO_TEACHER: the final latent's distance to the teacher's output from the
+# same noise, zray.evaluation.turbo_trajectory)
+WORSE_SIGN: dict[str, float] = {"frechet_to_renders": 1.0, "main_colour": -1.0, X0_MSE_TO_TEACHER: 1.0}
 
 
 def gsb(a_scores: Sequence[float], b_scores: Sequence[float], tol: float = 1e-9) -> dict[str, float]:
@@ -219,9 +220,15 @@ def interval_notes(intervals: dict[str, dict[str, float]], *, baseline: str | No
     return lines
 
 
-SEED_METRICS: tuple[str, ...] = (*GAP_METRICS, "x0_mse_to_teacher")  # the last one where the runs have it
+SEED_METRICS: tuple[str, ...] = (*GAP_METRICS, X0_MSE_TO_TEACHER)  # the last one where the runs have it
 _SEED_LABELS = {"frechet_to_renders": ("Frechet to renders", False, 3), "main_colour": ("main colour", True, 1),
-                "x0_mse_to_teacher": ("final latent MSE to the teacher", False, 5)}  # label, percent, decimals
+                X0_MSE_TO_TEACHER: ("final latent MSE to the teacher", False, 5)}  # label, percent, decimals
+
+
+def _seed_cell(value: float, key: str, sign: str = "") -> str:
+    """One figure of `key` in the summary over seeds, as _SEED_LABELS formats it (`sign="+"` for differences)."""
+    _, pct, places = _SEED_LABELS[key]
+    return f"{value:{sign}.{places}%}" if pct else f"{value:{sign}.{places}f}"
 
 
 def seed_summary(rows: dict[str, dict[str, float]], variants: Sequence[str], seeds: int, *,
@@ -262,9 +269,8 @@ def seed_markdown(summary: dict[str, dict[str, Any]], *, baseline: str = TURBO_B
              "holds each trained model fixed)", "", head, "|" + "---|" * (head.count("|") - 1)]
 
     def ci(d: dict[str, float], key: str, sign: str = "") -> str:
-        _, pct, places = _SEED_LABELS[key]
-        f = (lambda v: f"{v:{sign}.{places}%}") if pct else (lambda v: f"{v:{sign}.{places}f}")
-        return f"{f(d['mean'])} [{f(d['lo'])}, {f(d['hi'])}]" if d["n"] > 1 else f(d["mean"])
+        mean, lo, hi = (_seed_cell(d[k], key, sign) for k in ("mean", "lo", "hi"))
+        return f"{mean} [{lo}, {hi}]" if d["n"] > 1 else mean
 
     for variant, e in summary.items():
         cells = [variant, str(e[keys[0]]["n"]), *(ci(e[k], k) for k in keys)]
@@ -273,8 +279,7 @@ def seed_markdown(summary: dict[str, dict[str, Any]], *, baseline: str = TURBO_B
             if d is None:
                 cells += ["-", "-", "-"]
                 continue
-            _, pct, places = _SEED_LABELS[key]
-            by_seed = ", ".join(f"{v:+.{places}%}" if pct else f"{v:+.{places}f}" for v in d["by_seed"])
+            by_seed = ", ".join(_seed_cell(v, key, "+") for v in d["by_seed"])
             cells += [by_seed, ci(d, key, "+"), f"{d['worse_in']} of {d['n']}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"A variant is worse than {baseline} beyond the spread between training runs where its interval "

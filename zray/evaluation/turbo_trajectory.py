@@ -22,7 +22,8 @@ import torch
 
 from zray.sampling import ModelFn, sample, turbo_step2, two_step_sample
 
-TRAJECTORY_KEYS: tuple[str, ...] = ("mid_mse_to_teacher", "x0_mse_to_teacher", "step2_alone_mse_to_teacher")
+X0_MSE_TO_TEACHER = "x0_mse_to_teacher"  # the final latent's; also a metric of the summary over seeds
+TRAJECTORY_KEYS: tuple[str, ...] = ("mid_mse_to_teacher", X0_MSE_TO_TEACHER, "step2_alone_mse_to_teacher")
 
 
 @torch.no_grad()
@@ -60,7 +61,7 @@ def trajectory_errors(step1_fn: ModelFn, step2_fn: ModelFn, noise_BCHW: torch.Te
         alone = turbo_step2(step2_fn, teacher_mid_BCHW[sl], sigma_2, c)
         target = teacher_x0_BCHW[sl].to(torch.float32)
         sums["mid_mse_to_teacher"] += float(((x_s2 - teacher_mid_BCHW[sl].to(torch.float32)) ** 2).sum())
-        sums["x0_mse_to_teacher"] += float(((x0 - target) ** 2).sum())
+        sums[X0_MSE_TO_TEACHER] += float(((x0 - target) ** 2).sum())
         sums["step2_alone_mse_to_teacher"] += float(((alone - target) ** 2).sum())
     return {k: v / noise_BCHW.numel() for k, v in sums.items()}
 
